@@ -1,0 +1,73 @@
+"""The one exception family of shardckpt.
+
+Every failure the library reports on purpose is a `CheckpointError`.  The
+subclasses also derive from the closest built-in exception so that code written
+for plain Python (``except ValueError``, ``except FileNotFoundError``) keeps
+working.  Messages name the prefix, the tensor and the file where they are known.
+"""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error shardckpt raises on purpose."""
+
+
+class InvalidArgumentError(CheckpointError, ValueError):
+    """A caller passed something malformed (a slice spec, a shape, a name)."""
+
+
+class DuplicateTensorError(InvalidArgumentError):
+    """The same tensor name (or the same slice of it) was added twice."""
+
+
+class UnsupportedDTypeError(CheckpointError, TypeError):
+    """A dtype that a V2 checkpoint cannot hold, or that shardckpt refuses (variant, resource)."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint at the prefix, or a data file it names is missing."""
+
+
+class TensorNotFoundError(CheckpointError, LookupError):
+    """The checkpoint has no tensor of that name."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    """The bytes on disk are not a valid checkpoint (TensorFlow's DataLoss)."""
+
+
+class ChecksumMismatchError(CorruptCheckpointError):
+    """A block or tensor checksum does not match the bytes read."""
+
+
+class TruncatedFileError(CorruptCheckpointError):
+    """A file ends before a structure it must hold."""
+
+
+class InsufficientSlicesError(CheckpointError, LookupError):
+    """The stored slices of a partitioned tensor do not cover the requested region."""
+
+
+class ShapeMismatchError(InvalidArgumentError):
+    """A requested or supplied shape disagrees with the checkpoint."""
+
+
+class DTypeMismatchError(InvalidArgumentError):
+    """A requested or supplied dtype disagrees with the checkpoint."""
+
+
+__all__ = [
+    "CheckpointError",
+    "InvalidArgumentError",
+    "DuplicateTensorError",
+    "UnsupportedDTypeError",
+    "CheckpointNotFoundError",
+    "TensorNotFoundError",
+    "CorruptCheckpointError",
+    "ChecksumMismatchError",
+    "TruncatedFileError",
+    "InsufficientSlicesError",
+    "ShapeMismatchError",
+    "DTypeMismatchError",
+]

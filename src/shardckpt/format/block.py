@@ -1,0 +1,146 @@
+"""SSTable blocks: prefix-compressed key/value entries followed by a restart array.
+
+Layout (every block kind: data, index, metaindex)::
+
+    entry   := varint shared | varint non_shared | varint value_len | key[shared:] | value
+    block   := entry* | fixed32 restart_offset[n] | fixed32 n
+
+Invariant: every ``restart_interval``-th entry (counted from 0 in the block) stores
+its whole key (``shared == 0``) and is listed in the restart array, so a reader can
+binary-search the restarts and then scan at most ``restart_interval`` entries.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+
+from ..errors import CorruptCheckpointError
+from .coding import decode_varint, encode_varint
+
+
+def common_prefix_length(a: bytes, b: bytes) -> int:
+    # Binary search on slice equality keeps the per-byte work in C.
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # a[:lo] == b[:lo] and a[:hi] != b[:hi]
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid
+    return lo
+
+
+class BlockBuilder:
+    """Builds one block; keys must arrive in strictly increasing bytewise order."""
+
+    __slots__ = ("_interval", "_parts", "_size", "_restarts", "_counter", "_last_key")
+
+    def __init__(self, restart_interval: int) -> None:
+        self._interval = restart_interval
+        self.reset()
+
+    def reset(self) -> None:
+        self._parts: list[bytes] = []
+        self._size = 0
+        self._restarts = [0]
+        self._counter = 0
+        self._last_key = b""
+
+    @property
+    def empty(self) -> bool:
+        return self._size == 0
+
+    def size_estimate(self) -> int:
+        return self._size + 4 * len(self._restarts) + 4
+
+    def add(self, key: bytes, value: bytes) -> None:
+        if self._counter < self._interval:
+            shared = common_prefix_length(self._last_key, key) if self._size else 0
+        else:
+            self._restarts.append(self._size)
+            self._counter = 0
+            shared = 0
+        head = encode_varint(shared) + encode_varint(len(key) - shared) + encode_varint(len(value))
+        self._parts.append(head)
+        self._parts.append(key[shared:])
+        self._parts.append(value)
+        self._size += len(head) + len(key) - shared + len(value)
+        self._last_key = key
+        self._counter += 1
+
+    def finish(self) -> bytes:
+        tail = struct.pack(f"<{len(self._restarts) + 1}I", *self._restarts, len(self._restarts))
+        return b"".join(self._parts) + tail
+
+
+class Block:
+    """A parsed view over one block's bytes (already checksum-verified by the table)."""
+
+    __slots__ = ("_data", "_restarts_at", "_num_restarts", "_where")
+
+    def __init__(self, data: bytes, where: str) -> None:
+        self._data = data
+        self._where = where
+        size = len(data)
+        if size < 4:
+            raise CorruptCheckpointError(f"{where}: block of {size} bytes is too small")
+        (n,) = struct.unpack_from("<I", data, size - 4)
+        if n == 0 or n > (size - 4) // 4:
+            raise CorruptCheckpointError(f"{where}: bad restart count {n} in a block of {size} bytes")
+        self._num_restarts = n
+        self._restarts_at = size - 4 * (n + 1)
+
+    def _restart(self, i: int) -> int:
+        (off,) = struct.unpack_from("<I", self._data, self._restarts_at + 4 * i)
+        if off > self._restarts_at:
+            raise CorruptCheckpointError(f"{self._where}: restart offset {off} past the entries")
+        return off
+
+    def _entry(self, pos: int, prev_key: bytes) -> tuple[bytes, int, int, int]:
+        """Decode the entry at ``pos``: (key, value_start, value_end, next_pos)."""
+        data, limit = self._data, self._restarts_at
+        shared, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
+        non_shared, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
+        value_len, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
+        if shared > len(prev_key) or non_shared + value_len > limit - pos:
+            raise CorruptCheckpointError(f"{self._where}: entry at offset {pos} runs past the block")
+        key_end = pos + non_shared
+        key = prev_key[:shared] + data[pos:key_end] if shared else data[pos:key_end]
+        return key, key_end, key_end + value_len, key_end + value_len
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        data = self._data
+        pos, limit, key = 0, self._restarts_at, b""
+        while pos < limit:
+            key, vstart, vend, pos = self._entry(pos, key)
+            yield key, data[vstart:vend]
+
+    def seek(self, target: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Yield entries starting at the first key >= ``target``."""
+        lo, hi = 0, self._num_restarts - 1
+        # Find the last restart whose key is < target; the answer lies after it.
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            pos = self._restart(mid)
+            if pos >= self._restarts_at:
+                hi = mid - 1
+                continue
+            key, _, _, _ = self._entry(pos, b"")
+            if key < target:
+                lo = mid
+            else:
+                hi = mid - 1
+        data = self._data
+        pos, key = self._restart(lo), b""
+        while pos < self._restarts_at:
+            key, vstart, vend, pos = self._entry(pos, key)
+            if key >= target:
+                yield key, data[vstart:vend]
+                break
+        while pos < self._restarts_at:
+            key, vstart, vend, pos = self._entry(pos, key)
+            yield key, data[vstart:vend]

@@ -1,0 +1,126 @@
+"""TensorFlow ``DataType`` values and the numpy dtypes that hold them in memory.
+
+Every fixed-size type is stored as its in-memory bytes (little-endian).  The
+narrow float and int4 types come from ``ml_dtypes``, whose int4/uint4 keep the
+value in the low nibble of one byte, exactly as TensorFlow stores them.
+Quantized types have no numpy twin: they read as their integer storage type and
+are written back by naming the ``DataType`` explicitly.
+"""
+
+from __future__ import annotations
+
+import enum
+
+import ml_dtypes
+import numpy as np
+
+from ..errors import UnsupportedDTypeError
+
+
+class DataType(enum.IntEnum):
+    FLOAT = 1
+    DOUBLE = 2
+    INT32 = 3
+    UINT8 = 4
+    INT16 = 5
+    INT8 = 6
+    STRING = 7
+    COMPLEX64 = 8
+    INT64 = 9
+    BOOL = 10
+    QINT8 = 11
+    QUINT8 = 12
+    QINT32 = 13
+    BFLOAT16 = 14
+    QINT16 = 15
+    QUINT16 = 16
+    UINT16 = 17
+    COMPLEX128 = 18
+    HALF = 19
+    RESOURCE = 20
+    VARIANT = 21
+    UINT32 = 22
+    UINT64 = 23
+    FLOAT8_E5M2 = 24
+    FLOAT8_E4M3FN = 25
+    FLOAT8_E4M3FNUZ = 26
+    FLOAT8_E4M3B11FNUZ = 27
+    FLOAT8_E5M2FNUZ = 28
+    INT4 = 29
+    UINT4 = 30
+
+
+STRING_DTYPE = np.dtype(object)
+
+_TO_NUMPY: dict[int, np.dtype] = {
+    DataType.FLOAT: np.dtype("<f4"),
+    DataType.DOUBLE: np.dtype("<f8"),
+    DataType.INT32: np.dtype("<i4"),
+    DataType.UINT8: np.dtype("u1"),
+    DataType.INT16: np.dtype("<i2"),
+    DataType.INT8: np.dtype("i1"),
+    DataType.STRING: STRING_DTYPE,
+    DataType.COMPLEX64: np.dtype("<c8"),
+    DataType.INT64: np.dtype("<i8"),
+    DataType.BOOL: np.dtype(bool),
+    DataType.QINT8: np.dtype("i1"),
+    DataType.QUINT8: np.dtype("u1"),
+    DataType.QINT32: np.dtype("<i4"),
+    DataType.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
+    DataType.QINT16: np.dtype("<i2"),
+    DataType.QUINT16: np.dtype("<u2"),
+    DataType.UINT16: np.dtype("<u2"),
+    DataType.COMPLEX128: np.dtype("<c16"),
+    DataType.HALF: np.dtype("<f2"),
+    DataType.UINT32: np.dtype("<u4"),
+    DataType.UINT64: np.dtype("<u8"),
+    DataType.FLOAT8_E5M2: np.dtype(ml_dtypes.float8_e5m2),
+    DataType.FLOAT8_E4M3FN: np.dtype(ml_dtypes.float8_e4m3fn),
+    DataType.FLOAT8_E4M3FNUZ: np.dtype(ml_dtypes.float8_e4m3fnuz),
+    DataType.FLOAT8_E4M3B11FNUZ: np.dtype(ml_dtypes.float8_e4m3b11fnuz),
+    DataType.FLOAT8_E5M2FNUZ: np.dtype(ml_dtypes.float8_e5m2fnuz),
+    DataType.INT4: np.dtype(ml_dtypes.int4),
+    DataType.UINT4: np.dtype(ml_dtypes.uint4),
+}
+
+_QUANTIZED = {DataType.QINT8, DataType.QUINT8, DataType.QINT32, DataType.QINT16, DataType.QUINT16}
+
+# numpy dtype (native byte order) -> DataType; quantized types are never inferred.
+_FROM_NUMPY: dict[np.dtype, DataType] = {
+    dt.newbyteorder("="): DataType(code)
+    for code, dt in _TO_NUMPY.items()
+    if code not in _QUANTIZED and code != DataType.STRING
+}
+
+
+def datatype_name(code: int) -> str:
+    try:
+        return "DT_" + DataType(code).name
+    except ValueError:
+        return f"DataType({code})"
+
+
+def to_numpy(code: int) -> np.dtype:
+    """The in-memory dtype of a stored ``DataType``; refuses variant, resource and unknown values."""
+    dt = _TO_NUMPY.get(code)
+    if dt is None:
+        if code in (DataType.VARIANT, DataType.RESOURCE):
+            raise UnsupportedDTypeError(f"{datatype_name(code)} tensors cannot be read or written by shardckpt")
+        raise UnsupportedDTypeError(f"unsupported or invalid {datatype_name(code)}")
+    return dt
+
+
+def from_numpy(dtype: np.dtype) -> DataType:
+    """The ``DataType`` for a numpy dtype; bytes/str/object arrays are DT_STRING."""
+    dtype = np.dtype(dtype)
+    if dtype.kind in "OSU":
+        return DataType.STRING
+    code = _FROM_NUMPY.get(dtype.newbyteorder("="))
+    if code is None:
+        raise UnsupportedDTypeError(f"numpy dtype {dtype} has no TensorFlow DataType")
+    return code
+
+
+def element_size(code: int) -> int:
+    """Bytes per element on disk for a fixed-size type (0 for DT_STRING)."""
+    return 0 if code == DataType.STRING else to_numpy(code).itemsize

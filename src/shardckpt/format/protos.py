@@ -1,0 +1,256 @@
+"""The protobuf messages of the index, encoded by hand and byte-identical to TensorFlow.
+
+TensorFlow serializes with proto3 rules: fields in number order, scalars equal to
+their default omitted, set sub-messages written even when empty (a scalar's shape
+is ``12 00``, a full slice extent ``0a 00``).  Decoders skip unknown fields, never
+recurse beyond the fixed nesting of these messages, and check every length
+against the bytes that hold it.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+from ..errors import CorruptCheckpointError
+from .coding import decode_varint, encode_varint, to_int32, to_int64
+from .slices import FULL, TensorSlice
+
+_fixed32 = struct.Struct("<I")
+
+LITTLE_ENDIAN = 0
+BIG_ENDIAN = 1
+
+
+@dataclass(frozen=True)
+class VersionDef:
+    producer: int = 1
+    min_consumer: int = 0
+    bad_consumers: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class BundleHeader:
+    num_shards: int = 1
+    endianness: int = LITTLE_ENDIAN
+    version: VersionDef = VersionDef()
+
+
+@dataclass
+class BundleEntry:
+    dtype: int = 0
+    shape: tuple[int, ...] = ()
+    shard_id: int = 0
+    offset: int = 0
+    size: int = 0
+    crc32c: int = 0
+    slices: list[TensorSlice] = field(default_factory=list)
+
+
+# --- encoding -------------------------------------------------------------------------------------
+
+
+def _ld(tag: bytes, payload: bytes) -> bytes:
+    return tag + encode_varint(len(payload)) + payload
+
+
+def encode_version(v: VersionDef) -> bytes:
+    out = b""
+    if v.producer:
+        out += b"\x08" + encode_varint(v.producer)
+    if v.min_consumer:
+        out += b"\x10" + encode_varint(v.min_consumer)
+    if v.bad_consumers:
+        out += _ld(b"\x1a", b"".join(encode_varint(c) for c in v.bad_consumers))
+    return out
+
+
+def encode_header(h: BundleHeader) -> bytes:
+    out = b""
+    if h.num_shards:
+        out += b"\x08" + encode_varint(h.num_shards)
+    if h.endianness:
+        out += b"\x10" + encode_varint(h.endianness)
+    return out + _ld(b"\x1a", encode_version(h.version))
+
+
+_EMPTY_DIM = b"\x12\x00"
+
+
+def encode_shape(shape: tuple[int, ...]) -> bytes:
+    parts = []
+    for dim in shape:
+        if dim:
+            body = b"\x08" + encode_varint(dim)
+            parts.append(b"\x12" + encode_varint(len(body)) + body)
+        else:
+            parts.append(_EMPTY_DIM)
+    return b"".join(parts)
+
+
+def encode_slice(s: TensorSlice) -> bytes:
+    parts = []
+    for start, length in s.extents:
+        if length == FULL:
+            parts.append(b"\x0a\x00")
+        else:
+            body = (b"\x08" + encode_varint(start) if start else b"") + b"\x10" + encode_varint(length)
+            parts.append(b"\x0a" + encode_varint(len(body)) + body)
+    return b"".join(parts)
+
+
+def encode_entry(e: BundleEntry) -> bytes:
+    shape = encode_shape(e.shape)
+    out = [b"\x08" + encode_varint(e.dtype) if e.dtype else b"", b"\x12", encode_varint(len(shape)), shape]
+    if e.shard_id:
+        out.append(b"\x18" + encode_varint(e.shard_id))
+    if e.offset:
+        out.append(b"\x20" + encode_varint(e.offset))
+    if e.size:
+        out.append(b"\x28" + encode_varint(e.size))
+    if e.crc32c:
+        out.append(b"\x35" + _fixed32.pack(e.crc32c))
+    for s in e.slices:
+        out.append(_ld(b"\x3a", encode_slice(s)))
+    return b"".join(out)
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+def _fields(buf: bytes, pos: int, end: int, what: str):
+    """Yield (field_number, wire_type, value_or_start, stop) for each field in buf[pos:end]."""
+    while pos < end:
+        tag, pos = decode_varint(buf, pos, end, what)
+        number, wire = tag >> 3, tag & 7
+        if number == 0:
+            raise CorruptCheckpointError(f"{what}: field number 0")
+        if wire == 0:
+            value, pos = decode_varint(buf, pos, end, what)
+            yield number, 0, value, pos
+        elif wire == 2:
+            length, pos = decode_varint(buf, pos, end, what)
+            if length > end - pos:
+                raise CorruptCheckpointError(f"{what}: field {number} length {length} runs past the message")
+            yield number, 2, pos, pos + length
+            pos += length
+        elif wire == 5:
+            if end - pos < 4:
+                raise CorruptCheckpointError(f"{what}: truncated fixed32 field {number}")
+            yield number, 5, _fixed32.unpack_from(buf, pos)[0], pos + 4
+            pos += 4
+        elif wire == 1:
+            if end - pos < 8:
+                raise CorruptCheckpointError(f"{what}: truncated fixed64 field {number}")
+            yield number, 1, None, pos + 8
+            pos += 8
+        else:
+            raise CorruptCheckpointError(f"{what}: unsupported wire type {wire} for field {number}")
+
+
+def _expect(wire: int, want: int, number: int, what: str) -> None:
+    if wire != want:
+        raise CorruptCheckpointError(f"{what}: field {number} has wire type {wire}, expected {want}")
+
+
+def decode_version(buf: bytes, pos: int, end: int) -> VersionDef:
+    producer = min_consumer = 0
+    bad: list[int] = []
+    for number, wire, value, stop in _fields(buf, pos, end, "VersionDef"):
+        if number == 1:
+            _expect(wire, 0, number, "VersionDef")
+            producer = to_int32(value)
+        elif number == 2:
+            _expect(wire, 0, number, "VersionDef")
+            min_consumer = to_int32(value)
+        elif number == 3:
+            if wire == 0:
+                bad.append(to_int32(value))
+            elif wire == 2:
+                p = value
+                while p < stop:
+                    v, p = decode_varint(buf, p, stop, "VersionDef.bad_consumers")
+                    bad.append(to_int32(v))
+            else:
+                _expect(wire, 2, number, "VersionDef")
+    return VersionDef(producer, min_consumer, tuple(bad))
+
+
+def decode_header(buf: bytes) -> BundleHeader:
+    num_shards, endianness, version = 0, 0, VersionDef(0, 0)
+    for number, wire, value, stop in _fields(buf, 0, len(buf), "BundleHeaderProto"):
+        if number == 1:
+            _expect(wire, 0, number, "BundleHeaderProto")
+            num_shards = to_int32(value)
+        elif number == 2:
+            _expect(wire, 0, number, "BundleHeaderProto")
+            endianness = to_int32(value)
+        elif number == 3:
+            _expect(wire, 2, number, "BundleHeaderProto")
+            version = decode_version(buf, value, stop)
+    return BundleHeader(num_shards, endianness, version)
+
+
+def decode_shape(buf: bytes, pos: int, end: int) -> tuple[int, ...]:
+    dims = []
+    for number, wire, value, stop in _fields(buf, pos, end, "TensorShapeProto"):
+        if number == 2:
+            _expect(wire, 2, number, "TensorShapeProto")
+            size = 0
+            for n2, w2, v2, _ in _fields(buf, value, stop, "TensorShapeProto.Dim"):
+                if n2 == 1:
+                    _expect(w2, 0, n2, "TensorShapeProto.Dim")
+                    size = to_int64(v2)
+            dims.append(size)
+        elif number == 3 and value:
+            raise CorruptCheckpointError("Invalid tensor shape: unknown rank")
+    return tuple(dims)
+
+
+def decode_slice(buf: bytes, pos: int, end: int) -> TensorSlice:
+    extents = []
+    for number, wire, value, stop in _fields(buf, pos, end, "TensorSliceProto"):
+        if number != 1:
+            continue
+        _expect(wire, 2, number, "TensorSliceProto")
+        start, length = 0, FULL
+        for n2, w2, v2, _ in _fields(buf, value, stop, "TensorSliceProto.Extent"):
+            if n2 in (1, 2):
+                _expect(w2, 0, n2, "TensorSliceProto.Extent")
+                if n2 == 1:
+                    start = to_int64(v2)
+                else:
+                    length = to_int64(v2)
+        if length != FULL:
+            if start < 0 or length <= 0 or start > (1 << 63) - 1 - length:
+                raise CorruptCheckpointError(f"invalid slice extent start={start} length={length}")
+        extents.append((start, length))
+    return TensorSlice(tuple(extents))
+
+
+def decode_entry(buf: bytes) -> BundleEntry:
+    e = BundleEntry()
+    end = len(buf)
+    for number, wire, value, stop in _fields(buf, 0, end, "BundleEntryProto"):
+        if number == 1:
+            _expect(wire, 0, number, "BundleEntryProto")
+            e.dtype = to_int32(value)
+        elif number == 2:
+            _expect(wire, 2, number, "BundleEntryProto")
+            e.shape = decode_shape(buf, value, stop)
+        elif number == 3:
+            _expect(wire, 0, number, "BundleEntryProto")
+            e.shard_id = to_int32(value)
+        elif number == 4:
+            _expect(wire, 0, number, "BundleEntryProto")
+            e.offset = to_int64(value)
+        elif number == 5:
+            _expect(wire, 0, number, "BundleEntryProto")
+            e.size = to_int64(value)
+        elif number == 6:
+            _expect(wire, 5, number, "BundleEntryProto")
+            e.crc32c = value
+        elif number == 7:
+            _expect(wire, 2, number, "BundleEntryProto")
+            e.slices.append(decode_slice(buf, value, stop))
+    return e

@@ -1,0 +1,352 @@
+"""Reading bundles: lookup by name, whole tensors, and any slice assembled from stored slices.
+
+Safety argument, stated once: before anything is allocated for a tensor, its
+entry is validated (known dtype, non-negative shape whose element count fits in
+int64, ``size == count * itemsize``, shard id below the header's shard count) and
+the byte range ``[offset, offset + size)`` is checked against the data file's
+real size.  An assembled read first proves that the stored slices do not overlap
+and cover the request, so the output is never larger than bytes that exist.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import numpy as np
+
+from ..errors import (
+    ChecksumMismatchError,
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    InsufficientSlicesError,
+    ShapeMismatchError,
+    TensorNotFoundError,
+    TruncatedFileError,
+)
+from . import strings
+from .coding import crc32c, unmask_crc
+from .dtypes import DataType, to_numpy
+from .files import data_filename, index_filename, normalize_prefix
+from .protos import BIG_ENDIAN, BundleEntry, BundleHeader, decode_entry, decode_header
+from .slices import TensorSlice, box_volume, encode_slice_key, intersect_bounds, parse_shape_and_slice
+from .table import Table
+
+Bounds = tuple[tuple[int, int], ...]
+Verify = bool | Literal["full"]
+
+_INT64_MAX = (1 << 63) - 1
+_READ_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class StoredSlice:
+    """One stored piece of a tensor: where it sits in the full tensor and the entry holding its bytes."""
+
+    key: bytes
+    bounds: Bounds
+    entry: BundleEntry
+
+
+def _label(key: bytes) -> str:
+    return key.decode("utf-8", "replace")
+
+
+class BundleReader:
+    """Read-only access to the bundle at ``prefix`` (the index is read once, data files lazily)."""
+
+    def __init__(self, prefix: str | os.PathLike[str]) -> None:
+        self.prefix = normalize_prefix(prefix)
+        self.index_path = index_filename(self.prefix)
+        try:
+            with open(self.index_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.prefix}: {self.index_path} does not exist"
+            ) from None
+        except IsADirectoryError:
+            raise CheckpointNotFoundError(f"no checkpoint at {self.prefix}: {self.index_path} is a directory") from None
+        self._table = Table(data, self.index_path)
+        first = next(iter(self._table.seek(b"")), None)
+        if first is None or first[0] != b"":
+            raise CorruptCheckpointError(f"{self.index_path}: no bundle header entry")
+        self.header: BundleHeader = decode_header(first[1])
+        v = self.header.version
+        if v.producer < 0 or v.min_consumer > 1 or 1 in v.bad_consumers:
+            raise CorruptCheckpointError(
+                f"{self.index_path}: checkpoint version producer={v.producer} min_consumer={v.min_consumer} "
+                f"bad_consumers={list(v.bad_consumers)} is not readable by this consumer (1)"
+            )
+        self._files: dict[int, tuple[int, int, str]] = {}
+
+    # --- index ------------------------------------------------------------------------------------
+
+    def entries(self) -> Iterator[tuple[str, BundleEntry]]:
+        """Every tensor (not the per-slice keys) in key order, with its validated entry."""
+        for key, value in self._table:
+            if key and key[0] != 0:
+                yield _label(key), self._validate(key, decode_entry(value))
+
+    def raw_entries(self) -> Iterator[tuple[bytes, BundleEntry]]:
+        """Every entry including slice keys, undecoded names, unvalidated (for merging and tools)."""
+        for key, value in self._table:
+            if key:
+                yield key, decode_entry(value)
+
+    def has_tensor(self, name: str | bytes) -> bool:
+        return self._table.get(_as_key(name)) is not None
+
+    def entry(self, name: str | bytes) -> BundleEntry:
+        key = _as_key(name)
+        value = self._table.get(key)
+        if value is None:
+            raise TensorNotFoundError(f"Key {_label(key)} not found in checkpoint {self.prefix}")
+        return self._validate(key, decode_entry(value))
+
+    def _validate(self, key: bytes, e: BundleEntry) -> BundleEntry:
+        where = f"{self.prefix}: tensor {_label(key)}"
+        try:
+            dtype = to_numpy(e.dtype)
+        except CheckpointError as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+        count = 1
+        for dim in e.shape:
+            if dim < 0:
+                raise CorruptCheckpointError(f"{where}: Invalid tensor shape {list(e.shape)}")
+            count *= dim
+        if count > _INT64_MAX:
+            raise CorruptCheckpointError(f"{where}: shape {list(e.shape)} has more than 2^63-1 elements")
+        if e.slices:
+            for s in e.slices:
+                if s.rank != len(e.shape):
+                    raise CorruptCheckpointError(f"{where}: slice {s} does not match rank of {list(e.shape)}")
+                try:
+                    s.slice_shape(e.shape)
+                except CheckpointError:
+                    raise CorruptCheckpointError(f"{where}: slice {s} lies outside shape {list(e.shape)}") from None
+            return e
+        if not 0 <= e.shard_id < max(self.header.num_shards, 1) or e.offset < 0 or e.size < 0:
+            raise CorruptCheckpointError(
+                f"{where}: bad location shard={e.shard_id} offset={e.offset} size={e.size} "
+                f"(bundle has {self.header.num_shards} shards)"
+            )
+        if e.dtype == DataType.STRING:
+            if count > e.size:
+                raise CorruptCheckpointError(f"{where}: {count} strings cannot fit in {e.size} bytes")
+        elif e.size != count * dtype.itemsize:
+            raise CorruptCheckpointError(
+                f"{where}: Invalid size in bundle entry: {e.size} bytes for {count} elements of {dtype}"
+            )
+        return e
+
+    # --- data files -------------------------------------------------------------------------------
+
+    def _file(self, shard_id: int) -> tuple[int, int, str]:
+        cached = self._files.get(shard_id)
+        if cached is None:
+            path = data_filename(self.prefix, shard_id, self.header.num_shards)
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:
+                raise CheckpointNotFoundError(f"{self.prefix}: data file {path} is missing") from None
+            cached = (fd, os.fstat(fd).st_size, path)
+            self._files[shard_id] = cached
+        return cached
+
+    def _locate(self, key: bytes, e: BundleEntry) -> tuple[int, str]:
+        fd, size, path = self._file(e.shard_id)
+        if e.offset + e.size > size:
+            raise TruncatedFileError(
+                f"{self.prefix}: tensor {_label(key)} needs bytes [{e.offset}, {e.offset + e.size}) "
+                f"of {path}, which has {size} bytes"
+            )
+        return fd, path
+
+    def _pread_into(self, fd: int, view: memoryview, offset: int, path: str, verify_crc: int | None) -> int:
+        """Fill ``view`` from ``offset``; returns the CRC of the bytes when asked (chunk by chunk, hot)."""
+        crc = 0
+        pos = 0
+        while pos < len(view):
+            chunk = view[pos : pos + _READ_CHUNK]
+            got = 0
+            while got < len(chunk):
+                n = os.preadv(fd, [chunk[got:]], offset + pos + got)
+                if n <= 0:
+                    raise TruncatedFileError(f"{path}: ended at {offset + pos + got} while reading")
+                got += n
+            if verify_crc is not None:
+                crc = crc32c(chunk, crc)
+            pos += len(chunk)
+        return crc
+
+    def _read_whole(self, key: bytes, e: BundleEntry, verify: Verify, out: np.ndarray | None = None) -> np.ndarray:
+        fd, path = self._locate(key, e)
+        where = f"{self.prefix}: tensor {_label(key)} in {path}"
+        dtype = to_numpy(e.dtype)
+        count = math.prod(e.shape)
+        if e.dtype == DataType.STRING:
+            buf = bytearray(e.size)
+            self._pread_into(fd, memoryview(buf), e.offset, path, None)
+            expected = unmask_crc(e.crc32c) if verify else None
+            return strings.decode(bytes(buf), count, where, expected).reshape(e.shape)
+        if out is None or not out.flags.c_contiguous:
+            target = np.empty(e.shape, dtype)
+        else:
+            target = out
+        view = memoryview(target.reshape(-1).view(np.uint8)) if count else memoryview(b"")
+        crc = self._pread_into(fd, view, e.offset, path, 0 if verify else None)
+        if verify and crc != unmask_crc(e.crc32c):
+            raise ChecksumMismatchError(
+                f"{where} ({e.size} bytes): checksum does not match: stored {unmask_crc(e.crc32c):#010x} "
+                f"vs. calculated on the restored bytes {crc:#010x}"
+            )
+        if self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1:
+            target.byteswap(inplace=True)
+        if out is not None and target is not out:
+            out[...] = target
+        return target
+
+    def _read_region(self, key: bytes, e: BundleEntry, local: Bounds, verify: Verify) -> np.ndarray:
+        """The box ``local`` (coordinates inside the stored entry) without reading the whole entry."""
+        whole = all(lo == 0 and hi == dim for (lo, hi), dim in zip(local, e.shape))
+        box = tuple(slice(lo, hi) for lo, hi in local)
+        if whole or e.dtype == DataType.STRING or verify == "full":
+            return self._read_whole(key, e, verify)[box]
+        fd, path = self._locate(key, e)
+        dtype = to_numpy(e.dtype)
+        strides = [dtype.itemsize] * len(e.shape)
+        for d in range(len(e.shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * e.shape[d + 1]
+        first = sum(lo * s for (lo, _), s in zip(local, strides))
+        last = sum((hi - 1) * s for (_, hi), s in zip(local, strides))
+        buf = np.empty(last - first + dtype.itemsize, np.uint8)
+        self._pread_into(fd, memoryview(buf), e.offset + first, path, None)
+        region = np.ndarray(tuple(hi - lo for lo, hi in local), dtype, buffer=buf, strides=tuple(strides))
+        if self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1:
+            region = region.byteswap()
+        return region
+
+    # --- tensors ----------------------------------------------------------------------------------
+
+    def stored_slices(self, name: str | bytes, entry: BundleEntry | None = None) -> list[StoredSlice]:
+        """The pieces a tensor is stored as (one full piece for an unpartitioned tensor)."""
+        key = _as_key(name)
+        e = entry if entry is not None else self.entry(key)
+        if not e.slices:
+            return [StoredSlice(key, tuple((0, d) for d in e.shape), e)]
+        out = []
+        for s in e.slices:
+            skey = encode_slice_key(key, s)
+            value = self._table.get(skey)
+            if value is None:
+                raise CorruptCheckpointError(
+                    f"{self.prefix}: tensor {_label(key)} lists slice {s} but its data entry is missing"
+                )
+            se = self._validate(skey, decode_entry(value))
+            if se.slices or se.dtype != e.dtype or se.shape != s.slice_shape(e.shape):
+                raise CorruptCheckpointError(
+                    f"{self.prefix}: tensor {_label(key)} slice {s} entry has dtype {se.dtype} shape "
+                    f"{list(se.shape)}, expected dtype {e.dtype} shape {list(s.slice_shape(e.shape))}"
+                )
+            out.append(StoredSlice(skey, s.bounds(e.shape), se))
+        return out
+
+    def read(self, name: str | bytes, *, verify: Verify = True) -> np.ndarray:
+        """The whole tensor; a partitioned tensor is assembled from its slices."""
+        key = _as_key(name)
+        e = self.entry(key)
+        return self._assemble(key, e, tuple((0, d) for d in e.shape), verify)
+
+    def read_slice(self, name: str | bytes, spec: str | TensorSlice, *, verify: Verify = True) -> np.ndarray:
+        """A slice given as RestoreV2's ``shape_and_slice`` string (or a `TensorSlice`) of a tensor."""
+        key = _as_key(name)
+        e = self.entry(key)
+        if isinstance(spec, str):
+            if not spec:
+                return self._assemble(key, e, tuple((0, d) for d in e.shape), verify)
+            parsed = parse_shape_and_slice(spec)
+            if parsed.shape != e.shape:
+                raise ShapeMismatchError(
+                    f"{self.prefix}: tensor_name = {_label(key)}; shape in shape_and_slice spec "
+                    f"{list(parsed.shape)} does not match the shape stored in checkpoint: {list(e.shape)}"
+                )
+            tslice = parsed.slice
+        else:
+            tslice = spec
+            tslice.slice_shape(e.shape)
+        return self._assemble(key, e, tslice.bounds(e.shape), verify)
+
+    def read_bounds(self, name: str | bytes, bounds: Sequence[tuple[int, int]], *, verify: Verify = True) -> np.ndarray:
+        """The box ``bounds`` (half-open per dim) of a tensor."""
+        key = _as_key(name)
+        e = self.entry(key)
+        return self._assemble(key, e, tuple((int(a), int(b)) for a, b in bounds), verify)
+
+    def _assemble(self, key: bytes, e: BundleEntry, bounds: Bounds, verify: Verify) -> np.ndarray:
+        shape = tuple(hi - lo for lo, hi in bounds)
+        pieces = self.stored_slices(key, e)
+        for p in pieces:
+            if p.bounds == bounds:
+                return self._read_whole(p.key, p.entry, verify)
+        parts = []
+        for p in pieces:
+            inter = intersect_bounds(p.bounds, bounds)
+            if inter is not None:
+                parts.append((p, inter))
+        _check_cover(self.prefix, key, bounds, [inter for _, inter in parts])
+        for p, _ in parts:
+            self._locate(p.key, p.entry)
+        out = np.empty(shape, to_numpy(e.dtype))
+        for p, inter in parts:
+            local = tuple((lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(inter, p.bounds))
+            dst = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(inter, bounds))
+            out[dst] = self._read_region(p.key, p.entry, local, verify)
+        return out
+
+    def close(self) -> None:
+        for fd, _, _ in self._files.values():
+            os.close(fd)
+        self._files.clear()
+
+    def __enter__(self) -> BundleReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+def _as_key(name: str | bytes) -> bytes:
+    return name.encode("utf-8") if isinstance(name, str) else bytes(name)
+
+
+def _check_cover(prefix: str, key: bytes, want: Bounds, boxes: list[Bounds]) -> None:
+    """Stored pieces must not overlap (TF's TensorSliceSet rule) and must fill ``want`` exactly."""
+    ordered = sorted(boxes)
+    # Sweep on the first dimension: only boxes whose first-dim intervals overlap can collide.
+    active: list[Bounds] = []
+    for box in ordered:
+        active = [a for a in active if not box or a[0][1] > box[0][0]]
+        for other in active:
+            if intersect_bounds(other, box) is not None:
+                raise CorruptCheckpointError(
+                    f"{prefix}: tensor {_label(key)} has overlapping stored slices "
+                    f"{TensorSlice.from_bounds(other)} and {TensorSlice.from_bounds(box)}"
+                )
+        active.append(box)
+    if want and box_volume(want) and sum(box_volume(b) for b in boxes) != box_volume(want):
+        have = ", ".join(str(TensorSlice.from_bounds(b)) for b in boxes) or "none"
+        raise InsufficientSlicesError(
+            f"{prefix}: does not have sufficient slices for partitioned tensor {_label(key)} to read "
+            f"{TensorSlice.from_bounds(want)}; stored slices overlapping it: {have}"
+        )

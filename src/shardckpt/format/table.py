@@ -1,0 +1,196 @@
+"""The SSTable file (TensorFlow's TSL variant of LevelDB's table): the ``.index`` of a bundle.
+
+::
+
+    [data block][trailer] ... [metaindex block][trailer] [index block][trailer] [footer]
+
+    trailer := byte compression_type | fixed32 mask(crc32c(block ‖ type))
+    footer  := handle metaindex | handle index | zero pad to 40 bytes | fixed64 magic
+    handle  := varint64 offset | varint64 size        (size excludes the trailer)
+
+Data blocks restart every 16 keys and are cut once their estimated size reaches
+256 KiB; the index block restarts at every key and maps a separator key >= every
+key of block *i* and < every key of block *i+1* to block *i*'s handle.  The reader
+verifies the trailer CRC of every block it loads.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from ..errors import ChecksumMismatchError, CorruptCheckpointError, TruncatedFileError
+from .block import Block, BlockBuilder
+from .coding import crc32c, decode_varint, encode_varint, mask_crc, unmask_crc
+
+BLOCK_SIZE = 262144
+DATA_RESTART_INTERVAL = 16
+INDEX_RESTART_INTERVAL = 1
+FOOTER_SIZE = 48
+TRAILER_SIZE = 5
+MAGIC = struct.pack("<Q", 0xDB4775248B80FB57)
+NO_COMPRESSION = 0
+SNAPPY_COMPRESSION = 1
+_MAX_HANDLES_LEN = 40  # two handles of at most 2 x 10 bytes each
+
+
+@dataclass(frozen=True)
+class BlockHandle:
+    offset: int
+    size: int
+
+    def encode(self) -> bytes:
+        return encode_varint(self.offset) + encode_varint(self.size)
+
+
+def shortest_separator(start: bytes, limit: bytes) -> bytes:
+    """A short key k with start <= k < limit (TF's bytewise FindShortestSeparator)."""
+    n = min(len(start), len(limit))
+    d = 0
+    while d < n and start[d] == limit[d]:
+        d += 1
+    if d < n:
+        byte = start[d]
+        if byte < 0xFF and byte + 1 < limit[d]:
+            return start[:d] + bytes((byte + 1,))
+    return start
+
+
+def short_successor(key: bytes) -> bytes:
+    """A short key k >= key (TF's FindShortSuccessor): bump the first byte that is not 0xff."""
+    for i, byte in enumerate(key):
+        if byte != 0xFF:
+            return key[:i] + bytes((byte + 1,))
+    return key
+
+
+def _trailer(block: bytes, kind: int) -> bytes:
+    crc = crc32c(bytes((kind,)), crc32c(block))
+    return bytes((kind,)) + struct.pack("<I", mask_crc(crc))
+
+
+class TableBuilder:
+    """Accumulates sorted key/value pairs and returns the whole table as bytes."""
+
+    def __init__(self, block_size: int = BLOCK_SIZE) -> None:
+        self._block_size = block_size
+        self._out: list[bytes] = []
+        self._offset = 0
+        self._data = BlockBuilder(DATA_RESTART_INTERVAL)
+        self._index = BlockBuilder(INDEX_RESTART_INTERVAL)
+        self._last_key = b""
+        self._num_entries = 0
+        self._pending: BlockHandle | None = None
+
+    def add(self, key: bytes, value: bytes) -> None:
+        if self._num_entries:
+            if key <= self._last_key:
+                raise ValueError(f"table keys out of order: {key!r} after {self._last_key!r}")
+            # An entry at least twice the block size gets a block of its own.
+            if len(key) + len(value) >= 2 * self._block_size:
+                self._flush()
+        if self._pending is not None:
+            self._index.add(shortest_separator(self._last_key, key), self._pending.encode())
+            self._pending = None
+        self._last_key = key
+        self._num_entries += 1
+        self._data.add(key, value)
+        if self._data.size_estimate() >= self._block_size:
+            self._flush()
+
+    def _write_block(self, builder: BlockBuilder) -> BlockHandle:
+        raw = builder.finish()
+        builder.reset()
+        handle = BlockHandle(self._offset, len(raw))
+        self._out.append(raw)
+        self._out.append(_trailer(raw, NO_COMPRESSION))
+        self._offset += len(raw) + TRAILER_SIZE
+        return handle
+
+    def _flush(self) -> None:
+        if self._data.empty:
+            return
+        self._pending = self._write_block(self._data)
+
+    def finish(self) -> bytes:
+        self._flush()
+        meta = self._write_block(BlockBuilder(DATA_RESTART_INTERVAL))
+        if self._pending is not None:
+            self._index.add(short_successor(self._last_key), self._pending.encode())
+            self._pending = None
+        index = self._write_block(self._index)
+        handles = meta.encode() + index.encode()
+        self._out.append(handles + bytes(_MAX_HANDLES_LEN - len(handles)) + MAGIC)
+        return b"".join(self._out)
+
+
+def _snappy_decompress(data: bytes, where: str) -> bytes:
+    import cramjam  # imported lazily: TensorFlow never writes compressed bundle blocks
+
+    try:
+        return bytes(cramjam.snappy.decompress_raw(data))
+    except Exception as exc:  # cramjam raises its own error types
+        raise CorruptCheckpointError(f"{where}: corrupt snappy block ({exc})") from None
+
+
+class Table:
+    """Reads an SSTable held in memory (an index file is small and read whole)."""
+
+    def __init__(self, data: bytes, path: str) -> None:
+        self._data = data
+        self._path = path
+        size = len(data)
+        if size < FOOTER_SIZE:
+            raise TruncatedFileError(f"{path}: not an sstable (file is too short: {size} bytes)")
+        footer = size - FOOTER_SIZE
+        if data[size - 8 :] != MAGIC:
+            raise CorruptCheckpointError(f"{path}: not an sstable (bad magic number)")
+        meta_off, pos = decode_varint(data, footer, footer + _MAX_HANDLES_LEN, f"{path}: footer")
+        meta_size, pos = decode_varint(data, pos, footer + _MAX_HANDLES_LEN, f"{path}: footer")
+        idx_off, pos = decode_varint(data, pos, footer + _MAX_HANDLES_LEN, f"{path}: footer")
+        idx_size, pos = decode_varint(data, pos, footer + _MAX_HANDLES_LEN, f"{path}: footer")
+        self._limit = footer
+        self.metaindex_handle = BlockHandle(meta_off, meta_size)
+        self._index = Block(self._read_block(BlockHandle(idx_off, idx_size)), f"{path}: index block")
+
+    def _read_block(self, handle: BlockHandle) -> bytes:
+        where = f"{self._path}: block at offset {handle.offset}"
+        end = handle.offset + handle.size
+        if end + TRAILER_SIZE > self._limit:
+            raise TruncatedFileError(
+                f"{where}: {handle.size} bytes + trailer run past the end of the table ({self._limit} bytes)"
+            )
+        block = self._data[handle.offset : end]
+        kind = self._data[end]
+        (stored,) = struct.unpack_from("<I", self._data, end + 1)
+        actual = crc32c(bytes((kind,)), crc32c(block))
+        if unmask_crc(stored) != actual:
+            raise ChecksumMismatchError(f"{where}: block checksum mismatch")
+        if kind == NO_COMPRESSION:
+            return block
+        if kind == SNAPPY_COMPRESSION:
+            return _snappy_decompress(block, where)
+        raise CorruptCheckpointError(f"{where}: bad block type {kind}")
+
+    def _handle(self, value: bytes) -> BlockHandle:
+        off, pos = decode_varint(value, 0, len(value), f"{self._path}: block handle")
+        size, _ = decode_varint(value, pos, len(value), f"{self._path}: block handle")
+        return BlockHandle(off, size)
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        for _, handle in self._index:
+            yield from Block(self._read_block(self._handle(handle)), f"{self._path}: data block")
+
+    def seek(self, target: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Entries from the first key >= ``target`` on; reads only the blocks it walks through."""
+        first = True
+        for _, handle in self._index.seek(target):
+            block = Block(self._read_block(self._handle(handle)), f"{self._path}: data block")
+            yield from (block.seek(target) if first else block)
+            first = False
+
+    def get(self, key: bytes) -> bytes | None:
+        for found, value in self.seek(key):
+            return value if found == key else None
+        return None

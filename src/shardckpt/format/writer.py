@@ -1,0 +1,300 @@
+"""Writing bundles: one data file of tensor bytes in call order, one sorted index.
+
+`DataFileWriter` appends tensors to a single data file and returns their index
+entries; `BundleWriter` pairs one with the index to reproduce what one
+``SaveV2`` call writes.  Bytes go from the caller's array to the file without an
+intermediate copy for tensors of 256 KiB or more; the CRC of each chunk is taken
+just before the chunk is written, while it is still in cache.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from ..errors import (
+    CheckpointError,
+    DTypeMismatchError,
+    DuplicateTensorError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+    UnsupportedDTypeError,
+)
+from . import strings
+from .coding import crc32c, mask_crc
+from .dtypes import DataType, datatype_name, from_numpy, to_numpy
+from .files import data_filename, fsync_directory, index_filename
+from .protos import BundleEntry, BundleHeader, encode_entry, encode_header
+from .slices import ShapeAndSlice, TensorSlice, encode_slice_key, parse_shape_and_slice
+from .table import TableBuilder
+
+_SMALL_WRITE = 256 * 1024
+_CHUNK = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class PreparedTensor:
+    """A tensor ready to write: its DataType, shape, and bytes (or string elements)."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    data: np.ndarray | list[bytes]
+
+
+def prepare(array: object, dtype: int | None = None, what: str = "tensor") -> PreparedTensor:
+    """Check a value and bring it to the on-disk layout: C order, little-endian (a copy only if needed)."""
+    arr = np.asarray(array)
+    code = from_numpy(arr.dtype) if dtype is None else int(dtype)
+    if code == DataType.STRING:
+        if arr.dtype.kind not in "OSU":
+            raise DTypeMismatchError(f"{what}: DT_STRING needs a bytes or str array, got {arr.dtype}")
+        try:
+            return PreparedTensor(code, arr.shape, strings.to_bytes_list(arr))
+        except TypeError as exc:
+            raise UnsupportedDTypeError(f"{what}: {exc}") from None
+    want = to_numpy(code)
+    if arr.dtype.newbyteorder("=") != want.newbyteorder("="):
+        raise DTypeMismatchError(f"{what}: array of dtype {arr.dtype} cannot be stored as {datatype_name(code)}")
+    if arr.dtype.byteorder == ">":
+        arr = arr.astype(arr.dtype.newbyteorder("<"))
+    return PreparedTensor(code, arr.shape, np.ascontiguousarray(arr))
+
+
+class DataFileWriter:
+    """Appends tensors to one data file; never seeks, so the bytes land in call order."""
+
+    def __init__(self, path: str, *, shard_id: int = 0, alignment: int = 1) -> None:
+        self.path = path
+        self.shard_id = shard_id
+        self.alignment = alignment
+        self.size = 0
+        self._pending = bytearray()
+        self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+
+    def _write_now(self, view: memoryview) -> None:
+        assert self._fd is not None
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+    def _append(self, view: memoryview | bytes, crc: int) -> int:
+        """Queue or write ``view`` and return the CRC extended over it."""
+        n = len(view)
+        if n < _SMALL_WRITE:
+            crc = crc32c(view, crc)
+            self._pending += view
+            if len(self._pending) >= _CHUNK:
+                self._flush_pending()
+        else:
+            self._flush_pending()
+            mv = memoryview(view)
+            for start in range(0, n, _CHUNK):
+                chunk = mv[start : start + _CHUNK]
+                crc = crc32c(chunk, crc)
+                self._write_now(chunk)
+        self.size += n
+        return crc
+
+    def _flush_pending(self) -> None:
+        if self._pending:
+            self._write_now(memoryview(self._pending))
+            self._pending = bytearray()
+
+    def write(self, tensor: PreparedTensor) -> BundleEntry:
+        if self._fd is None:
+            raise CheckpointError(f"{self.path}: data file already closed")
+        entry = BundleEntry(dtype=tensor.dtype, shape=tensor.shape, shard_id=self.shard_id, offset=self.size)
+        if isinstance(tensor.data, list):
+            pieces, crc = strings.encode(tensor.data)
+            for piece in pieces:
+                self._append(piece, 0)
+        else:
+            flat = tensor.data.reshape(-1).view(np.uint8)
+            crc = self._append(memoryview(flat), 0) if flat.size else 0
+        entry.size = self.size - entry.offset
+        entry.crc32c = mask_crc(crc)
+        if self.alignment > 1 and self.size % self.alignment:
+            pad = self.alignment - self.size % self.alignment
+            self._pending += bytes(pad)
+            self.size += pad
+        return entry
+
+    def close(self, *, durable: bool) -> None:
+        if self._fd is None:
+            return
+        try:
+            self._flush_pending()
+            if durable:
+                os.fsync(self._fd)
+        finally:
+            os.close(self._fd)
+            self._fd = None
+
+    def discard(self) -> None:
+        try:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+        finally:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
+
+
+def build_index(header: BundleHeader, entries: dict[bytes, BundleEntry]) -> bytes:
+    """The bytes of an index: the header under key "" then every entry in bytewise key order."""
+    table = TableBuilder()
+    table.add(b"", encode_header(header))
+    for key in sorted(entries):
+        table.add(key, encode_entry(entries[key]))
+    return table.finish()
+
+
+def write_file_atomically(path: str, data: bytes, *, durable: bool) -> None:
+    """Write ``data`` to a fresh temporary name beside ``path``, then rename it over ``path``."""
+    tmp = f"{path}.tempstate{secrets.randbits(64)}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        if durable:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+    os.replace(tmp, path)
+
+
+def _key(name: str | bytes) -> bytes:
+    key = name.encode("utf-8") if isinstance(name, str) else bytes(name)
+    if not key:
+        raise InvalidArgumentError("the empty tensor name is reserved for the bundle header")
+    return key
+
+
+class BundleWriter:
+    """Writes one single-writer bundle at ``prefix``, as ``SaveV2`` does.
+
+    Call `add` / `add_slice` once per SaveV2 argument, in order, then `finish`.
+    Nothing appears under the final names until `finish` succeeds; used as a
+    context manager, an exception discards the temporary files.
+    """
+
+    def __init__(self, prefix: str | os.PathLike[str], *, data_alignment: int = 1, durable: bool = True) -> None:
+        self.prefix = os.fspath(prefix)
+        if data_alignment < 1:
+            raise InvalidArgumentError(f"data_alignment must be >= 1, got {data_alignment}")
+        self._durable = durable
+        self._entries: dict[bytes, BundleEntry] = {}
+        directory = os.path.dirname(self.prefix)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        self._data_path = data_filename(self.prefix, 0, 1)
+        self._data = DataFileWriter(f"{self._data_path}.tempstate{secrets.randbits(64)}", alignment=data_alignment)
+        self._done = False
+
+    def _check_open(self) -> None:
+        if self._done:
+            raise CheckpointError(f"{self.prefix}: bundle writer already finished or aborted")
+
+    def add(self, name: str | bytes, array: object, *, dtype: int | None = None) -> BundleEntry:
+        """Store a whole tensor under ``name`` (SaveV2 with an empty shape_and_slice)."""
+        self._check_open()
+        key = _key(name)
+        if key in self._entries:
+            raise DuplicateTensorError(f"{self.prefix}: adding duplicate key: {key.decode('utf-8', 'replace')}")
+        tensor = prepare(array, dtype, f"{self.prefix}: tensor {key.decode('utf-8', 'replace')}")
+        entry = self._data.write(tensor)
+        self._entries[key] = entry
+        return entry
+
+    def add_slice(
+        self,
+        name: str | bytes,
+        shape_and_slice: str | ShapeAndSlice,
+        array: object,
+        *,
+        dtype: int | None = None,
+    ) -> BundleEntry:
+        """Store ``array`` as one slice of the tensor ``name`` (SaveV2 with a shape_and_slice string)."""
+        self._check_open()
+        if isinstance(shape_and_slice, str):
+            if not shape_and_slice:
+                return self.add(name, array, dtype=dtype)
+            spec = parse_shape_and_slice(shape_and_slice)
+        else:
+            spec = shape_and_slice
+        key = _key(name)
+        label = f"{self.prefix}: tensor {key.decode('utf-8', 'replace')}"
+        tensor = prepare(array, dtype, label)
+        if tensor.shape != spec.slice_shape:
+            raise ShapeMismatchError(
+                f"{label}: slice in shape_and_slice specification does not match the shape of the tensor "
+                f"to save: {spec.slice_shape} vs {tensor.shape}"
+            )
+        if spec.slice.covers(spec.shape):
+            return self.add(name, tensor.data if tensor.dtype != DataType.STRING else array, dtype=tensor.dtype)
+        full = self._entries.get(key)
+        if full is not None:
+            if not full.slices:
+                raise DuplicateTensorError(f"{label}: already added as a whole tensor")
+            if full.dtype != tensor.dtype or full.shape != spec.shape:
+                raise ShapeMismatchError(
+                    f"{label}: slice of {datatype_name(tensor.dtype)}{list(spec.shape)} added to a tensor "
+                    f"of {datatype_name(full.dtype)}{list(full.shape)}"
+                )
+        slice_key = encode_slice_key(key, spec.slice)
+        if slice_key in self._entries:
+            raise DuplicateTensorError(f"{label}: slice {spec.slice} added twice")
+        self._entries[slice_key] = self._data.write(tensor)
+        if full is None:
+            full = self._entries[key] = BundleEntry(dtype=tensor.dtype, shape=spec.shape)
+        full.slices.append(spec.slice)
+        return full
+
+    def finish(self) -> None:
+        """Close the data file and publish data then index under their final names."""
+        self._check_open()
+        self._done = True
+        try:
+            self._data.close(durable=self._durable)
+            index = build_index(BundleHeader(), self._entries)
+            index_path = index_filename(self.prefix)
+            # Drop an older index first so no reader ever pairs it with the new data file.
+            try:
+                os.unlink(index_path)
+            except FileNotFoundError:
+                pass
+            os.replace(self._data.path, self._data_path)
+            write_file_atomically(index_path, index, durable=self._durable)
+            if self._durable:
+                fsync_directory(os.path.dirname(self.prefix))
+        except BaseException:
+            self._data.discard()
+            raise
+
+    def abort(self) -> None:
+        """Discard everything written so far; the final names are untouched."""
+        if not self._done:
+            self._done = True
+            self._data.discard()
+
+    def __enter__(self) -> BundleWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        if exc_type is not None:
+            self.abort()
+        elif not self._done:
+            self.finish()
+
+
