@@ -64,11 +64,17 @@ class BlockBuilder:
             self._restarts.append(self._size)
             self._counter = 0
             shared = 0
-        head = encode_varint(shared) + encode_varint(len(key) - shared) + encode_varint(len(value))
+        non_shared, value_len = len(key) - shared, len(value)
+        if non_shared < 128 and value_len < 128:
+            head = bytes((shared, non_shared, value_len)) if shared < 128 else (
+                encode_varint(shared) + bytes((non_shared, value_len))
+            )
+        else:
+            head = encode_varint(shared) + encode_varint(non_shared) + encode_varint(value_len)
         self._parts.append(head)
         self._parts.append(key[shared:])
         self._parts.append(value)
-        self._size += len(head) + len(key) - shared + len(value)
+        self._size += len(head) + non_shared + value_len
         self._last_key = key
         self._counter += 1
 
@@ -103,9 +109,13 @@ class Block:
     def _entry(self, pos: int, prev_key: bytes) -> tuple[bytes, int, int, int]:
         """Decode the entry at ``pos``: (key, value_start, value_end, next_pos)."""
         data, limit = self._data, self._restarts_at
-        shared, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
-        non_shared, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
-        value_len, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
+        if pos + 3 <= limit and data[pos] < 0x80 and data[pos + 1] < 0x80 and data[pos + 2] < 0x80:
+            shared, non_shared, value_len = data[pos], data[pos + 1], data[pos + 2]
+            pos += 3
+        else:
+            shared, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
+            non_shared, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
+            value_len, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
         if shared > len(prev_key) or non_shared + value_len > limit - pos:
             raise CorruptCheckpointError(f"{self._where}: entry at offset {pos} runs past the block")
         key_end = pos + non_shared

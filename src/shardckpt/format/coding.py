@@ -41,8 +41,8 @@ def unmask_crc(masked: int) -> int:
 
 def encode_varint(value: int) -> bytes:
     """Base-128 varint of an unsigned value (negative int64s are taken two's-complement, as protobuf does)."""
-    if 0 <= value < 128:
-        return _SMALL[value]
+    if 0 <= value < 16384:
+        return _SMALL[value] if value < 128 else bytes(((value & 0x7F) | 0x80, value >> 7))
     value &= _U64
     out = bytearray()
     while value >= 0x80:
@@ -60,6 +60,19 @@ def decode_varint(buf: bytes | memoryview, pos: int, limit: int, what: str = "va
             return b, pos + 1
     result = 0
     shift = 0
+    if limit - pos >= 10:
+        # Common case, far from the end: no bounds check per byte.
+        while True:
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                if result > _U64:
+                    raise CorruptCheckpointError(f"{what} overflows 64 bits")
+                return result, pos
+            shift += 7
+            if shift >= 70:
+                raise CorruptCheckpointError(f"{what} longer than 10 bytes")
     while True:
         if pos >= limit:
             raise CorruptCheckpointError(f"truncated {what}")

@@ -77,7 +77,14 @@ def encode_header(h: BundleHeader) -> bytes:
 _EMPTY_DIM = b"\x12\x00"
 
 
+_shape_cache: dict[tuple[int, ...], bytes] = {}
+
+
 def encode_shape(shape: tuple[int, ...]) -> bytes:
+    """The body of a TensorShapeProto, length-prefixed (shapes repeat, so encodings are cached)."""
+    cached = _shape_cache.get(shape)
+    if cached is not None:
+        return cached
     parts = []
     for dim in shape:
         if dim:
@@ -85,7 +92,11 @@ def encode_shape(shape: tuple[int, ...]) -> bytes:
             parts.append(b"\x12" + encode_varint(len(body)) + body)
         else:
             parts.append(_EMPTY_DIM)
-    return b"".join(parts)
+    body = b"".join(parts)
+    out = b"\x12" + encode_varint(len(body)) + body
+    if len(_shape_cache) < 4096:
+        _shape_cache[shape] = out
+    return out
 
 
 def encode_slice(s: TensorSlice) -> bytes:
@@ -100,8 +111,7 @@ def encode_slice(s: TensorSlice) -> bytes:
 
 
 def encode_entry(e: BundleEntry) -> bytes:
-    shape = encode_shape(e.shape)
-    out = [b"\x08" + encode_varint(e.dtype) if e.dtype else b"", b"\x12", encode_varint(len(shape)), shape]
+    out = [b"\x08" + encode_varint(e.dtype) if e.dtype else b"", encode_shape(e.shape)]
     if e.shard_id:
         out.append(b"\x18" + encode_varint(e.shard_id))
     if e.offset:
@@ -221,14 +231,67 @@ def decode_slice(buf: bytes, pos: int, end: int) -> TensorSlice:
                     start = to_int64(v2)
                 else:
                     length = to_int64(v2)
-        if length != FULL:
-            if start < 0 or length <= 0 or start > (1 << 63) - 1 - length:
-                raise CorruptCheckpointError(f"invalid slice extent start={start} length={length}")
+        if length != FULL and (start < 0 or length <= 0 or start > (1 << 63) - 1 - length):
+            raise CorruptCheckpointError(f"invalid slice extent start={start} length={length}")
         extents.append((start, length))
     return TensorSlice(tuple(extents))
 
 
+_shape_decode_cache: dict[bytes, tuple[int, ...]] = {}
+
+
+def _cached_shape(buf: bytes, pos: int, stop: int) -> tuple[int, ...]:
+    body = buf[pos:stop]
+    shape = _shape_decode_cache.get(body)
+    if shape is None:
+        shape = decode_shape(body, 0, len(body))
+        if len(_shape_decode_cache) < 4096:
+            _shape_decode_cache[body] = shape
+    return shape
+
+
 def decode_entry(buf: bytes) -> BundleEntry:
+    """Decode a BundleEntryProto; the canonical single-byte tags take a fast path."""
+    e = BundleEntry()
+    pos, end = 0, len(buf)
+    varint = decode_varint
+    while pos < end:
+        tag = buf[pos]
+        pos += 1
+        if tag == 0x08:
+            v, pos = varint(buf, pos, end, "BundleEntryProto.dtype")
+            e.dtype = to_int32(v)
+        elif tag == 0x12 or tag == 0x3A:
+            n, pos = varint(buf, pos, end, "BundleEntryProto")
+            stop = pos + n
+            if stop > end:
+                raise CorruptCheckpointError(f"BundleEntryProto: field length {n} runs past the message")
+            if tag == 0x12:
+                e.shape = _cached_shape(buf, pos, stop)
+            else:
+                e.slices.append(decode_slice(buf, pos, stop))
+            pos = stop
+        elif tag == 0x18:
+            v, pos = varint(buf, pos, end, "BundleEntryProto.shard_id")
+            e.shard_id = to_int32(v)
+        elif tag == 0x20:
+            v, pos = varint(buf, pos, end, "BundleEntryProto.offset")
+            e.offset = to_int64(v)
+        elif tag == 0x28:
+            v, pos = varint(buf, pos, end, "BundleEntryProto.size")
+            e.size = to_int64(v)
+        elif tag == 0x35:
+            if end - pos < 4:
+                raise CorruptCheckpointError("BundleEntryProto: truncated crc32c")
+            e.crc32c = _fixed32.unpack_from(buf, pos)[0]
+            pos += 4
+        else:
+            return _decode_entry_general(buf)
+    return e
+
+
+def _decode_entry_general(buf: bytes) -> BundleEntry:
+    """Any valid encoding: multi-byte tags, unknown fields, wrong wire types (reported)."""
     e = BundleEntry()
     end = len(buf)
     for number, wire, value, stop in _fields(buf, 0, end, "BundleEntryProto"):

@@ -19,9 +19,9 @@ from typing import Literal
 import numpy as np
 
 from ..errors import (
-    ChecksumMismatchError,
     CheckpointError,
     CheckpointNotFoundError,
+    ChecksumMismatchError,
     CorruptCheckpointError,
     InsufficientSlicesError,
     ShapeMismatchError,
@@ -255,6 +255,10 @@ class BundleReader:
                 )
             out.append(StoredSlice(skey, s.bounds(e.shape), se))
         return out
+
+    def read_stored(self, piece: StoredSlice, *, verify: Verify = True) -> np.ndarray:
+        """The bytes of one stored piece as an array (CRC32C checked when ``verify``)."""
+        return self._read_whole(piece.key, piece.entry, verify)
 
     def read(self, name: str | bytes, *, verify: Verify = True) -> np.ndarray:
         """The whole tensor; a partitioned tensor is assembled from its slices."""

@@ -29,7 +29,7 @@ from .coding import crc32c, mask_crc
 from .dtypes import DataType, datatype_name, from_numpy, to_numpy
 from .files import data_filename, fsync_directory, index_filename
 from .protos import BundleEntry, BundleHeader, encode_entry, encode_header
-from .slices import ShapeAndSlice, TensorSlice, encode_slice_key, parse_shape_and_slice
+from .slices import ShapeAndSlice, encode_slice_key, parse_shape_and_slice
 from .table import TableBuilder
 
 _SMALL_WRITE = 256 * 1024
