@@ -1,28 +1,58 @@
 """shardckpt: save and restore sharded tensors from many processes, in TensorFlow's V2 checkpoint format."""
 
 from .checkpoint_reader import CheckpointReader, latest_checkpoint, list_variables, load_checkpoint
+from .coordination import Coordinator, LocalGroup
+from .dtensor import DTensor, pack, unpack
 from .errors import (
     CheckpointError,
+    CheckpointExistsError,
     CheckpointNotFoundError,
     ChecksumMismatchError,
+    ClientTimeoutError,
+    CoordinationError,
     CorruptCheckpointError,
     DTypeMismatchError,
     DuplicateTensorError,
     InsufficientSlicesError,
     InvalidArgumentError,
+    MismatchedCallError,
+    RemoteClientError,
     ShapeMismatchError,
     TensorNotFoundError,
     TruncatedFileError,
     UnsupportedDTypeError,
 )
 from .format import BundleReader, BundleWriter, DataType, merge_bundles
+from .layout import UNSHARDED, Layout
+from .mesh import Mesh, create_mesh
+from .restore import name_based_restore, sharded_restore
+from .save import SaveResult, name_based_save, sharded_save
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "Coordinator",
+    "DTensor",
+    "Layout",
+    "LocalGroup",
+    "Mesh",
+    "SaveResult",
+    "UNSHARDED",
+    "create_mesh",
+    "name_based_restore",
+    "name_based_save",
+    "pack",
+    "sharded_restore",
+    "sharded_save",
+    "unpack",
     "BundleReader",
     "BundleWriter",
     "CheckpointError",
+    "CheckpointExistsError",
+    "ClientTimeoutError",
+    "CoordinationError",
+    "MismatchedCallError",
+    "RemoteClientError",
     "CheckpointNotFoundError",
     "CheckpointReader",
     "ChecksumMismatchError",

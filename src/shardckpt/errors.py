@@ -57,7 +57,32 @@ class DTypeMismatchError(InvalidArgumentError):
     """A requested or supplied dtype disagrees with the checkpoint."""
 
 
+class CheckpointExistsError(CheckpointError, FileExistsError):
+    """A checkpoint already exists at the prefix and ``overwrite`` was not given."""
+
+
+class CoordinationError(CheckpointError):
+    """The clients of a save or restore could not agree or communicate."""
+
+
+class ClientTimeoutError(CoordinationError, TimeoutError):
+    """Some clients did not arrive at a barrier within the timeout; the message names them."""
+
+
+class MismatchedCallError(CoordinationError):
+    """Clients called a collective save with different arguments."""
+
+
+class RemoteClientError(CoordinationError):
+    """Another client failed; this client stops too (the message carries the other client's error)."""
+
+
 __all__ = [
+    "CheckpointExistsError",
+    "CoordinationError",
+    "ClientTimeoutError",
+    "MismatchedCallError",
+    "RemoteClientError",
     "CheckpointError",
     "InvalidArgumentError",
     "DuplicateTensorError",

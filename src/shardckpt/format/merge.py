@@ -51,24 +51,11 @@ def merge_bundles(
                     f"merging {p}: endianness or version differ from the first bundle merged"
                 )
             for key, entry in reader.raw_entries():
-                seen = merged.get(key)
-                if seen is not None:
-                    if not seen.slices:
-                        raise DuplicateTensorError(
-                            f"Duplicate tensor keyed by {key.decode('utf-8', 'replace')} encountered, "
-                            f"when merging prefix: {p}"
-                        )
-                    if not entry.slices or entry.dtype != seen.dtype or entry.shape != seen.shape:
-                        raise CorruptCheckpointError(
-                            f"merging {p}: partitioned tensor {key.decode('utf-8', 'replace')} has another "
-                            "dtype, shape or an unpartitioned entry in another bundle"
-                        )
-                    seen.slices.extend(entry.slices)
-                    continue
-                if not entry.slices:
+                if not entry.slices and key not in merged:
                     old = data_filename(p, entry.shard_id, header.num_shards)
                     entry.shard_id = renames.setdefault(old, len(renames))
-                merged[key] = entry
+                combine_entry(merged, key, entry, f"prefix: {p}")
+
     if first is None:
         raise CheckpointNotFoundError("At least one prefix checkpoint file must exist, but none existed.")
     count = len(renames)
@@ -91,6 +78,22 @@ def merge_bundles(
                 except OSError:
                     pass
     return header
+
+
+def combine_entry(merged: dict[bytes, BundleEntry], key: bytes, entry: BundleEntry, source: str) -> None:
+    """Add one entry to a merged index: a new key is stored, a partitioned tensor gains the new slices."""
+    seen = merged.get(key)
+    if seen is None:
+        merged[key] = entry
+        return
+    label = key.decode("utf-8", "replace")
+    if not seen.slices:
+        raise DuplicateTensorError(f"Duplicate tensor keyed by {label} encountered, when merging {source}")
+    if not entry.slices or entry.dtype != seen.dtype or entry.shape != seen.shape:
+        raise CorruptCheckpointError(
+            f"merging {source}: partitioned tensor {label} has another dtype, shape or an unpartitioned entry"
+        )
+    seen.slices.extend(entry.slices)
 
 
 def _rename_all(moves: dict[str, str]) -> None:

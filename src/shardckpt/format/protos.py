@@ -317,3 +317,29 @@ def _decode_entry_general(buf: bytes) -> BundleEntry:
             _expect(wire, 2, number, "BundleEntryProto")
             e.slices.append(decode_slice(buf, value, stop))
     return e
+
+
+def pack_entries(entries: list[tuple[bytes, BundleEntry]]) -> bytes:
+    """Entries as ``(varint len, key, varint len, BundleEntryProto)*``: how clients ship index pieces."""
+    out = []
+    for key, entry in entries:
+        value = encode_entry(entry)
+        out += [encode_varint(len(key)), key, encode_varint(len(value)), value]
+    return b"".join(out)
+
+
+def unpack_entries(buf: bytes) -> list[tuple[bytes, BundleEntry]]:
+    out = []
+    pos, end = 0, len(buf)
+    while pos < end:
+        n, pos = decode_varint(buf, pos, end, "packed entries")
+        if n > end - pos:
+            raise CorruptCheckpointError("packed entries: key runs past the buffer")
+        key = buf[pos : pos + n]
+        pos += n
+        n, pos = decode_varint(buf, pos, end, "packed entries")
+        if n > end - pos:
+            raise CorruptCheckpointError("packed entries: entry runs past the buffer")
+        out.append((key, decode_entry(buf[pos : pos + n])))
+        pos += n
+    return out

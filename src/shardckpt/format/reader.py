@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -41,6 +42,10 @@ Verify = bool | Literal["full"]
 
 _INT64_MAX = (1 << 63) - 1
 _READ_CHUNK = 16 * 1024 * 1024
+try:
+    from numpy._core.multiarray import MAXDIMS as _NPY_MAXDIMS  # numpy >= 2: 64
+except ImportError:  # pragma: no cover - numpy 1.x: 32
+    from numpy.core.multiarray import MAXDIMS as _NPY_MAXDIMS
 
 
 @dataclass(frozen=True)
@@ -71,11 +76,18 @@ class BundleReader:
             ) from None
         except IsADirectoryError:
             raise CheckpointNotFoundError(f"no checkpoint at {self.prefix}: {self.index_path} is a directory") from None
+        except NotADirectoryError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.prefix}: a parent of {self.index_path} is not a directory"
+            ) from None
         self._table = Table(data, self.index_path)
         first = next(iter(self._table.seek(b"")), None)
         if first is None or first[0] != b"":
             raise CorruptCheckpointError(f"{self.index_path}: no bundle header entry")
-        self.header: BundleHeader = decode_header(first[1])
+        try:
+            self.header: BundleHeader = decode_header(first[1])
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"{self.index_path}: bundle header: {exc}") from None
         v = self.header.version
         if v.producer < 0 or v.min_consumer > 1 or 1 in v.bad_consumers:
             raise CorruptCheckpointError(
@@ -90,23 +102,30 @@ class BundleReader:
         """Every tensor (not the per-slice keys) in key order, with its validated entry."""
         for key, value in self._table:
             if key and key[0] != 0:
-                yield _label(key), self._validate(key, decode_entry(value))
+                yield _label(key), self._validate(key, self._decode(key, value))
 
     def raw_entries(self) -> Iterator[tuple[bytes, BundleEntry]]:
         """Every entry including slice keys, undecoded names, unvalidated (for merging and tools)."""
         for key, value in self._table:
             if key:
-                yield key, decode_entry(value)
+                yield key, self._decode(key, value)
 
     def has_tensor(self, name: str | bytes) -> bool:
-        return self._table.get(_as_key(name)) is not None
+        key = _as_key(name)
+        return bool(key) and self._table.get(key) is not None
 
     def entry(self, name: str | bytes) -> BundleEntry:
         key = _as_key(name)
-        value = self._table.get(key)
+        value = self._table.get(key) if key else None  # key "" is the header, not a tensor
         if value is None:
             raise TensorNotFoundError(f"Key {_label(key)} not found in checkpoint {self.prefix}")
-        return self._validate(key, decode_entry(value))
+        return self._validate(key, self._decode(key, value))
+
+    def _decode(self, key: bytes, value: bytes) -> BundleEntry:
+        try:
+            return decode_entry(value)
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(f"{self.prefix}: tensor {_label(key)} in {self.index_path}: {exc}") from None
 
     def _validate(self, key: bytes, e: BundleEntry) -> BundleEntry:
         where = f"{self.prefix}: tensor {_label(key)}"
@@ -152,9 +171,13 @@ class BundleReader:
             path = data_filename(self.prefix, shard_id, self.header.num_shards)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 raise CheckpointNotFoundError(f"{self.prefix}: data file {path} is missing") from None
-            cached = (fd, os.fstat(fd).st_size, path)
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                os.close(fd)
+                raise CheckpointNotFoundError(f"{self.prefix}: data file {path} is not a regular file")
+            cached = (fd, st.st_size, path)
             self._files[shard_id] = cached
         return cached
 
@@ -247,7 +270,7 @@ class BundleReader:
                 raise CorruptCheckpointError(
                     f"{self.prefix}: tensor {_label(key)} lists slice {s} but its data entry is missing"
                 )
-            se = self._validate(skey, decode_entry(value))
+            se = self._validate(skey, self._decode(skey, value))
             if se.slices or se.dtype != e.dtype or se.shape != s.slice_shape(e.shape):
                 raise CorruptCheckpointError(
                     f"{self.prefix}: tensor {_label(key)} slice {s} entry has dtype {se.dtype} shape "
@@ -292,6 +315,15 @@ class BundleReader:
         return self._assemble(key, e, tuple((int(a), int(b)) for a, b in bounds), verify)
 
     def _assemble(self, key: bytes, e: BundleEntry, bounds: Bounds, verify: Verify) -> np.ndarray:
+        # numpy refuses more than MAXDIMS dims, and dims whose non-zero product overflows intp even
+        # for 0 elements (TF accepts both); every array below is at most this shape, so check it once.
+        nbytes = to_numpy(e.dtype).itemsize
+        for dim in e.shape:
+            nbytes *= dim or 1
+        if len(e.shape) > _NPY_MAXDIMS or nbytes > _INT64_MAX:
+            raise CorruptCheckpointError(
+                f"{self.prefix}: tensor {_label(key)} of shape {list(e.shape)} cannot be held in a numpy array"
+            )
         shape = tuple(hi - lo for lo, hi in bounds)
         pieces = self.stored_slices(key, e)
         for p in pieces:

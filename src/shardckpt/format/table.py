@@ -152,6 +152,8 @@ class Table:
         idx_size, pos = decode_varint(data, pos, footer + _MAX_HANDLES_LEN, f"{path}: footer")
         self._limit = footer
         self.metaindex_handle = BlockHandle(meta_off, meta_size)
+        # TF never reads the (always empty) metaindex; its CRC is still checked so a flip there is not silent.
+        self._read_block(self.metaindex_handle)
         self._index = Block(self._read_block(BlockHandle(idx_off, idx_size)), f"{path}: index block")
 
     def _read_block(self, handle: BlockHandle) -> bytes:

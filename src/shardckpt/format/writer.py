@@ -48,7 +48,12 @@ class PreparedTensor:
 def prepare(array: object, dtype: int | None = None, what: str = "tensor") -> PreparedTensor:
     """Check a value and bring it to the on-disk layout: C order, little-endian (a copy only if needed)."""
     arr = np.asarray(array)
-    code = from_numpy(arr.dtype) if dtype is None else int(dtype)
+    try:
+        code = from_numpy(arr.dtype) if dtype is None else int(dtype)
+        if code != DataType.STRING:
+            to_numpy(code)  # refuses variant, resource and unknown codes
+    except UnsupportedDTypeError as exc:
+        raise UnsupportedDTypeError(f"{what}: {exc}") from None
     if code == DataType.STRING:
         if arr.dtype.kind not in "OSU":
             raise DTypeMismatchError(f"{what}: DT_STRING needs a bytes or str array, got {arr.dtype}")

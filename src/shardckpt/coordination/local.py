@@ -1,0 +1,67 @@
+"""An in-process group: N clients as threads of one process sharing a dictionary."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+from .base import KeyValueCoordinator
+
+T = TypeVar("T")
+
+
+class LocalGroup:
+    """The shared store of an in-process group; `coordinator(i)` is client ``i``'s view of it."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._data: dict[str, bytes] = {}
+        self._cond = threading.Condition()
+
+    def coordinator(self, rank: int) -> LocalCoordinator:
+        return LocalCoordinator(self, rank)
+
+    def set(self, key: str, value: bytes) -> None:
+        with self._cond:
+            self._data[key] = value
+            self._cond.notify_all()
+
+    def get(self, key: str, timeout: float) -> bytes | None:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while key not in self._data:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                self._cond.wait(left)
+            return self._data[key]
+
+    def delete(self, key: str) -> None:
+        with self._cond:
+            self._data.pop(key, None)
+
+    def run(self, fn: Callable[[LocalCoordinator], T]) -> list[T]:
+        """Run ``fn(coordinator)`` on every client in its own thread; results by rank, first error raised."""
+        with ThreadPoolExecutor(self.size, thread_name_prefix="shardckpt-client") as pool:
+            futures = [pool.submit(fn, self.coordinator(r)) for r in range(self.size)]
+            return [f.result() for f in futures]
+
+
+class LocalCoordinator(KeyValueCoordinator):
+    engine = "in-process"
+
+    def __init__(self, group: LocalGroup, rank: int) -> None:
+        super().__init__(rank, group.size)
+        self._group = group
+
+    def _set(self, key: str, value: bytes) -> None:
+        self._group.set(key, value)
+
+    def _get(self, key: str, timeout: float) -> bytes | None:
+        return self._group.get(key, timeout)
+
+    def _delete(self, key: str) -> None:
+        self._group.delete(key)

@@ -1,0 +1,111 @@
+"""Who writes what: the deterministic save plan every client computes from the shared arguments.
+
+Each distinct shard (a box of a tensor) is written exactly once.  A shard held by
+devices of one client is written by that client; a shard replicated across
+clients goes, largest first, to the holder client with the fewest bytes so far
+(ties to the lower client index).  Every client runs the same computation on the
+same agreed inputs, so no extra communication is needed.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .errors import DuplicateTensorError, InvalidArgumentError
+from .layout import Layout
+
+Bounds = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class SaveTensor:
+    """One argument of a save: a region (the user's slice) of a tensor, laid out over the mesh."""
+
+    name: str
+    dtype: int
+    itemsize: int
+    full_shape: tuple[int, ...]
+    region: Bounds
+    layout: Layout
+
+    @property
+    def region_shape(self) -> tuple[int, ...]:
+        return tuple(hi - lo for lo, hi in self.region)
+
+
+@dataclass(frozen=True)
+class WriteItem:
+    arg: int
+    box: Bounds  # in full-tensor coordinates
+    device: int  # the device whose local shard holds exactly this box
+    client: int
+    nbytes: int
+
+
+def _shards(t: SaveTensor, devices: Sequence[int]) -> dict[Bounds, list[int]]:
+    """Distinct non-empty boxes of ``t`` (full-tensor coordinates) and the devices holding each."""
+    if t.layout.is_fully_replicated():
+        return {t.region: list(devices)}
+    out: dict[Bounds, list[int]] = {}
+    shape = t.region_shape
+    for d in devices:
+        local = t.layout.shard_bounds(shape, d)
+        if any(lo >= hi for lo, hi in local):
+            continue
+        box = tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(local, t.region))
+        out.setdefault(box, []).append(d)
+    if not out:  # a tensor without elements is still saved, once, whole
+        out[t.region] = list(devices)
+    return out
+
+
+def check_disjoint_regions(tensors: Sequence[SaveTensor]) -> None:
+    """The slices given for one name must not repeat or overlap (the merged index could not hold them)."""
+    by_name: dict[str, list[Bounds]] = {}
+    for t in tensors:
+        regions = by_name.setdefault(t.name, [])
+        for other in regions:
+            if all(max(a0, b0) < min(a1, b1) for (a0, a1), (b0, b1) in zip(other, t.region)) or (
+                other == t.region
+            ):
+                raise DuplicateTensorError(f"tensor {t.name}: slices {other} and {t.region} overlap")
+        regions.append(t.region)
+
+
+def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequence[int]]) -> list[WriteItem]:
+    """Every client's writes, in argument order (so data files hold tensors in call order)."""
+    owner: dict[int, int] = {}
+    for client, devices in enumerate(devices_by_client):
+        for d in devices:
+            if d in owner:
+                raise InvalidArgumentError(f"device {d} is claimed by clients {owner[d]} and {client}")
+            owner[d] = client
+    check_disjoint_regions(tensors)
+    load = [0] * len(devices_by_client)
+    items: list[WriteItem] = []
+    shared: list[tuple[int, int, Bounds, list[int]]] = []
+    for arg, t in enumerate(tensors):
+        mesh_devices = t.layout.mesh.device_ids
+        missing = [d for d in mesh_devices if d not in owner]
+        if missing:
+            raise InvalidArgumentError(f"tensor {t.name}: mesh devices {missing[:8]} belong to no client")
+        for box, holders in _shards(t, mesh_devices).items():
+            nbytes = math.prod(hi - lo for lo, hi in box) * max(t.itemsize, 1)
+            clients = {owner[d] for d in holders}
+            if len(clients) == 1:
+                client = owner[holders[0]]
+                load[client] += nbytes
+                items.append(WriteItem(arg, box, min(holders), client, nbytes))
+            else:
+                shared.append((nbytes, arg, box, holders))
+    # Largest replicated shards first, each to the least-loaded holder client.
+    shared.sort(key=lambda s: (-s[0], s[1], s[2]))
+    for nbytes, arg, box, holders in shared:
+        client = min({owner[d] for d in holders}, key=lambda c: (load[c], c))
+        load[client] += nbytes
+        device = min(d for d in holders if owner[d] == client)
+        items.append(WriteItem(arg, box, device, client, nbytes))
+    items.sort(key=lambda it: (it.arg, it.box))
+    return items

@@ -1,0 +1,125 @@
+"""``sharded_restore``: each client reads only the stored byte ranges its own target shards need.
+
+No collective is needed: the checkpoint is immutable once its index exists, and
+every client computes its shards from the target layouts.  Shards of the same
+box on several local devices (replication) are read once and shared.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from .coordination import Coordinator, resolve
+from .dtensor import DTensor
+from .errors import DTypeMismatchError, InvalidArgumentError, ShapeMismatchError
+from .format.dtypes import to_numpy
+from .format.reader import BundleReader, Verify
+from .format.slices import parse_shape_and_slice
+from .layout import Layout
+from .mesh import Mesh
+
+
+def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, local: Sequence[int],
+                 verify: Verify) -> DTensor:
+    entry = reader.entry(name)
+    dtype = to_numpy(entry.dtype)
+    if spec:
+        parsed = parse_shape_and_slice(spec)
+        if parsed.shape != entry.shape:
+            raise ShapeMismatchError(
+                f"{reader.prefix}: tensor {name}: shape {list(parsed.shape)} in {spec!r} does not match the "
+                f"checkpoint's {list(entry.shape)}"
+            )
+        region = parsed.slice.bounds(parsed.shape)
+    else:
+        region = tuple((0, d) for d in entry.shape)
+    shape = tuple(hi - lo for lo, hi in region)
+    if layout.rank != len(shape):
+        raise ShapeMismatchError(
+            f"{reader.prefix}: tensor {name} has rank {len(shape)} {list(shape)} but its target layout "
+            f"{list(layout.sharding_specs)} has rank {layout.rank}"
+        )
+    shards: dict[int, np.ndarray] = {}
+    read: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
+    for device in local:
+        box = layout.shard_bounds(shape, device)
+        got = read.get(box)
+        if got is None:
+            global_box = tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(box, region))
+            got = read[box] = reader.read_bounds(name, global_box, verify=verify)
+        shards[device] = got
+    return DTensor(shape, dtype, layout, shards)
+
+
+def sharded_restore(
+    mesh: Mesh,
+    file_prefix: str | os.PathLike[str],
+    tensor_names: Sequence[str],
+    layouts: Sequence[Layout],
+    *,
+    shape_and_slices: Sequence[str] | None = None,
+    coordinator: Coordinator | None = None,
+    verify: Verify = True,
+) -> list[DTensor]:
+    """Read each named tensor (or the slice ``shape_and_slices[i]`` of it) into ``layouts[i]`` on this client.
+
+    The checkpoint may have been saved on any mesh by any number of clients (or by
+    TensorFlow); the stored slices are resharded on the fly.  ``verify=True``
+    checks the CRC32C of every stored piece read whole; pieces read in part are
+    checked when ``verify="full"``, which reads them whole.
+    """
+    if len(tensor_names) != len(layouts):
+        raise InvalidArgumentError(f"{len(tensor_names)} names but {len(layouts)} layouts")
+    specs = list(shape_and_slices) if shape_and_slices is not None else [""] * len(tensor_names)
+    if len(specs) != len(tensor_names):
+        raise InvalidArgumentError(f"{len(tensor_names)} names but {len(specs)} shape_and_slices")
+    if mesh.local_device_ids is not None:
+        local = mesh.local_device_ids
+    else:
+        coord = resolve(coordinator)
+        local = mesh.local_devices(coord.rank, coord.size)
+    with BundleReader(file_prefix) as reader:
+        return [_restore_one(reader, n, lay, s, local, verify) for n, lay, s in zip(tensor_names, layouts, specs)]
+
+
+Target = DTensor | Layout | tuple[Sequence[int], object, Layout]
+
+
+def name_based_restore(
+    mesh: Mesh,
+    file_prefix: str | os.PathLike[str],
+    name_tensor_map: Mapping[str, Target],
+    **kwargs: object,
+) -> dict[str, DTensor]:
+    """Restore ``{name: target}`` where a target is a DTensor, a Layout, or ``(shape, dtype, layout)``.
+
+    Shapes and dtypes given by a target are checked against the checkpoint.
+    """
+    names = list(name_tensor_map)
+    layouts, expected = [], []
+    for name in names:
+        target = name_tensor_map[name]
+        if isinstance(target, DTensor):
+            layouts.append(target.layout)
+            expected.append((target.shape, target.dtype))
+        elif isinstance(target, Layout):
+            layouts.append(target)
+            expected.append(None)
+        else:
+            shape, dtype, layout = target
+            layouts.append(layout)
+            expected.append((tuple(shape), np.dtype(dtype)))  # type: ignore[call-overload]
+    out = sharded_restore(mesh, file_prefix, names, layouts, **kwargs)  # type: ignore[arg-type]
+    for name, want, got in zip(names, expected, out):
+        if want is None:
+            continue
+        if tuple(want[0]) != got.shape:
+            raise ShapeMismatchError(f"{file_prefix}: tensor {name} is {list(got.shape)} in the checkpoint, "
+                                     f"the target is {list(want[0])}")
+        if want[1] != got.dtype:
+            raise DTypeMismatchError(f"{file_prefix}: tensor {name} is {got.dtype} in the checkpoint, "
+                                     f"the target is {want[1]}")
+    return dict(zip(names, out))

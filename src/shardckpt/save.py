@@ -1,0 +1,327 @@
+"""``sharded_save``: every client writes the shards it owns, one client commits the merged index.
+
+Flow (three small collectives, all with the same timeout):
+
+1. *agree*: every client sends a digest of its arguments, its local devices and
+   any local error; client 0 adds a fresh token and whether the prefix exists.
+   A mismatch or an error makes every client raise before anything is written.
+2. every client writes its data file under a staging name
+   ``P.data-RRRRR-of-NNNNN.staging-TOKEN`` (fsynced), then *written*: every
+   client sends its index entries (or its error).
+3. client 0 writes ``P.index.staging-TOKEN``, then commits: removes an old index
+   (``overwrite=True``), renames the data files to their final names, renames the
+   index last, fsyncs the directory, removes stale data files of an older shard
+   count; then *committed* tells every client the outcome.
+
+``P.index`` present therefore means every data file it names is in place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .coordination import Coordinator, default_timeout, resolve
+from .dtensor import DTensor
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    InvalidArgumentError,
+    MismatchedCallError,
+    RemoteClientError,
+    ShapeMismatchError,
+)
+from .format.dtypes import DataType, from_numpy
+from .format.files import data_filename, fsync_directory, index_filename
+from .format.merge import combine_entry
+from .format.protos import BundleEntry, BundleHeader, pack_entries, unpack_entries
+from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
+from .format.writer import DataFileWriter, build_index, prepare, write_file_atomically
+from .layout import Layout
+from .mesh import Mesh
+from .plan import SaveTensor, WriteItem, plan_save
+
+log = logging.getLogger("shardckpt.save")
+
+STAGING = ".staging-"
+
+
+@dataclass
+class SaveResult:
+    prefix: str
+    files: list[str]
+    bytes_written: int
+    num_clients: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _as_dtensor(value: object, mesh: Mesh, local: Sequence[int]) -> DTensor:
+    if isinstance(value, DTensor):
+        return value
+    arr = np.asarray(value)
+    layout = Layout.replicated(mesh, arr.ndim)
+    return DTensor(arr.shape, arr.dtype, layout, {d: arr for d in local})
+
+
+def _describe(prefix: str, mesh: Mesh, tensors: Sequence[SaveTensor]) -> dict[str, str]:
+    """Per-aspect digests, so a mismatch can say which aspect differs."""
+    parts = {
+        "prefix": prefix,
+        "mesh": mesh.to_string().split("|", 4)[1] + "|" + ",".join(map(str, mesh.device_ids)),
+        "names": "\n".join(t.name for t in tensors),
+        "shapes": repr([(t.full_shape, t.region) for t in tensors]),
+        "dtypes": repr([t.dtype for t in tensors]),
+        "layouts": repr([t.layout.sharding_specs for t in tensors]),
+    }
+    return {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in parts.items()}
+
+
+def _gather_json(coord: Coordinator, payload: dict[str, object], name: str, timeout: float) -> list[dict]:
+    return [json.loads(b) for b in coord.all_gather(json.dumps(payload).encode(), name, timeout)]
+
+
+def _raise_remote(replies: list[dict], me: int, what: str) -> None:
+    failed = [(r, m["error"]) for r, m in enumerate(replies) if m.get("error")]
+    if not failed:
+        return
+    rank, message = failed[0]
+    if rank == me:
+        return  # the caller re-raises its own exception
+    raise RemoteClientError(f"{what}: client {rank} failed: {message}")
+
+
+def _normalize(
+    mesh: Mesh, prefix: str, names: Sequence[str], slices: Sequence[str], values: Sequence[object],
+    local: Sequence[int],
+) -> tuple[list[SaveTensor], list[DTensor]]:
+    if not (len(names) == len(slices) == len(values)):
+        raise InvalidArgumentError(
+            f"{prefix}: {len(names)} names, {len(slices)} shape_and_slices and {len(values)} tensors differ in length"
+        )
+    if not names:
+        raise InvalidArgumentError(f"{prefix}: nothing to save")
+    specs, dtensors = [], []
+    for name, spec, value in zip(names, slices, values):
+        if not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
+        t = _as_dtensor(value, mesh, local)
+        if t.layout.mesh.device_ids != mesh.device_ids or t.layout.mesh.shape != mesh.shape:
+            raise InvalidArgumentError(f"{prefix}: tensor {name} is laid out on another mesh")
+        if set(t.shards) != set(local):
+            raise InvalidArgumentError(
+                f"{prefix}: tensor {name} has shards for devices {sorted(t.shards)}, this client owns {list(local)}"
+            )
+        code = from_numpy(t.dtype)
+        if spec:
+            parsed = parse_shape_and_slice(spec)
+            if parsed.slice_shape != t.shape:
+                raise ShapeMismatchError(
+                    f"{prefix}: tensor {name}: slice {spec!r} has shape {list(parsed.slice_shape)}, "
+                    f"the tensor {list(t.shape)}"
+                )
+            full, region = parsed.shape, parsed.slice.bounds(parsed.shape)
+        else:
+            full, region = t.shape, tuple((0, d) for d in t.shape)
+        itemsize = 0 if code == DataType.STRING else t.dtype.itemsize
+        specs.append(SaveTensor(name, int(code), itemsize, full, region, t.layout))
+        dtensors.append(t)
+    return specs, dtensors
+
+
+def _write(path: str, rank: int, items: list[WriteItem], specs: list[SaveTensor], dtensors: list[DTensor],
+           durable: bool) -> tuple[list[tuple[bytes, BundleEntry]], int]:
+    writer = DataFileWriter(path, shard_id=rank)
+    entries: list[tuple[bytes, BundleEntry]] = []
+    try:
+        for item in items:
+            spec, t = specs[item.arg], dtensors[item.arg]
+            key = spec.name.encode()
+            label = f"{path}: tensor {spec.name}"
+            tensor = prepare(t.shards[item.device], spec.dtype, label)
+            entry = writer.write(tensor)
+            whole = all(lo == 0 and hi == n for (lo, hi), n in zip(item.box, spec.full_shape))
+            if whole:
+                entries.append((key, entry))
+            else:
+                tslice = TensorSlice.from_bounds(item.box)
+                entries.append((encode_slice_key(key, tslice), entry))
+                entries.append((key, BundleEntry(dtype=spec.dtype, shape=spec.full_shape, slices=[tslice])))
+        writer.close(durable=durable)
+    except BaseException:
+        writer.discard()
+        raise
+    return entries, writer.size
+
+
+def _commit(prefix: str, token: str, size: int, pieces: list[bytes], overwrite: bool, durable: bool) -> None:
+    merged: dict[bytes, BundleEntry] = {}
+    for rank, blob in enumerate(pieces):
+        for key, entry in unpack_entries(blob):
+            combine_entry(merged, key, entry, f"client {rank}")
+    index = index_filename(prefix)
+    staged_index = index + STAGING + token
+    write_file_atomically(staged_index, build_index(BundleHeader(num_shards=size), merged), durable=durable)
+    if os.path.exists(index):
+        if not overwrite:
+            raise CheckpointExistsError(f"{prefix}: a checkpoint appeared at the prefix during the save")
+        os.unlink(index)
+    for r in range(size):
+        final = data_filename(prefix, r, size)
+        os.replace(final + STAGING + token, final)
+    os.replace(staged_index, index)
+    directory = os.path.dirname(prefix)
+    if durable:
+        fsync_directory(directory)
+    remove_stale_data_files(prefix, size)
+
+
+def remove_stale_data_files(prefix: str, num_shards: int) -> None:
+    """Delete ``P.data-*-of-M`` files of another shard count (an older checkpoint's), after a commit."""
+    directory, base = os.path.split(prefix)
+    keep_suffix = f"-of-{num_shards:05d}"
+    lead = base + ".data-"
+    for name in os.listdir(directory or "."):
+        if name.startswith(lead) and STAGING not in name and not name.endswith(keep_suffix):
+            middle = name[len(lead) :]
+            shard, sep, total = middle.partition("-of-")
+            if sep and shard.isdigit() and total.isdigit():
+                try:
+                    os.unlink(os.path.join(directory, name))
+                except FileNotFoundError:
+                    pass
+
+
+def sharded_save(
+    mesh: Mesh,
+    file_prefix: str | os.PathLike[str],
+    tensor_names: Sequence[str],
+    shape_and_slices: Sequence[str],
+    tensors: Sequence[object],
+    *,
+    coordinator: Coordinator | None = None,
+    timeout: float | None = None,
+    overwrite: bool = False,
+    durable: bool = True,
+) -> SaveResult:
+    """Save DTensors (or numpy arrays, taken as replicated) from every client into one checkpoint.
+
+    Every client calls this with the same names, slices, shapes, dtypes and
+    layouts, passing its own local shards.  On return, on any client, the
+    checkpoint at ``file_prefix`` is complete on disk.  ``shape_and_slices[i]``
+    may name a slice of a larger variable (SaveV2's syntax); the DTensor then
+    holds that slice, itself sharded by its layout.
+    """
+    coord = resolve(coordinator)
+    wait = default_timeout(timeout)
+    prefix = os.fspath(file_prefix)
+    rank, size = coord.rank, coord.size
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    local = mesh.local_devices(rank, size)
+    directory = os.path.dirname(prefix)
+
+    local_error: BaseException | None = None
+    specs: list[SaveTensor] = []
+    dtensors: list[DTensor] = []
+    try:
+        specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+    except CheckpointError as exc:
+        local_error = exc
+    payload: dict[str, object] = {
+        "digest": _describe(prefix, mesh, specs) if local_error is None else {},
+        "devices": list(local),
+        "error": str(local_error) if local_error else None,
+    }
+    if rank == 0:
+        payload["token"] = secrets.token_hex(8)
+        payload["exists"] = os.path.exists(index_filename(prefix))
+    replies = _gather_json(coord, payload, "agree", wait)
+    timings["agree"] = time.perf_counter() - t0
+    if local_error is not None:
+        raise local_error
+    _raise_remote(replies, rank, f"{prefix}: sharded_save")
+    mine = replies[rank]["digest"]
+    for r, reply in enumerate(replies):
+        if reply["digest"] != mine:
+            aspects = sorted(k for k in mine if reply["digest"].get(k) != mine[k])
+            raise MismatchedCallError(
+                f"{prefix}: sharded_save called with different {', '.join(aspects)} on client {r} "
+                f"than on client {rank}; nothing was written"
+            )
+    if replies[0]["exists"] and not overwrite:
+        raise CheckpointExistsError(f"{prefix}: a checkpoint already exists (pass overwrite=True to replace it)")
+    token = str(replies[0]["token"])
+
+    t = time.perf_counter()
+    items = plan_save(specs, [r["devices"] for r in replies])
+    my_items = [it for it in items if it.client == rank]
+    timings["plan"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    staging = data_filename(prefix, rank, size) + STAGING + token
+    blob, error, written = b"", None, 0
+    try:
+        entries, written = _write(staging, rank, my_items, specs, dtensors, durable)
+        blob = pack_entries(entries)
+    except (CheckpointError, OSError) as exc:
+        error = exc
+    timings["write"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    try:
+        header = json.dumps({"error": str(error) if error else None}).encode()
+        pieces = coord.all_gather(len(header).to_bytes(4, "little") + header + blob, "written", wait)
+    except BaseException:
+        _discard(staging)
+        raise
+    statuses = [json.loads(p[4 : 4 + int.from_bytes(p[:4], "little")]) for p in pieces]
+    if error is not None or any(s["error"] for s in statuses):
+        _discard(staging)
+        if error is not None:
+            raise error
+        _raise_remote(statuses, rank, f"{prefix}: sharded_save")
+    timings["barrier_written"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    commit_error: str | None = None
+    if rank == 0:
+        try:
+            bodies = [p[4 + int.from_bytes(p[:4], "little") :] for p in pieces]
+            _commit(prefix, token, size, bodies, overwrite, durable)
+        except (CheckpointError, OSError) as exc:
+            commit_error = f"{type(exc).__name__}: {exc}"
+            log.error("%s: commit failed: %s", prefix, exc)
+    timings["commit"] = time.perf_counter() - t
+    t = time.perf_counter()
+    outcome = _gather_json(coord, {"error": commit_error}, "committed", wait)
+    timings["barrier_committed"] = time.perf_counter() - t
+    if outcome[0]["error"]:
+        _discard(staging)
+        raise RemoteClientError(f"{prefix}: commit on client 0 failed: {outcome[0]['error']}")
+    timings["total"] = time.perf_counter() - t0
+    return SaveResult(prefix, [data_filename(prefix, rank, size)], written, size, timings)
+
+
+def _discard(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def name_based_save(mesh: Mesh, file_prefix: str | os.PathLike[str], name_tensor_map: dict[str, object],
+                    **kwargs: object) -> SaveResult:
+    """Save ``{name: DTensor or array}`` whole (no slices), as DTensor's ``name_based_save``."""
+    names = list(name_tensor_map)
+    return sharded_save(mesh, file_prefix, names, [""] * len(names), [name_tensor_map[n] for n in names],
+                        **kwargs)  # type: ignore[arg-type]
