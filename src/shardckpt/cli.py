@@ -126,6 +126,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_launch(args: argparse.Namespace) -> int:
+    from .launch import launch
+
+    if not args.command_line:
+        raise SystemExit("shardckpt launch: name a script or command to run")
+    return launch(args.nproc, args.command_line, host=args.host, port=args.port)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardckpt",
@@ -148,11 +156,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
 
+    p = sub.add_parser("launch", help="run a script as N local clients with a coordinator (like torchrun)",
+                       description="Start N copies of a script (or command) on this machine. Each gets "
+                       "SHARDCKPT_RANK, SHARDCKPT_WORLD_SIZE and SHARDCKPT_COORDINATOR, so shardckpt calls in it "
+                       "coordinate with no further setup. If one client fails, the others are stopped and the "
+                       "launcher exits non-zero.")
+    p.add_argument("-n", "--nproc", type=int, required=True, help="number of clients")
+    p.add_argument("--host", default="127.0.0.1", help="address the coordinator binds (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="coordinator port (default: any free port)")
+    p.add_argument("command_line", nargs=argparse.REMAINDER, help="script.py [args...], -m module, or a command")
+    p.set_defaults(func=cmd_launch)
+
     p = sub.add_parser("demo", help="save, restore and verify an example checkpoint",
                        description="Write an example model as a checkpoint, read it back, verify every value "
                        "and print a summary.")
     p.add_argument("--dir", default=None, help="where to write (default: a temporary directory, removed after)")
-    p.add_argument("--size-mb", type=int, default=256, help="approximate model size in MiB")
+    p.add_argument("--size-mb", type=int, default=1024, help="approximate model size in MiB (default 1024)")
     p.set_defaults(func=cmd_demo)
     return parser
 
