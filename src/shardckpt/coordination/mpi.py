@@ -1,0 +1,145 @@
+"""MPI (mpi4py) as an engine: all-gathers from nonblocking point-to-point messages, no pickle.
+
+Every collective sends each other rank one message, ``seq (u64) | payload``, with
+``Isend`` from a numpy uint8 buffer, and receives the others' by polling
+``Improbe`` (then ``Mrecv`` into a buffer of the probed size) until the deadline.
+Ranks whose message has not arrived by then are named in a `ClientTimeoutError`.
+The tag cycles with the collective's sequence number and the receiver checks the
+``seq`` header, so a late message of an abandoned collective is recognised and
+dropped, never taken for a newer one.  Sends still pending at a timeout are
+cancelled where MPI allows, else freed (MPI finishes them in the background; the
+buffers are kept alive until then).
+
+MPI collectives are not used: they cannot time out, so one absent rank would
+hang every other one.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+from ..errors import ClientTimeoutError, CoordinationError
+from .base import Coordinator
+
+_SEQ = struct.Struct("<Q")
+_TAG_SPAN = 1 << 14  # distinct tags cycled through; the seq header disambiguates the wrap-around
+
+
+class MPICoordinator(Coordinator):
+    """A coordinator over an mpi4py communicator (default ``MPI.COMM_WORLD``).
+
+    All ranks of ``comm`` must create their coordinators in the same order and
+    call the collectives in the same order.  Messages use the top ``16384`` tags
+    below ``MPI.TAG_UB`` of ``comm``: the program must not receive with
+    ``MPI.ANY_TAG`` on the same communicator while a save runs.
+    """
+
+    engine = "MPI"
+
+    def __init__(self, comm: Any = None) -> None:
+        try:
+            import numpy as np
+            from mpi4py import MPI
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise CoordinationError(f"mpi4py is not available: {exc}") from None
+        if not MPI.Is_initialized() or MPI.Is_finalized():
+            raise CoordinationError("MPI is not initialised (or already finalised)")
+        self._MPI, self._np = MPI, np
+        self._comm = MPI.COMM_WORLD if comm is None else comm
+        self.rank = self._comm.Get_rank()
+        self.size = self._comm.Get_size()
+        tag_ub = self._comm.Get_attr(MPI.TAG_UB)
+        tag_ub = int(tag_ub) if tag_ub else 32767
+        self._tag_top = tag_ub
+        self._tag_span = min(_TAG_SPAN, tag_ub // 2)
+        self._seq = 0
+        # (request, buffer) of sends that were still pending when a collective gave up.
+        self._orphans: list[tuple[Any, Any]] = []
+
+    def _tag(self, seq: int) -> int:
+        return self._tag_top - (seq % self._tag_span)
+
+    def _reap_orphans(self) -> None:
+        alive = []
+        for req, buf in self._orphans:
+            try:
+                done = req.Test()
+            except self._MPI.Exception:
+                done = True
+            if not done:
+                alive.append((req, buf))
+        self._orphans = alive
+
+    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
+        MPI, np, comm = self._MPI, self._np, self._comm
+        seq = self._seq
+        self._seq += 1
+        self._reap_orphans()
+        if self.size == 1:
+            return [data]
+        tag = self._tag(seq)
+        deadline = time.monotonic() + timeout
+        out: list[bytes | None] = [None] * self.size
+        out[self.rank] = data
+        message = np.frombuffer(_SEQ.pack(seq) + data, dtype=np.uint8)
+        sends: list[tuple[int, Any]] = []
+        try:
+            for r in range(self.size):
+                if r != self.rank:
+                    sends.append((r, comm.Isend([message, MPI.BYTE], dest=r, tag=tag)))
+            waiting = [r for r in range(self.size) if r != self.rank]
+            pause = 0.0002
+            while True:
+                progressed = False
+                for r in list(waiting):
+                    status = MPI.Status()
+                    msg = comm.Improbe(source=r, tag=tag, status=status)
+                    if msg is None:
+                        continue
+                    count = status.Get_count(MPI.BYTE)
+                    buf = np.empty(count, dtype=np.uint8)
+                    msg.Recv([buf, MPI.BYTE])
+                    progressed = True
+                    raw = buf.tobytes()
+                    if len(raw) < _SEQ.size or _SEQ.unpack_from(raw)[0] != seq:
+                        continue  # a late message of an older collective that shared this tag: drop it
+                    out[r] = raw[_SEQ.size :]
+                    waiting.remove(r)
+                sends = [(r, req) for r, req in sends if not req.Test()]
+                if not waiting and not sends:
+                    break
+                now = time.monotonic()
+                if now >= deadline:
+                    break
+                if progressed:
+                    pause = 0.0002
+                else:
+                    time.sleep(min(pause, deadline - now))
+                    pause = min(pause * 2, 0.005)
+        except MPI.Exception as exc:
+            self._abandon(sends, message)
+            raise CoordinationError(f"{self.engine}: '{name}' failed on client {self.rank}: {exc}") from None
+        if waiting:
+            self._abandon(sends, message)
+            raise ClientTimeoutError(
+                f"{self.engine}: clients {waiting} of {self.size} did not reach '{name}' within {timeout:g} s "
+                f"(this is client {self.rank})"
+            )
+        # Every peer's message arrived, so every peer is in this collective and will receive ours:
+        # sends still pending (a large message, a slow peer) finish in the background.
+        self._abandon(sends, message, cancel=False)
+        return [v if v is not None else b"" for v in out]
+
+    def _abandon(self, sends: list[tuple[int, Any]], buffer: Any, cancel: bool = True) -> None:
+        for _r, req in sends:
+            if cancel:
+                try:
+                    req.Cancel()
+                except self._MPI.Exception:
+                    pass
+            self._orphans.append((req, buffer))
+
+    def close(self) -> None:
+        self._reap_orphans()

@@ -1,0 +1,197 @@
+"""torch.distributed as an engine: all-gathers over the process group's c10d store, no pickle.
+
+The default transport is the key-value store torch created for the group (a
+TCPStore, usually hosted by rank 0), wrapped in ``PrefixStore("shardckpt", ...)``:
+each client sets one key per collective and waits for the others' with
+``store.wait(keys, timeout)``, so a client that never arrives is named in a
+`ClientTimeoutError`.  Losing the store's host raises `CoordinationError` at once.
+
+When no store can be obtained, the fallback gathers tensors over a gloo group
+(a new one when the group's backend is not gloo, e.g. NCCL): a monitored
+barrier (which names late ranks), then the lengths, then the payloads padded to
+the longest, as uint8.
+
+torch is imported only here, and only when a `TorchCoordinator` is made.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from datetime import timedelta
+from typing import Any
+
+from ..errors import ClientTimeoutError, CoordinationError
+from .base import Coordinator, KeyValueCoordinator
+
+
+def _dist() -> Any:
+    try:
+        import torch.distributed as dist
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise CoordinationError(f"torch.distributed is not available: {exc}") from None
+    if not dist.is_available() or not dist.is_initialized():
+        raise CoordinationError("torch.distributed is not initialised: call init_process_group first")
+    return dist
+
+
+def _group_store(dist: Any, group: Any) -> Any | None:
+    """The c10d store behind ``group`` (the default group's when ``group`` is None), or None."""
+    try:
+        from torch.distributed import distributed_c10d as c10d
+
+        if group is None or group is c10d.GroupMember.WORLD:
+            return c10d._get_default_store()
+        return c10d._get_process_group_store(group)
+    except Exception:  # noqa: BLE001 - private API: any failure means "no store", use the fallback
+        return None
+
+
+class TorchCoordinator(Coordinator):
+    """A coordinator over an initialised torch.distributed process group (default: the world).
+
+    ``transport`` is ``"auto"`` (the group's store if there is one, else tensors),
+    ``"store"`` or ``"tensor"``.  Every rank of the group must create its
+    coordinators in the same order (each is a collective namespace).  With
+    ``transport="tensor"`` on a non-gloo group, the gloo group is made here with
+    ``new_group``, which every rank of the world must call.
+    """
+
+    engine = "torch.distributed"
+
+    def __init__(self, group: Any = None, *, transport: str = "auto") -> None:
+        dist = _dist()
+        if transport not in ("auto", "store", "tensor"):
+            raise CoordinationError(f"unknown transport {transport!r} (auto, store or tensor)")
+        self._dist = dist
+        self._group = group
+        self.rank = dist.get_rank(group)
+        self.size = dist.get_world_size(group)
+        if self.rank < 0:
+            raise CoordinationError("this process is not a member of the given process group")
+        store = _group_store(dist, group) if transport in ("auto", "store") else None
+        if store is None and transport == "store":
+            raise CoordinationError("the process group has no c10d store this torch version exposes")
+        self._impl: Coordinator = (
+            _StoreCoordinator(dist, store, self.rank, self.size) if store is not None
+            else _TensorCoordinator(dist, group, self.rank, self.size)
+        )
+        self.transport = "store" if store is not None else "tensor"
+
+    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
+        return self._impl.all_gather(data, name, timeout)
+
+    def close(self) -> None:
+        self._impl.close()
+
+
+class _StoreCoordinator(KeyValueCoordinator):
+    engine = "torch.distributed"
+
+    def __init__(self, dist: Any, store: Any, rank: int, size: int) -> None:
+        self._dist = dist
+        self._store = dist.PrefixStore("shardckpt", store)
+        # Clients number their coordinators (rank by rank, in the store), so a new coordinator on the same
+        # group never reads the keys an earlier one left behind.
+        instance = self._call(lambda: self._store.add(f"instances/{rank}", 1), "register")
+        super().__init__(rank, size, namespace=f"i{instance}")
+
+    def _call(self, fn: Any, what: str) -> Any:
+        try:
+            return fn()
+        except self._dist.DistNetworkError as exc:
+            raise CoordinationError(f"torch.distributed: lost the c10d store during {what}: {exc}") from None
+        except RuntimeError as exc:  # DistStoreError and older torch's plain RuntimeError
+            raise CoordinationError(f"torch.distributed: c10d store failed during {what}: {exc}") from None
+
+    def _set(self, key: str, value: bytes) -> None:
+        self._call(lambda: self._store.set(key, value), f"set {key}")
+
+    def _get(self, key: str, timeout: float) -> bytes | None:
+        if timeout < 0.001:
+            # A zero timeout means "wait forever" to c10d: only look.
+            present = self._call(lambda: self._store.check([key]), f"check {key}")
+            return self._call(lambda: self._store.get(key), f"get {key}") if present else None
+        try:
+            self._store.wait([key], timedelta(seconds=timeout))
+        except self._dist.DistNetworkError as exc:
+            raise CoordinationError(f"torch.distributed: lost the c10d store waiting for {key}: {exc}") from None
+        except RuntimeError as exc:  # DistStoreError ("wait timeout after ...ms") is a RuntimeError
+            if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+                return None
+            raise CoordinationError(f"torch.distributed: c10d store failed waiting for {key}: {exc}") from None
+        return bytes(self._call(lambda: self._store.get(key), f"get {key}"))
+
+    def _delete(self, key: str) -> None:
+        self._call(lambda: self._store.delete_key(key), f"delete {key}")
+
+    def close(self) -> None:
+        for key in self._posted:
+            try:
+                self._store.delete_key(key)
+            except RuntimeError:
+                pass
+        self._posted.clear()
+
+
+_LATE_RANKS = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+
+
+class _TensorCoordinator(Coordinator):
+    """The fallback: gloo tensor collectives (monitored barrier, lengths, padded payloads)."""
+
+    engine = "torch.distributed"
+
+    def __init__(self, dist: Any, group: Any, rank: int, size: int) -> None:
+        import torch
+
+        self._torch = torch
+        self._dist = dist
+        self.rank, self.size = rank, size
+        if str(dist.get_backend(group)).lower() == "gloo":
+            self._gloo, self._own = group, False
+        else:
+            ranks = dist.get_process_group_ranks(group) if group is not None else None
+            self._gloo, self._own = dist.new_group(ranks=ranks, backend="gloo"), True
+
+    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
+        torch, dist = self._torch, self._dist
+        start = time.monotonic()
+        try:
+            dist.monitored_barrier(group=self._gloo, timeout=timedelta(seconds=max(timeout, 0.001)),
+                                   wait_all_ranks=True)
+        except RuntimeError as exc:
+            text = str(exc)
+            match = _LATE_RANKS.search(text)
+            if match:
+                late = [int(r) for r in re.findall(r"\d+", match.group(1))]
+                raise ClientTimeoutError(
+                    f"{self.engine}: clients {late} of {self.size} did not reach '{name}' within {timeout:g} s "
+                    f"(this is client {self.rank})"
+                ) from None
+            if time.monotonic() - start >= timeout * 0.9:
+                raise ClientTimeoutError(
+                    f"{self.engine}: clients did not reach '{name}' within {timeout:g} s (this is client "
+                    f"{self.rank}; client 0 names the late ones): {text}"
+                ) from None
+            raise CoordinationError(f"{self.engine}: '{name}' failed on client {self.rank}: {text}") from None
+        try:
+            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
+            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self._gloo)
+            longest = max(int(s.item()) for s in sizes)
+            mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
+            if data:
+                mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            out = [torch.empty(max(longest, 1), dtype=torch.uint8) for _ in range(self.size)]
+            dist.all_gather(out, mine, group=self._gloo)
+        except RuntimeError as exc:
+            raise CoordinationError(f"{self.engine}: '{name}' failed on client {self.rank}: {exc}") from None
+        return [bytes(t[: int(n.item())].numpy().tobytes()) for t, n in zip(out, sizes)]
+
+    def close(self) -> None:
+        if self._own:
+            try:
+                self._dist.destroy_process_group(self._gloo)
+            except Exception:  # noqa: BLE001 - best effort
+                pass
+            self._own = False

@@ -1,0 +1,86 @@
+"""`shardckpt launch` and the CLI, as real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+import shardckpt as sc
+
+HERE = os.path.dirname(__file__)
+WORKER = os.path.join(HERE, "launch_worker.py")
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "shardckpt", *args], capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_launch_four_clients_save_then_three_restore(tmp_path):
+    prefix = str(tmp_path / "ckpt")
+    saved = _cli("launch", "-n", "4", WORKER, "save", prefix)
+    assert saved.returncode == 0, saved.stderr
+    np.testing.assert_array_equal(sc.load_checkpoint(prefix).get_tensor("w"), np.arange(96).reshape(12, 8))
+    restored = _cli("launch", "-n", "3", WORKER, "restore", prefix)
+    assert restored.returncode == 0, restored.stderr
+
+
+def test_launch_stops_everyone_when_a_client_dies(tmp_path):
+    start = time.monotonic()
+    result = _cli("launch", "-n", "4", WORKER, "die", str(tmp_path / "x"))
+    assert result.returncode == 3
+    assert "client 2 exited with status 3" in result.stderr
+    assert time.monotonic() - start < 30
+
+
+def test_a_client_that_never_arrives_is_named(tmp_path):
+    result = _cli("launch", "-n", "4", WORKER, "absent", str(tmp_path / "x"))
+    assert result.returncode == 0, result.stderr
+    assert "clients [1] of 4 did not reach 'agree'" in result.stderr
+
+
+def test_coordinator_listens_on_loopback_only():
+    from shardckpt.coordination import KVServer
+
+    server = KVServer().start()
+    try:
+        assert server.server_address[0] == "127.0.0.1"
+    finally:
+        server.stop()
+
+
+def test_inspect_and_verify(tmp_path):
+    prefix = str(tmp_path / "m")
+    with sc.BundleWriter(prefix) as w:
+        w.add("a", np.arange(6, dtype=np.float32).reshape(2, 3))
+        w.add_slice("p", "4 2 0,2:-", np.ones((2, 2), np.int8))
+        w.add_slice("p", "4 2 2,2:-", np.zeros((2, 2), np.int8))
+    out = _cli("inspect", prefix)
+    assert out.returncode == 0
+    assert "DT_FLOAT" in out.stdout and "[2, 3]" in out.stdout and "2 tensors" in out.stdout
+    data = json.loads(_cli("inspect", prefix, "--json").stdout)
+    assert data["tensors"][1] == {"name": "p", "dtype": "DT_INT8", "shape": [4, 2], "slices": ["0,2:-", "2,2:-"],
+                                  "bytes": 8, "data_files": ["data-00000-of-00001"]}
+    ok = _cli("verify", prefix)
+    assert ok.returncode == 0 and ok.stdout.startswith("OK")
+    data_file = tmp_path / "m.data-00000-of-00001"
+    raw = bytearray(data_file.read_bytes())
+    raw[5] ^= 0x40
+    data_file.write_bytes(bytes(raw))
+    bad = _cli("verify", prefix)
+    assert bad.returncode == 1 and "checksum does not match" in bad.stdout and "tensor a" in bad.stdout
+    missing = _cli("inspect", str(tmp_path / "nothing"))
+    assert missing.returncode == 1 and "no checkpoint" in missing.stderr
+    usage = _cli("inspect")
+    assert usage.returncode == 2
+
+
+def test_demo_runs_end_to_end(tmp_path):
+    result = _cli("demo", "--size-mb", "32", "--dir", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every value verified" in result.stdout and result.stdout.rstrip().endswith("OK")

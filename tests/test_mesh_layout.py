@@ -1,0 +1,74 @@
+"""Meshes, layouts, shard geometry and DTensor packing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import shardckpt as sc
+from shardckpt.plan import SaveTensor, plan_save
+
+
+def test_mesh_basics_and_string_form():
+    mesh = sc.create_mesh([("x", 2), ("y", 4)])
+    assert mesh.size == 8 and mesh.dim_size("y") == 4
+    assert mesh.coords(5) == {"x": 1, "y": 1}
+    assert mesh.client_devices(1, 2) == (4, 5, 6, 7)
+    assert mesh.client_devices(1, 3) == (2, 3, 4)  # uneven blocks
+    text = mesh.to_string()
+    assert text.startswith("|x=2,y=4|0,1,2,3,4,5,6,7|0,1,2,3,4,5,6,7|/job:localhost")
+    again = sc.Mesh.from_string(text)
+    assert (again.dim_names, again.shape, again.device_ids) == (mesh.dim_names, mesh.shape, mesh.device_ids)
+    # DTensor's own string for a distributed mesh, with local ids and devices
+    tf_text = "mesh|x=2|0,1|1|/job:worker/replica:0/task:1/device:CPU:0"
+    m = sc.Mesh.from_string(tf_text)
+    assert m.name == "mesh" and m.local_device_ids == (1,) and m.local_devices(0, 2) == (1,)
+    with pytest.raises(sc.InvalidArgumentError):
+        sc.create_mesh([("x", 2), ("x", 2)])
+    with pytest.raises(sc.InvalidArgumentError):
+        mesh.dim_size("z")
+
+
+def test_layout_string_form_and_geometry():
+    mesh = sc.create_mesh([("x", 2), ("y", 2)])
+    layout = sc.Layout(["x", sc.UNSHARDED], mesh)
+    assert layout.to_string().startswith("sharding_specs:x,unsharded, mesh:|x=2,y=2|")
+    assert sc.Layout.from_string(layout.to_string()).sharding_specs == ("x", "unsharded")
+    assert layout.shard_bounds((8, 3), 2) == ((4, 8), (0, 3))
+    # Uneven: torch's chunk rule, 5 rows over 4 -> 2,2,1,0
+    four = sc.Layout(["a"], sc.create_mesh([("a", 4)]))
+    assert [four.shard_bounds((5,), d) for d in range(4)] == [((0, 2),), ((2, 4),), ((4, 5),), ((5, 5),)]
+    with pytest.raises(sc.InvalidArgumentError):
+        sc.Layout(["x", "x"], mesh)
+
+
+def test_pack_unpack_and_from_global():
+    mesh = sc.create_mesh([("x", 2)], local_device_ids=[0, 1])
+    layout = sc.Layout(["x", sc.UNSHARDED], mesh)
+    a = np.arange(12).reshape(4, 3)
+    t = sc.pack([a[:2], a[2:]], layout)
+    assert t.shape == (4, 3)
+    np.testing.assert_array_equal(t.to_numpy(), a)
+    assert [s.tolist() for s in sc.unpack(t)] == [a[:2].tolist(), a[2:].tolist()]
+    g = sc.DTensor.from_global(a, layout)
+    assert np.shares_memory(g.shards[0], a)  # views, no copies
+    with pytest.raises(sc.ShapeMismatchError):
+        sc.DTensor((4, 3), a.dtype, layout, {0: a})
+
+
+def test_plan_balances_and_dedups_deterministically():
+    mesh = sc.create_mesh([("x", 4)])
+    rep = sc.Layout.replicated(mesh, 1)
+    specs = [SaveTensor(f"t{i}", 1, 4, (100 * (i + 1),), ((0, 100 * (i + 1)),), rep) for i in range(8)]
+    devices = [(0,), (1,), (2,), (3,)]
+    items = plan_save(specs, devices)
+    assert plan_save(specs, devices) == items
+    assert len(items) == 8
+    loads = [sum(it.nbytes for it in items if it.client == c) for c in range(4)]
+    assert max(loads) <= 1.25 * sum(loads) / 4
+    sharded = sc.Layout(["x"], mesh)
+    items = plan_save([SaveTensor("s", 1, 4, (8,), ((0, 8),), sharded)], devices)
+    assert [(it.box, it.client) for it in items] == [(((0, 2),), 0), (((2, 4),), 1), (((4, 6),), 2), (((6, 8),), 3)]
+    with pytest.raises(sc.DuplicateTensorError):
+        plan_save([SaveTensor("d", 1, 4, (8,), ((0, 4),), sharded), SaveTensor("d", 1, 4, (8,), ((2, 6),), sharded)],
+                  devices)
