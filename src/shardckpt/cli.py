@@ -126,6 +126,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_clean(args: argparse.Namespace) -> int:
+    from .commit import recover
+
+    actions = recover(args.prefix)
+    for line in actions:
+        print(line)
+    print(f"{args.prefix}: {'nothing to clean' if not actions else f'{len(actions)} action(s)'}")
+    return 0
+
+
 def cmd_launch(args: argparse.Namespace) -> int:
     from .launch import launch
 
@@ -155,6 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("prefix")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_verify)
+
+    p = sub.add_parser("clean", help="finish or remove what an interrupted save left behind",
+                       description="Look for staging files of an interrupted save at PREFIX: complete its commit "
+                       "if it had passed its commit point, else delete them. Never deletes a committed checkpoint.")
+    p.add_argument("prefix")
+    p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("launch", help="run a script as N local clients with a coordinator (like torchrun)",
                        description="Start N copies of a script (or command) on this machine. Each gets "

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .commit import commit, recover, staging_data_filename
 from .coordination import Coordinator, default_timeout, resolve
 from .dtensor import DTensor
 from .errors import (
@@ -39,19 +40,17 @@ from .errors import (
     RemoteClientError,
     ShapeMismatchError,
 )
+from .faults import fault_point
 from .format.dtypes import DataType, from_numpy
-from .format.files import data_filename, fsync_directory, index_filename
-from .format.merge import combine_entry
-from .format.protos import BundleEntry, BundleHeader, pack_entries, unpack_entries
+from .format.files import data_filename, index_filename
+from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
-from .format.writer import DataFileWriter, build_index, prepare, write_file_atomically
+from .format.writer import DataFileWriter, prepare
 from .layout import Layout
 from .mesh import Mesh
 from .plan import SaveTensor, WriteItem, plan_save
 
 log = logging.getLogger("shardckpt.save")
-
-STAGING = ".staging-"
 
 
 @dataclass
@@ -138,6 +137,7 @@ def _normalize(
 
 def _write(path: str, rank: int, items: list[WriteItem], specs: list[SaveTensor], dtensors: list[DTensor],
            durable: bool) -> tuple[list[tuple[bytes, BundleEntry]], int]:
+    """Write this client's shards to its staging data file; returns its index entries and bytes written."""
     writer = DataFileWriter(path, shard_id=rank)
     entries: list[tuple[bytes, BundleEntry]] = []
     try:
@@ -147,6 +147,8 @@ def _write(path: str, rank: int, items: list[WriteItem], specs: list[SaveTensor]
             label = f"{path}: tensor {spec.name}"
             tensor = prepare(t.shards[item.device], spec.dtype, label)
             entry = writer.write(tensor)
+            if len(entries) == 0:
+                fault_point("mid_data_write", rank)
             whole = all(lo == 0 and hi == n for (lo, hi), n in zip(item.box, spec.full_shape))
             if whole:
                 entries.append((key, entry))
@@ -155,48 +157,11 @@ def _write(path: str, rank: int, items: list[WriteItem], specs: list[SaveTensor]
                 entries.append((encode_slice_key(key, tslice), entry))
                 entries.append((key, BundleEntry(dtype=spec.dtype, shape=spec.full_shape, slices=[tslice])))
         writer.close(durable=durable)
+        fault_point("after_data_fsync", rank)
     except BaseException:
         writer.discard()
         raise
     return entries, writer.size
-
-
-def _commit(prefix: str, token: str, size: int, pieces: list[bytes], overwrite: bool, durable: bool) -> None:
-    merged: dict[bytes, BundleEntry] = {}
-    for rank, blob in enumerate(pieces):
-        for key, entry in unpack_entries(blob):
-            combine_entry(merged, key, entry, f"client {rank}")
-    index = index_filename(prefix)
-    staged_index = index + STAGING + token
-    write_file_atomically(staged_index, build_index(BundleHeader(num_shards=size), merged), durable=durable)
-    if os.path.exists(index):
-        if not overwrite:
-            raise CheckpointExistsError(f"{prefix}: a checkpoint appeared at the prefix during the save")
-        os.unlink(index)
-    for r in range(size):
-        final = data_filename(prefix, r, size)
-        os.replace(final + STAGING + token, final)
-    os.replace(staged_index, index)
-    directory = os.path.dirname(prefix)
-    if durable:
-        fsync_directory(directory)
-    remove_stale_data_files(prefix, size)
-
-
-def remove_stale_data_files(prefix: str, num_shards: int) -> None:
-    """Delete ``P.data-*-of-M`` files of another shard count (an older checkpoint's), after a commit."""
-    directory, base = os.path.split(prefix)
-    keep_suffix = f"-of-{num_shards:05d}"
-    lead = base + ".data-"
-    for name in os.listdir(directory or "."):
-        if name.startswith(lead) and STAGING not in name and not name.endswith(keep_suffix):
-            middle = name[len(lead) :]
-            shard, sep, total = middle.partition("-of-")
-            if sep and shard.isdigit() and total.isdigit():
-                try:
-                    os.unlink(os.path.join(directory, name))
-                except FileNotFoundError:
-                    pass
 
 
 def sharded_save(
@@ -243,6 +208,12 @@ def sharded_save(
         "error": str(local_error) if local_error else None,
     }
     if rank == 0:
+        if local_error is None:
+            try:
+                for action in recover(prefix, durable=durable):
+                    log.warning("%s: %s (left by an earlier save that did not finish)", prefix, action)
+            except OSError as exc:
+                payload["error"] = f"cleaning up an earlier save failed: {exc}"
         payload["token"] = secrets.token_hex(8)
         payload["exists"] = os.path.exists(index_filename(prefix))
     replies = _gather_json(coord, payload, "agree", wait)
@@ -268,9 +239,11 @@ def sharded_save(
     timings["plan"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    staging = data_filename(prefix, rank, size) + STAGING + token
+    staging = staging_data_filename(prefix, rank, size, token)
     blob, error, written = b"", None, 0
     try:
+        fault_point("after_agree", rank)
+        fault_point("after_plan", rank)
         entries, written = _write(staging, rank, my_items, specs, dtensors, durable)
         blob = pack_entries(entries)
     except (CheckpointError, OSError) as exc:
@@ -278,6 +251,7 @@ def sharded_save(
     timings["write"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    fault_point("before_barrier_written", rank)
     try:
         header = json.dumps({"error": str(error) if error else None}).encode()
         pieces = coord.all_gather(len(header).to_bytes(4, "little") + header + blob, "written", wait)
@@ -291,20 +265,24 @@ def sharded_save(
             raise error
         _raise_remote(statuses, rank, f"{prefix}: sharded_save")
     timings["barrier_written"] = time.perf_counter() - t
+    fault_point("after_barrier_written", rank)
 
     t = time.perf_counter()
     commit_error: str | None = None
     if rank == 0:
         try:
             bodies = [p[4 + int.from_bytes(p[:4], "little") :] for p in pieces]
-            _commit(prefix, token, size, bodies, overwrite, durable)
+            commit(prefix, token, size, bodies, overwrite=overwrite, durable=durable,
+                   hook=lambda point: fault_point(point, rank))
         except (CheckpointError, OSError) as exc:
             commit_error = f"{type(exc).__name__}: {exc}"
             log.error("%s: commit failed: %s", prefix, exc)
     timings["commit"] = time.perf_counter() - t
     t = time.perf_counter()
+    fault_point("before_barrier_committed", rank)
     outcome = _gather_json(coord, {"error": commit_error}, "committed", wait)
     timings["barrier_committed"] = time.perf_counter() - t
+    fault_point("after_barrier_committed", rank)
     if outcome[0]["error"]:
         _discard(staging)
         raise RemoteClientError(f"{prefix}: commit on client 0 failed: {outcome[0]['error']}")

@@ -2,13 +2,14 @@
 
 Every collective sends each other rank one message, ``seq (u64) | payload``, with
 ``Isend`` from a numpy uint8 buffer, and receives the others' by polling
-``Improbe`` (then ``Mrecv`` into a buffer of the probed size) until the deadline.
+``Improbe`` (then ``Imrecv`` into a buffer of the probed size) until the deadline.
 Ranks whose message has not arrived by then are named in a `ClientTimeoutError`.
 The tag cycles with the collective's sequence number and the receiver checks the
 ``seq`` header, so a late message of an abandoned collective is recognised and
-dropped, never taken for a newer one.  Sends still pending at a timeout are
-cancelled where MPI allows, else freed (MPI finishes them in the background; the
-buffers are kept alive until then).
+dropped, never taken for a newer one.  Sends still pending when a collective
+ends (a timeout, or a slow peer) stay posted, as a key stays in a key-value
+store: a late rank still receives them; their buffers are kept alive until they
+complete, and `close` cancels what is left.
 
 MPI collectives are not used: they cannot time out, so one absent rank would
 hang every other one.
@@ -81,26 +82,31 @@ class MPICoordinator(Coordinator):
             return [data]
         tag = self._tag(seq)
         deadline = time.monotonic() + timeout
+        grace = max(timeout, 30.0)
         out: list[bytes | None] = [None] * self.size
         out[self.rank] = data
         message = np.frombuffer(_SEQ.pack(seq) + data, dtype=np.uint8)
         sends: list[tuple[int, Any]] = []
+        receiving: dict[int, tuple[Any, Any]] = {}  # rank -> (request, buffer) of a matched message
+        waiting = [r for r in range(self.size) if r != self.rank]
         try:
-            for r in range(self.size):
-                if r != self.rank:
-                    sends.append((r, comm.Isend([message, MPI.BYTE], dest=r, tag=tag)))
-            waiting = [r for r in range(self.size) if r != self.rank]
+            for r in waiting:
+                sends.append((r, comm.Isend([message, MPI.BYTE], dest=r, tag=tag)))
             pause = 0.0002
             while True:
                 progressed = False
-                for r in list(waiting):
+                for r in waiting:
+                    if r in receiving:
+                        continue
                     status = MPI.Status()
                     msg = comm.Improbe(source=r, tag=tag, status=status)
-                    if msg is None:
+                    if msg is not None:
+                        buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
+                        receiving[r] = (msg.Irecv([buf, MPI.BYTE]), buf)
+                for r, (req, buf) in list(receiving.items()):
+                    if not req.Test():
                         continue
-                    count = status.Get_count(MPI.BYTE)
-                    buf = np.empty(count, dtype=np.uint8)
-                    msg.Recv([buf, MPI.BYTE])
+                    del receiving[r]
                     progressed = True
                     raw = buf.tobytes()
                     if len(raw) < _SEQ.size or _SEQ.unpack_from(raw)[0] != seq:
@@ -108,38 +114,46 @@ class MPICoordinator(Coordinator):
                     out[r] = raw[_SEQ.size :]
                     waiting.remove(r)
                 sends = [(r, req) for r, req in sends if not req.Test()]
+                # Done when every message is in and ours are delivered (a large one needs our progress).
                 if not waiting and not sends:
                     break
                 now = time.monotonic()
-                if now >= deadline:
+                # A matched message's sender is here: finish receiving it (even with a timeout of 0).
+                if now >= deadline and (not receiving or now >= deadline + grace):
                     break
                 if progressed:
                     pause = 0.0002
                 else:
-                    time.sleep(min(pause, deadline - now))
+                    time.sleep(max(0.0, min(pause, deadline - now)) if not receiving else pause)
                     pause = min(pause * 2, 0.005)
         except MPI.Exception as exc:
-            self._abandon(sends, message)
+            self._keep(sends, message, receiving)
             raise CoordinationError(f"{self.engine}: '{name}' failed on client {self.rank}: {exc}") from None
         if waiting:
-            self._abandon(sends, message)
+            self._keep(sends, message, receiving)
             raise ClientTimeoutError(
                 f"{self.engine}: clients {waiting} of {self.size} did not reach '{name}' within {timeout:g} s "
                 f"(this is client {self.rank})"
             )
         # Every peer's message arrived, so every peer is in this collective and will receive ours:
         # sends still pending (a large message, a slow peer) finish in the background.
-        self._abandon(sends, message, cancel=False)
+        self._keep(sends, message)
         return [v if v is not None else b"" for v in out]
 
-    def _abandon(self, sends: list[tuple[int, Any]], buffer: Any, cancel: bool = True) -> None:
-        for _r, req in sends:
-            if cancel:
-                try:
-                    req.Cancel()
-                except self._MPI.Exception:
-                    pass
-            self._orphans.append((req, buffer))
+    def _keep(self, sends: list[tuple[int, Any]], buffer: Any,
+              receiving: dict[int, tuple[Any, Any]] | None = None) -> None:
+        self._orphans.extend((req, buffer) for _r, req in sends)
+        self._orphans.extend((receiving or {}).values())
 
     def close(self) -> None:
+        """Cancel the sends no rank has received (a rank that never came); call before ``MPI.Finalize``."""
         self._reap_orphans()
+        for req, _buf in self._orphans:
+            try:
+                req.Cancel()
+            except self._MPI.Exception:
+                pass
+        deadline = time.monotonic() + 1.0
+        while self._orphans and time.monotonic() < deadline:
+            self._reap_orphans()
+            time.sleep(0.001)

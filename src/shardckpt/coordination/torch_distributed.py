@@ -6,17 +6,16 @@ each client sets one key per collective and waits for the others' with
 ``store.wait(keys, timeout)``, so a client that never arrives is named in a
 `ClientTimeoutError`.  Losing the store's host raises `CoordinationError` at once.
 
-When no store can be obtained, the fallback gathers tensors over a gloo group
-(a new one when the group's backend is not gloo, e.g. NCCL): a monitored
-barrier (which names late ranks), then the lengths, then the payloads padded to
-the longest, as uint8.
+When no store can be obtained (or ``transport="tensor"``), the fallback sends
+uint8 tensors point to point over a gloo group (a new one when the group's
+backend is not gloo, e.g. NCCL): lengths, then payloads, each receive waited
+with the collective's deadline, so the late ranks are named there too.
 
 torch is imported only here, and only when a `TorchCoordinator` is made.
 """
 
 from __future__ import annotations
 
-import re
 import time
 from datetime import timedelta
 from typing import Any
@@ -134,11 +133,17 @@ class _StoreCoordinator(KeyValueCoordinator):
         self._posted.clear()
 
 
-_LATE_RANKS = re.compile(r"Ranks? ([\d, ]+) failed to pass monitoredBarrier")
+_TAG_BASE = 1 << 20
+_TAG_SPAN = 1 << 26
 
 
 class _TensorCoordinator(Coordinator):
-    """The fallback: gloo tensor collectives (monitored barrier, lengths, padded payloads)."""
+    """The fallback: point-to-point gloo messages, lengths then payloads, each receive waited with a deadline.
+
+    A receive that does not complete by the deadline names its sender.  After a
+    timeout gloo closes the pairs of the late ranks, so the group should be
+    re-initialised (as after any failed gloo collective).
+    """
 
     engine = "torch.distributed"
 
@@ -148,45 +153,65 @@ class _TensorCoordinator(Coordinator):
         self._torch = torch
         self._dist = dist
         self.rank, self.size = rank, size
+        self._seq = 0
         if str(dist.get_backend(group)).lower() == "gloo":
             self._gloo, self._own = group, False
         else:
             ranks = dist.get_process_group_ranks(group) if group is not None else None
             self._gloo, self._own = dist.new_group(ranks=ranks, backend="gloo"), True
+        whole = self._gloo is None or self._gloo is dist.GroupMember.WORLD
+        self._global = list(range(size)) if whole else [dist.get_global_rank(self._gloo, r) for r in range(size)]
+
+    def _exchange(self, tensors: dict[int, Any], mine: Any, tag: int, deadline: float) -> list[int]:
+        """Send ``mine`` to every other rank and receive into ``tensors``; the ranks not heard from by the deadline."""
+        dist, group = self._dist, self._gloo
+        sends = [dist.isend(mine, dst=self._global[r], group=group, tag=tag) for r in tensors]
+        recvs = {r: dist.irecv(t, src=self._global[r], group=group, tag=tag) for r, t in tensors.items()}
+        missing = []
+        for r, work in recvs.items():
+            try:
+                work.wait(timeout=timedelta(seconds=max(0.001, deadline - time.monotonic())))
+            except RuntimeError as exc:
+                if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
+                    raise
+                missing.append(r)
+        if not missing:
+            for work in sends:
+                work.wait(timeout=timedelta(seconds=max(0.001, deadline - time.monotonic())))
+        return missing
 
     def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
-        torch, dist = self._torch, self._dist
-        start = time.monotonic()
+        torch = self._torch
+        seq = self._seq
+        self._seq += 1
+        if self.size == 1:
+            return [data]
+        tag = _TAG_BASE + (2 * seq) % _TAG_SPAN
+        deadline = time.monotonic() + timeout
+        others = [r for r in range(self.size) if r != self.rank]
         try:
-            dist.monitored_barrier(group=self._gloo, timeout=timedelta(seconds=max(timeout, 0.001)),
-                                   wait_all_ranks=True)
-        except RuntimeError as exc:
-            text = str(exc)
-            match = _LATE_RANKS.search(text)
-            if match:
-                late = [int(r) for r in re.findall(r"\d+", match.group(1))]
+            lengths = {r: torch.zeros(1, dtype=torch.int64) for r in others}
+            missing = self._exchange(lengths, torch.tensor([len(data)], dtype=torch.int64), tag, deadline)
+            if missing:
                 raise ClientTimeoutError(
-                    f"{self.engine}: clients {late} of {self.size} did not reach '{name}' within {timeout:g} s "
+                    f"{self.engine}: clients {missing} of {self.size} did not reach '{name}' within {timeout:g} s "
                     f"(this is client {self.rank})"
-                ) from None
-            if time.monotonic() - start >= timeout * 0.9:
-                raise ClientTimeoutError(
-                    f"{self.engine}: clients did not reach '{name}' within {timeout:g} s (this is client "
-                    f"{self.rank}; client 0 names the late ones): {text}"
-                ) from None
-            raise CoordinationError(f"{self.engine}: '{name}' failed on client {self.rank}: {text}") from None
-        try:
-            sizes = [torch.zeros(1, dtype=torch.int64) for _ in range(self.size)]
-            dist.all_gather(sizes, torch.tensor([len(data)], dtype=torch.int64), group=self._gloo)
-            longest = max(int(s.item()) for s in sizes)
-            mine = torch.zeros(max(longest, 1), dtype=torch.uint8)
-            if data:
-                mine[: len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-            out = [torch.empty(max(longest, 1), dtype=torch.uint8) for _ in range(self.size)]
-            dist.all_gather(out, mine, group=self._gloo)
+                )
+            # Every peer is here: the payloads (at least one byte: gloo sends no empty tensors).
+            mine = torch.frombuffer(bytearray(data or b"\0"), dtype=torch.uint8)
+            bodies = {r: torch.empty(max(int(lengths[r].item()), 1), dtype=torch.uint8) for r in others}
+            missing = self._exchange(bodies, mine, tag + 1, max(deadline, time.monotonic() + 30))
+            if missing:
+                raise CoordinationError(
+                    f"{self.engine}: clients {missing} stopped sending in the middle of '{name}' (this is client "
+                    f"{self.rank})"
+                )
         except RuntimeError as exc:
             raise CoordinationError(f"{self.engine}: '{name}' failed on client {self.rank}: {exc}") from None
-        return [bytes(t[: int(n.item())].numpy().tobytes()) for t, n in zip(out, sizes)]
+        out = [data] * self.size
+        for r in others:
+            out[r] = bodies[r].numpy().tobytes()[: int(lengths[r].item())]
+        return out
 
     def close(self) -> None:
         if self._own:

@@ -48,6 +48,9 @@ class DataType(enum.IntEnum):
     FLOAT8_E5M2FNUZ = 28
     INT4 = 29
     UINT4 = 30
+    INT2 = 31
+    UINT2 = 32
+    FLOAT4_E2M1FN = 33
 
 
 STRING_DTYPE = np.dtype(object)
@@ -82,6 +85,10 @@ _TO_NUMPY: dict[int, np.dtype] = {
     DataType.INT4: np.dtype(ml_dtypes.int4),
     DataType.UINT4: np.dtype(ml_dtypes.uint4),
 }
+# TensorFlow 2.21 saves these too, one element per byte (value in the low bits), as ml_dtypes >= 0.5 holds them.
+for _code, _name in ((DataType.INT2, "int2"), (DataType.UINT2, "uint2"), (DataType.FLOAT4_E2M1FN, "float4_e2m1fn")):
+    if hasattr(ml_dtypes, _name):
+        _TO_NUMPY[_code] = np.dtype(getattr(ml_dtypes, _name))
 
 _QUANTIZED = {DataType.QINT8, DataType.QUINT8, DataType.QINT32, DataType.QINT16, DataType.QUINT16}
 

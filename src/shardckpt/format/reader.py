@@ -211,6 +211,8 @@ class BundleReader:
         fd, path = self._locate(key, e)
         where = f"{self.prefix}: tensor {_label(key)} in {path}"
         dtype = to_numpy(e.dtype)
+        if len(e.shape) > _NPY_MAXDIMS or not _numpy_can_hold(e.shape, dtype.itemsize):
+            raise CorruptCheckpointError(f"{where}: shape {list(e.shape)} cannot be held in a numpy array")
         count = math.prod(e.shape)
         if e.dtype == DataType.STRING:
             buf = bytearray(e.size)
@@ -316,15 +318,16 @@ class BundleReader:
 
     def _assemble(self, key: bytes, e: BundleEntry, bounds: Bounds, verify: Verify) -> np.ndarray:
         # numpy refuses more than MAXDIMS dims, and dims whose non-zero product overflows intp even
-        # for 0 elements (TF accepts both); every array below is at most this shape, so check it once.
-        nbytes = to_numpy(e.dtype).itemsize
-        for dim in e.shape:
-            nbytes *= dim or 1
-        if len(e.shape) > _NPY_MAXDIMS or nbytes > _INT64_MAX:
-            raise CorruptCheckpointError(
-                f"{self.prefix}: tensor {_label(key)} of shape {list(e.shape)} cannot be held in a numpy array"
-            )
+        # for 0 elements (TF accepts both).  Every array below has the shape of the request or of a
+        # stored piece it reads, so those are checked, not the full shape: TF reads a small slice of a
+        # tensor whose full size would not fit in int64 bytes.
+        itemsize = to_numpy(e.dtype).itemsize
         shape = tuple(hi - lo for lo, hi in bounds)
+        if len(e.shape) > _NPY_MAXDIMS or not _numpy_can_hold(shape, itemsize):
+            raise CorruptCheckpointError(
+                f"{self.prefix}: tensor {_label(key)} of shape {list(e.shape)}: a read of shape {list(shape)} "
+                "cannot be held in a numpy array"
+            )
         pieces = self.stored_slices(key, e)
         for p in pieces:
             if p.bounds == bounds:
@@ -336,6 +339,11 @@ class BundleReader:
                 parts.append((p, inter))
         _check_cover(self.prefix, key, bounds, [inter for _, inter in parts])
         for p, _ in parts:
+            if not _numpy_can_hold(p.entry.shape, itemsize):
+                raise CorruptCheckpointError(
+                    f"{self.prefix}: tensor {_label(key)}: stored piece of shape {list(p.entry.shape)} "
+                    "cannot be held in a numpy array"
+                )
             self._locate(p.key, p.entry)
         out = np.empty(shape, to_numpy(e.dtype))
         for p, inter in parts:
@@ -360,6 +368,14 @@ class BundleReader:
             self.close()
         except Exception:
             pass
+
+
+def _numpy_can_hold(shape: Sequence[int], itemsize: int) -> bool:
+    """numpy's own limit: the product of the non-zero dims times the item size must fit in intp."""
+    nbytes = itemsize
+    for dim in shape:
+        nbytes *= dim or 1
+    return nbytes <= _INT64_MAX
 
 
 def _as_key(name: str | bytes) -> bytes:

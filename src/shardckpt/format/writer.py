@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -159,12 +160,20 @@ def build_index(header: BundleHeader, entries: dict[bytes, BundleEntry]) -> byte
     return table.finish()
 
 
-def write_file_atomically(path: str, data: bytes, *, durable: bool) -> None:
-    """Write ``data`` to a fresh temporary name beside ``path``, then rename it over ``path``."""
+def write_file_atomically(path: str, data: bytes, *, durable: bool, midway: Callable[[], None] | None = None) -> None:
+    """Write ``data`` to a fresh temporary name beside ``path``, then rename it over ``path``.
+
+    ``midway`` runs when half the bytes are written (a fault-injection point for tests).
+    """
     tmp = f"{path}.tempstate{secrets.randbits(64)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
+        half = len(view) // 2
+        while len(view) > half:
+            view = view[os.write(fd, view[: len(view) - half]) :]
+        if midway is not None:
+            midway()
         while view:
             view = view[os.write(fd, view) :]
         if durable:

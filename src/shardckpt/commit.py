@@ -1,0 +1,162 @@
+"""The commit protocol on a POSIX directory: staging names, the commit, and recovery after a crash.
+
+Every file a save writes first carries ``.staging-TOKEN`` (TOKEN agreed by all
+clients).  Client 0 commits in this order, each step durable before the next:
+
+1. ``P.index.staging-TOKEN`` is written whole (through a temporary name, so it
+   exists only complete);
+2. an older ``P.index`` is removed (overwrite only);
+3. every ``P.data-R-of-N.staging-TOKEN`` is renamed to ``P.data-R-of-N``;
+4. ``P.index.staging-TOKEN`` is renamed to ``P.index``; the directory is fsynced;
+5. data files of an older shard count are removed.
+
+So ``P.index`` present means the checkpoint is complete and every data file it
+names is its own.  After a crash, `recover` looks at what is left: a staged index
+with no ``P.index`` means steps 1-2 completed, so the renames are finished (roll
+forward); anything else staged belongs to a save that never reached its commit
+point and is deleted.  Nothing without ``.staging-`` or ``.tempstate`` in its
+name is ever deleted, except step 5's stale data files after a successful commit.
+The object-store form of the same protocol (no renames) writes data objects
+first and the index object last.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+
+from .errors import CheckpointError, CheckpointExistsError
+from .format.files import data_filename, fsync_directory, index_filename
+from .format.merge import combine_entry
+from .format.protos import BundleEntry, BundleHeader, decode_header, unpack_entries
+from .format.table import Table
+from .format.writer import build_index, write_file_atomically
+
+log = logging.getLogger("shardckpt.commit")
+
+STAGING = ".staging-"
+TEMPSTATE = ".tempstate"
+
+Hook = Callable[[str], None]
+
+
+def _noop(_: str) -> None:
+    pass
+
+
+def staging_data_filename(prefix: str, rank: int, size: int, token: str) -> str:
+    return data_filename(prefix, rank, size) + STAGING + token
+
+
+def commit(prefix: str, token: str, size: int, pieces: list[bytes], *, overwrite: bool, durable: bool,
+           hook: Hook = _noop) -> None:
+    """Client 0's part: merge every client's entries and publish the checkpoint (steps 1-5 above)."""
+    merged: dict[bytes, BundleEntry] = {}
+    for rank, blob in enumerate(pieces):
+        for key, entry in unpack_entries(blob):
+            combine_entry(merged, key, entry, f"client {rank}")
+    index = index_filename(prefix)
+    staged_index = index + STAGING + token
+    write_file_atomically(staged_index, build_index(BundleHeader(num_shards=size), merged), durable=durable,
+                          midway=lambda: hook("mid_index_write"))
+    hook("after_index_staged")
+    if os.path.exists(index):
+        if not overwrite:
+            raise CheckpointExistsError(f"{prefix}: a checkpoint appeared at the prefix during the save")
+        os.unlink(index)
+        hook("after_old_index_removed")
+    _publish(prefix, token, size, staged_index, durable, hook)
+
+
+def _publish(prefix: str, token: str, size: int, staged_index: str, durable: bool, hook: Hook) -> None:
+    for r in range(size):
+        staged = staging_data_filename(prefix, r, size, token)
+        if os.path.exists(staged):
+            os.replace(staged, data_filename(prefix, r, size))
+        if r == 0:
+            hook("between_renames")
+    os.replace(staged_index, index_filename(prefix))
+    if durable:
+        fsync_directory(os.path.dirname(prefix))
+    hook("after_commit")
+    remove_stale_data_files(prefix, size)
+
+
+def remove_stale_data_files(prefix: str, num_shards: int) -> None:
+    """Delete ``P.data-*-of-M`` files of another shard count (an older checkpoint's), after a commit."""
+    directory, base = os.path.split(prefix)
+    keep_suffix = f"-of-{num_shards:05d}"
+    lead = base + ".data-"
+    for name in os.listdir(directory or "."):
+        if name.startswith(lead) and STAGING not in name and TEMPSTATE not in name and not name.endswith(keep_suffix):
+            shard, sep, total = name[len(lead) :].partition("-of-")
+            if sep and shard.isdigit() and total.isdigit():
+                _unlink(os.path.join(directory, name))
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def leftovers(prefix: str) -> dict[str, list[str]]:
+    """Staged or temporary files of ``prefix`` by token (``""`` for ``.tempstate`` files of single writers)."""
+    directory, base = os.path.split(prefix)
+    out: dict[str, list[str]] = {}
+    try:
+        names = os.listdir(directory or ".")
+    except FileNotFoundError:
+        return out
+    for name in names:
+        if not (name.startswith(base + ".index") or name.startswith(base + ".data-")):
+            continue
+        path = os.path.join(directory, name)
+        if STAGING in name:
+            token = name.rsplit(STAGING, 1)[1].split(TEMPSTATE, 1)[0]
+            out.setdefault(token, []).append(path)
+        elif TEMPSTATE in name:
+            out.setdefault("", []).append(path)
+    return out
+
+
+def recover(prefix: str, *, durable: bool = True) -> list[str]:
+    """Finish or discard what a crashed save left at ``prefix``; returns what was done, one line per action."""
+    done: list[str] = []
+    index = index_filename(prefix)
+    found = leftovers(prefix)
+    staged = {
+        token: index + STAGING + token
+        for token, paths in found.items()
+        if token and index + STAGING + token in paths
+    }
+    if not os.path.exists(index) and staged:
+        # The newest staged index passed its commit point (the old index was already gone).
+        token = max(staged, key=lambda t: os.stat(staged[t]).st_mtime_ns)
+        try:
+            size = _num_shards(staged[token])
+            if all(os.path.exists(staging_data_filename(prefix, r, size, token))
+                   or os.path.exists(data_filename(prefix, r, size)) for r in range(size)):
+                _publish(prefix, token, size, staged[token], durable, _noop)
+                done.append(f"completed the interrupted commit of save {token}")
+                found.pop(token)
+        except (CheckpointError, OSError) as exc:
+            log.warning("%s: could not complete staged save %s: %s", prefix, token, exc)
+    for paths in found.values():
+        for path in paths:
+            if os.path.exists(path):
+                _unlink(path)
+                done.append(f"removed {path}")
+    return done
+
+
+def _num_shards(staged_index: str) -> int:
+    with open(staged_index, "rb") as f:
+        table = Table(f.read(), staged_index)
+    for key, value in table.seek(b""):
+        if key == b"":
+            return decode_header(value).num_shards
+        break
+    raise CheckpointError(f"{staged_index}: no bundle header")
