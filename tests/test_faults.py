@@ -103,7 +103,7 @@ def test_fault_at_point(tmp_path, base, point, victim, action):
     results = run_clients(prefix, 2, f"{point}@{victim}:{action}")
     elapsed = time.monotonic() - start
     report = "\n".join(text for _, text in results)
-    for rank, (code, text) in enumerate(results):
+    for rank, (code, _) in enumerate(results):
         if rank == victim and action == "kill":
             assert code == -9, report
         else:
