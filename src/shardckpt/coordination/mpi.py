@@ -103,6 +103,7 @@ class MPICoordinator(Coordinator):
                     if msg is not None:
                         buf = np.empty(status.Get_count(MPI.BYTE), dtype=np.uint8)
                         receiving[r] = (msg.Irecv([buf, MPI.BYTE]), buf)
+                        progressed = True
                 for r, (req, buf) in list(receiving.items()):
                     if not req.Test():
                         continue
@@ -118,8 +119,10 @@ class MPICoordinator(Coordinator):
                 if not waiting and not sends:
                     break
                 now = time.monotonic()
-                # A matched message's sender is here: finish receiving it (even with a timeout of 0).
-                if now >= deadline and (not receiving or now >= deadline + grace):
+                # Past the deadline, stop once a pass brings nothing new (MPI moves messages only while we
+                # poll, so even a timeout of 0 takes what has arrived), but finish receiving a matched
+                # message: its sender is here.
+                if now >= deadline and not progressed and (not receiving or now >= deadline + grace):
                     break
                 if progressed:
                     pause = 0.0002

@@ -42,6 +42,8 @@ Verify = bool | Literal["full"]
 
 _INT64_MAX = (1 << 63) - 1
 _READ_CHUNK = 16 * 1024 * 1024
+_SNAPSHOT_TRIES = 5
+_SNAPSHOT_MAX_FILES = 256
 try:
     from numpy._core.multiarray import MAXDIMS as _NPY_MAXDIMS  # numpy >= 2: 64
 except ImportError:  # pragma: no cover - numpy 1.x: 32
@@ -67,9 +69,20 @@ class BundleReader:
     def __init__(self, prefix: str | os.PathLike[str]) -> None:
         self.prefix = normalize_prefix(prefix)
         self.index_path = index_filename(self.prefix)
+        self._files: dict[int, tuple[int, int, str]] = {}
+        for _ in range(_SNAPSHOT_TRIES):
+            identity = self._open()
+            if self._open_data_files(identity):
+                return
+            self.close()
+        raise CheckpointError(f"{self.prefix}: the checkpoint kept changing while it was being opened")
+
+    def _open(self) -> tuple[int, int, int]:
+        """Read and check the index; returns the identity of the index file that was read."""
         try:
             with open(self.index_path, "rb") as f:
                 data = f.read()
+                st = os.fstat(f.fileno())
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"no checkpoint at {self.prefix}: {self.index_path} does not exist"
@@ -94,7 +107,28 @@ class BundleReader:
                 f"{self.index_path}: checkpoint version producer={v.producer} min_consumer={v.min_consumer} "
                 f"bad_consumers={list(v.bad_consumers)} is not readable by this consumer (1)"
             )
-        self._files: dict[int, tuple[int, int, str]] = {}
+        return st.st_dev, st.st_ino, st.st_mtime_ns
+
+    def _open_data_files(self, identity: tuple[int, int, int]) -> bool:
+        """Open every data file now, then check the index is still the one read: a consistent snapshot.
+
+        A save that replaces this checkpoint removes the old index before it renames any data file,
+        so if the index is unchanged after the data files are open, they all belong to it; open
+        descriptors keep their files even after they are replaced.  Past `_SNAPSHOT_MAX_FILES` files
+        are opened on first use instead (file-descriptor limits), without that guarantee.
+        """
+        if not 0 < self.header.num_shards <= _SNAPSHOT_MAX_FILES:
+            return True
+        for shard in range(self.header.num_shards):
+            try:
+                self._file(shard)
+            except CheckpointNotFoundError:
+                pass  # reported when a tensor in it is read
+        try:
+            st = os.stat(self.index_path)
+        except FileNotFoundError:
+            return False
+        return (st.st_dev, st.st_ino, st.st_mtime_ns) == identity
 
     # --- index ------------------------------------------------------------------------------------
 
