@@ -43,9 +43,10 @@ from .errors import (
 from .faults import fault_point
 from .format.dtypes import DataType, from_numpy
 from .format.files import data_filename, index_filename
+from .format.parallel_writer import write_data_file
 from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
-from .format.writer import DataFileWriter, prepare
+from .format.writer import prepare
 from .layout import Layout
 from .mesh import Mesh
 from .plan import SaveTensor, WriteItem, plan_save
@@ -138,30 +139,24 @@ def _normalize(
 def _write(path: str, rank: int, items: list[WriteItem], specs: list[SaveTensor], dtensors: list[DTensor],
            durable: bool) -> tuple[list[tuple[bytes, BundleEntry]], int]:
     """Write this client's shards to its staging data file; returns its index entries and bytes written."""
-    writer = DataFileWriter(path, shard_id=rank)
+    prepared = []
+    for item in items:
+        spec, t = specs[item.arg], dtensors[item.arg]
+        prepared.append(prepare(t.shards[item.device], spec.dtype, f"{path}: tensor {spec.name}", contiguous=False))
+    written, size = write_data_file(path, prepared, shard_id=rank, durable=durable,
+                                    midway=lambda: fault_point("mid_data_write", rank))
+    fault_point("after_data_fsync", rank)
     entries: list[tuple[bytes, BundleEntry]] = []
-    try:
-        for item in items:
-            spec, t = specs[item.arg], dtensors[item.arg]
-            key = spec.name.encode()
-            label = f"{path}: tensor {spec.name}"
-            tensor = prepare(t.shards[item.device], spec.dtype, label)
-            entry = writer.write(tensor)
-            if len(entries) == 0:
-                fault_point("mid_data_write", rank)
-            whole = all(lo == 0 and hi == n for (lo, hi), n in zip(item.box, spec.full_shape))
-            if whole:
-                entries.append((key, entry))
-            else:
-                tslice = TensorSlice.from_bounds(item.box)
-                entries.append((encode_slice_key(key, tslice), entry))
-                entries.append((key, BundleEntry(dtype=spec.dtype, shape=spec.full_shape, slices=[tslice])))
-        writer.close(durable=durable)
-        fault_point("after_data_fsync", rank)
-    except BaseException:
-        writer.discard()
-        raise
-    return entries, writer.size
+    for item, entry in zip(items, written):
+        spec = specs[item.arg]
+        key = spec.name.encode()
+        if all(lo == 0 and hi == n for (lo, hi), n in zip(item.box, spec.full_shape)):
+            entries.append((key, entry))
+        else:
+            tslice = TensorSlice.from_bounds(item.box)
+            entries.append((encode_slice_key(key, tslice), entry))
+            entries.append((key, BundleEntry(dtype=spec.dtype, shape=spec.full_shape, slices=[tslice])))
+    return entries, size
 
 
 def sharded_save(

@@ -25,7 +25,8 @@ from ..errors import ClientTimeoutError, CoordinationError
 from .base import Coordinator
 
 _SEQ = struct.Struct("<Q")
-_TAG_SPAN = 1 << 14  # distinct tags cycled through; the seq header disambiguates the wrap-around
+_TAG_SPAN = 1 << 14
+_MIN_LOOK = 0.01  # even a timeout of 0 polls this long: MPI moves a message only while it is polled  # distinct tags cycled through; the seq header disambiguates the wrap-around
 
 
 class MPICoordinator(Coordinator):
@@ -81,7 +82,8 @@ class MPICoordinator(Coordinator):
         if self.size == 1:
             return [data]
         tag = self._tag(seq)
-        deadline = time.monotonic() + timeout
+        start = time.monotonic()
+        deadline = start + timeout
         grace = max(timeout, 30.0)
         out: list[bytes | None] = [None] * self.size
         out[self.rank] = data
@@ -92,7 +94,7 @@ class MPICoordinator(Coordinator):
         try:
             for r in waiting:
                 sends.append((r, comm.Isend([message, MPI.BYTE], dest=r, tag=tag)))
-            pause = 0.0002
+            pause, idle = 0.0002, 0
             while True:
                 progressed = False
                 for r in waiting:
@@ -119,15 +121,17 @@ class MPICoordinator(Coordinator):
                 if not waiting and not sends:
                     break
                 now = time.monotonic()
-                # Past the deadline, stop once a pass brings nothing new (MPI moves messages only while we
-                # poll, so even a timeout of 0 takes what has arrived), but finish receiving a matched
+                # Past the deadline, stop once a few passes bring nothing new (MPI moves messages only while
+                # polled, so even a timeout of 0 takes what has arrived), but finish receiving a matched
                 # message: its sender is here.
-                if now >= deadline and not progressed and (not receiving or now >= deadline + grace):
+                idle = 0 if progressed else idle + 1
+                if (now >= deadline and idle >= 3 and now >= start + _MIN_LOOK
+                        and (not receiving or now >= deadline + grace)):
                     break
                 if progressed:
                     pause = 0.0002
                 else:
-                    time.sleep(max(0.0, min(pause, deadline - now)) if not receiving else pause)
+                    time.sleep(pause if now < deadline else 0.001)
                     pause = min(pause * 2, 0.005)
         except MPI.Exception as exc:
             self._keep(sends, message, receiving)

@@ -46,8 +46,11 @@ class PreparedTensor:
     data: np.ndarray | list[bytes]
 
 
-def prepare(array: object, dtype: int | None = None, what: str = "tensor") -> PreparedTensor:
-    """Check a value and bring it to the on-disk layout: C order, little-endian (a copy only if needed)."""
+def prepare(
+    array: object, dtype: int | None = None, what: str = "tensor", *, contiguous: bool = True
+) -> PreparedTensor:
+    """Check a value and bring it to the on-disk layout: little-endian, and C order unless ``contiguous``
+    is False (then a strided view is kept for a writer that gathers rows itself). Copies only if needed."""
     arr = np.asarray(array)
     try:
         code = from_numpy(arr.dtype) if dtype is None else int(dtype)
@@ -67,7 +70,7 @@ def prepare(array: object, dtype: int | None = None, what: str = "tensor") -> Pr
         raise DTypeMismatchError(f"{what}: array of dtype {arr.dtype} cannot be stored as {datatype_name(code)}")
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return PreparedTensor(code, arr.shape, np.ascontiguousarray(arr))
+    return PreparedTensor(code, arr.shape, np.ascontiguousarray(arr) if contiguous else arr)
 
 
 class DataFileWriter:
