@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -23,7 +24,7 @@ from .mesh import Mesh
 
 
 def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, local: Sequence[int],
-                 verify: Verify) -> DTensor:
+                 verify: Verify, pool: ThreadPoolExecutor) -> _Pending:
     entry = reader.entry(name)
     dtype = to_numpy(entry.dtype)
     if spec:
@@ -42,16 +43,23 @@ def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, loc
             f"{reader.prefix}: tensor {name} has rank {len(shape)} {list(shape)} but its target layout "
             f"{list(layout.sharding_specs)} has rank {layout.rank}"
         )
-    shards: dict[int, np.ndarray] = {}
-    read: dict[tuple[tuple[int, int], ...], np.ndarray] = {}
-    for device in local:
-        box = layout.shard_bounds(shape, device)
-        got = read.get(box)
-        if got is None:
-            global_box = tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(box, region))
-            got = read[box] = reader.read_bounds(name, global_box, verify=verify)
-        shards[device] = got
-    return DTensor(shape, dtype, layout, shards)
+    boxes = {device: layout.shard_bounds(shape, device) for device in local}
+    reads = {
+        box: pool.submit(reader.read_bounds, name, tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(box, region)),
+                         verify=verify)
+        for box in dict.fromkeys(boxes.values())
+    }
+    return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()})
+
+
+class _Pending:
+    """A DTensor whose shards are still being read by the pool."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, layout: Layout, futures: dict[int, Future]) -> None:
+        self.shape, self.dtype, self.layout, self.futures = shape, dtype, layout, futures
+
+    def result(self) -> DTensor:
+        return DTensor(self.shape, self.dtype, self.layout, {d: f.result() for d, f in self.futures.items()})
 
 
 def sharded_restore(
@@ -63,6 +71,7 @@ def sharded_restore(
     shape_and_slices: Sequence[str] | None = None,
     coordinator: Coordinator | None = None,
     verify: Verify = True,
+    threads: int | None = None,
 ) -> list[DTensor]:
     """Read each named tensor (or the slice ``shape_and_slices[i]`` of it) into ``layouts[i]`` on this client.
 
@@ -81,8 +90,11 @@ def sharded_restore(
     else:
         coord = resolve(coordinator)
         local = mesh.local_devices(coord.rank, coord.size)
-    with BundleReader(file_prefix) as reader:
-        return [_restore_one(reader, n, lay, s, local, verify) for n, lay, s in zip(tensor_names, layouts, specs)]
+    workers = threads or min(4, os.cpu_count() or 1)
+    with BundleReader(file_prefix) as reader, ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
+        pending = [_restore_one(reader, name, layout, spec, local, verify, pool)
+                   for name, layout, spec in zip(tensor_names, layouts, specs)]
+        return [p.result() for p in pending]
 
 
 Target = DTensor | Layout | tuple[Sequence[int], object, Layout]

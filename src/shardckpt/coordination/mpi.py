@@ -1,12 +1,12 @@
 """MPI (mpi4py) as an engine: all-gathers from nonblocking point-to-point messages, no pickle.
 
-Every collective sends each other rank one message, ``seq (u64) | payload``, with
+Every collective sends each other rank one message, ``instance | seq | payload``, with
 ``Isend`` from a numpy uint8 buffer, and receives the others' by polling
 ``Improbe`` (then ``Imrecv`` into a buffer of the probed size) until the deadline.
 Ranks whose message has not arrived by then are named in a `ClientTimeoutError`.
 The tag cycles with the collective's sequence number and the receiver checks the
-``seq`` header, so a late message of an abandoned collective is recognised and
-dropped, never taken for a newer one.  Sends still pending when a collective
+header (which coordinator, which collective), so a late message of an abandoned
+collective is recognised and dropped, never taken for a newer one.  Sends still pending when a collective
 ends (a timeout, or a slow peer) stay posted, as a key stays in a key-value
 store: a late rank still receives them; their buffers are kept alive until they
 complete, and `close` cancels what is left.
@@ -24,9 +24,10 @@ from typing import Any
 from ..errors import ClientTimeoutError, CoordinationError
 from .base import Coordinator
 
-_SEQ = struct.Struct("<Q")
-_TAG_SPAN = 1 << 14
-_MIN_LOOK = 0.01  # even a timeout of 0 polls this long: MPI moves a message only while it is polled  # distinct tags cycled through; the seq header disambiguates the wrap-around
+_HEADER = struct.Struct("<QQ")  # (coordinator instance on this communicator, collective seq)
+_TAG_SPAN = 1 << 14  # distinct tags cycled through; the seq header disambiguates the wrap-around
+_MIN_LOOK = 0.01  # even a timeout of 0 polls this long: MPI moves a message only while it is polled
+_instances: dict[int, int] = {}  # coordinators made so far, by communicator handle
 
 
 class MPICoordinator(Coordinator):
@@ -57,7 +58,11 @@ class MPICoordinator(Coordinator):
         self._tag_top = tag_ub
         self._tag_span = min(_TAG_SPAN, tag_ub // 2)
         self._seq = 0
-        # (request, buffer) of sends that were still pending when a collective gave up.
+        # Every rank makes its coordinators on a communicator in the same order, so they number them alike;
+        # the number goes into each message, so a coordinator never takes another's late message.
+        key = self._comm.py2f()
+        self._instance = _instances[key] = _instances.get(key, 0) + 1
+        # (request, buffer) of messages still in flight when a collective returned or gave up.
         self._orphans: list[tuple[Any, Any]] = []
 
     def _tag(self, seq: int) -> int:
@@ -87,7 +92,7 @@ class MPICoordinator(Coordinator):
         grace = max(timeout, 30.0)
         out: list[bytes | None] = [None] * self.size
         out[self.rank] = data
-        message = np.frombuffer(_SEQ.pack(seq) + data, dtype=np.uint8)
+        message = np.frombuffer(_HEADER.pack(self._instance, seq) + data, dtype=np.uint8)
         sends: list[tuple[int, Any]] = []
         receiving: dict[int, tuple[Any, Any]] = {}  # rank -> (request, buffer) of a matched message
         waiting = [r for r in range(self.size) if r != self.rank]
@@ -112,9 +117,9 @@ class MPICoordinator(Coordinator):
                     del receiving[r]
                     progressed = True
                     raw = buf.tobytes()
-                    if len(raw) < _SEQ.size or _SEQ.unpack_from(raw)[0] != seq:
+                    if len(raw) < _HEADER.size or _HEADER.unpack_from(raw) != (self._instance, seq):
                         continue  # a late message of an older collective that shared this tag: drop it
-                    out[r] = raw[_SEQ.size :]
+                    out[r] = raw[_HEADER.size :]
                     waiting.remove(r)
                 sends = [(r, req) for r, req in sends if not req.Test()]
                 # Done when every message is in and ours are delivered (a large one needs our progress).

@@ -270,12 +270,21 @@ class BundleReader:
             out[...] = target
         return target
 
-    def _read_region(self, key: bytes, e: BundleEntry, local: Bounds, verify: Verify) -> np.ndarray:
-        """The box ``local`` (coordinates inside the stored entry) without reading the whole entry."""
+    def _read_region(self, key: bytes, e: BundleEntry, local: Bounds, verify: Verify, dst: np.ndarray) -> None:
+        """Fill ``dst`` with the box ``local`` (coordinates inside the stored entry).
+
+        A whole entry is read straight into ``dst`` when ``dst`` is contiguous, its CRC checked; a
+        part is read as the one byte range that spans it (no CRC: see `sharded_restore`), straight
+        into ``dst`` when both the range and ``dst`` are contiguous, else through a buffer.
+        """
         whole = all(lo == 0 and hi == dim for (lo, hi), dim in zip(local, e.shape))
+        if whole and e.dtype != DataType.STRING:
+            self._read_whole(key, e, verify, out=dst)
+            return
         box = tuple(slice(lo, hi) for lo, hi in local)
         if whole or e.dtype == DataType.STRING or verify == "full":
-            return self._read_whole(key, e, verify)[box]
+            dst[...] = self._read_whole(key, e, verify)[box]
+            return
         fd, path = self._locate(key, e)
         dtype = to_numpy(e.dtype)
         strides = [dtype.itemsize] * len(e.shape)
@@ -283,12 +292,17 @@ class BundleReader:
             strides[d] = strides[d + 1] * e.shape[d + 1]
         first = sum(lo * s for (lo, _), s in zip(local, strides))
         last = sum((hi - 1) * s for (_, hi), s in zip(local, strides))
-        buf = np.empty(last - first + dtype.itemsize, np.uint8)
+        nbytes = last - first + dtype.itemsize
+        swap = self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1
+        if dst.flags.c_contiguous and nbytes == dst.nbytes:
+            self._pread_into(fd, memoryview(dst.reshape(-1).view(np.uint8)), e.offset + first, path, None)
+            if swap:
+                dst.byteswap(inplace=True)
+            return
+        buf = np.empty(nbytes, np.uint8)
         self._pread_into(fd, memoryview(buf), e.offset + first, path, None)
         region = np.ndarray(tuple(hi - lo for lo, hi in local), dtype, buffer=buf, strides=tuple(strides))
-        if self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1:
-            region = region.byteswap()
-        return region
+        dst[...] = region.byteswap() if swap else region
 
     # --- tensors ----------------------------------------------------------------------------------
 
@@ -383,7 +397,7 @@ class BundleReader:
         for p, inter in parts:
             local = tuple((lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(inter, p.bounds))
             dst = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(inter, bounds))
-            out[dst] = self._read_region(p.key, p.entry, local, verify)
+            self._read_region(p.key, p.entry, local, verify, out[dst])
         return out
 
     def close(self) -> None:
