@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import strings
+from .buffers import IOV_MAX, byte_views
 from .coding import crc32c, mask_crc
 from .protos import BundleEntry
 from .writer import PreparedTensor
@@ -27,23 +28,14 @@ from .writer import PreparedTensor
 CHUNK = 8 << 20  # bytes per write of a large tensor: fits in L2/L3 between its CRC and its write
 GROUP = 4 << 20  # small tensors are written together until a group reaches this size
 MIN_ROW = 4096  # rows shorter than this are gathered by a copy instead of one iovec each
-IOV_MAX = 1024
 
 
 def _pieces(data: np.ndarray) -> list[memoryview]:
-    """The tensor's bytes in row-major order as buffers over the array's own memory where possible."""
-    if data.size == 0:
-        return []
-    if data.flags.c_contiguous:
-        return [memoryview(data.reshape(-1).view(np.uint8))]
-    rows = data.view()
-    try:
-        rows.shape = (-1, data.shape[-1])  # raises when the rows cannot be viewed without a copy
-    except AttributeError:
-        rows = None
-    if rows is not None and rows.strides[1] == data.itemsize and rows.shape[1] * data.itemsize >= MIN_ROW:
-        return [memoryview(r.view(np.uint8)) for r in rows]
-    return [memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))]
+    """The tensor's bytes in row-major order, over the array's own memory unless rows are too short."""
+    views = byte_views(data, MIN_ROW)
+    if views is None:
+        return [memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))]
+    return views
 
 
 @dataclass

@@ -30,6 +30,7 @@ from ..errors import (
     TruncatedFileError,
 )
 from . import strings
+from .buffers import IOV_MAX, byte_views
 from .coding import crc32c, unmask_crc
 from .dtypes import DataType, to_numpy
 from .files import data_filename, index_filename, normalize_prefix
@@ -224,21 +225,45 @@ class BundleReader:
             )
         return fd, path
 
-    def _pread_into(self, fd: int, view: memoryview, offset: int, path: str, verify_crc: int | None) -> int:
-        """Fill ``view`` from ``offset``; returns the CRC of the bytes when asked (chunk by chunk, hot)."""
+    def _pread_into(self, fd: int, views: list[memoryview], offset: int, path: str, verify_crc: int | None) -> int:
+        """Fill ``views`` (consecutive in the file) from ``offset``; returns the CRC of the bytes when asked,
+        taken chunk by chunk right after each chunk is read, while it is in cache."""
         crc = 0
-        pos = 0
-        while pos < len(view):
-            chunk = view[pos : pos + _READ_CHUNK]
-            got = 0
-            while got < len(chunk):
-                n = os.preadv(fd, [chunk[got:]], offset + pos + got)
-                if n <= 0:
-                    raise TruncatedFileError(f"{path}: ended at {offset + pos + got} while reading")
-                got += n
-            if verify_crc is not None:
-                crc = crc32c(chunk, crc)
-            pos += len(chunk)
+        pos = offset
+        batch: list[memoryview] = []
+        size = 0
+        for view in views:
+            # Large buffers go in chunks; small ones (rows) are gathered into one preadv.
+            for start in range(0, len(view), _READ_CHUNK):
+                batch.append(view[start : start + _READ_CHUNK])
+                size += len(batch[-1])
+                if size >= _READ_CHUNK or len(batch) == IOV_MAX:
+                    crc = self._preadv_batch(fd, batch, pos, path, crc, verify_crc is not None)
+                    pos += size
+                    batch, size = [], 0
+        if batch:
+            crc = self._preadv_batch(fd, batch, pos, path, crc, verify_crc is not None)
+        return crc
+
+    @staticmethod
+    def _preadv_batch(fd: int, batch: list[memoryview], pos: int, path: str, crc: int, with_crc: bool) -> int:
+        got = os.preadv(fd, batch, pos)
+        want = sum(len(b) for b in batch)
+        if got < want:  # short read: finish each buffer, or report where the file ended
+            start = 0
+            for b in batch:
+                end = start + len(b)
+                if got < end:
+                    view, at = b[max(0, got - start) :], pos + max(got, start)
+                    while view:
+                        n = os.preadv(fd, [view], at)
+                        if n <= 0:
+                            raise TruncatedFileError(f"{path}: ended at {at} while reading")
+                        view, at = view[n:], at + n
+                start = end
+        if with_crc:
+            for b in batch:
+                crc = crc32c(b, crc)
         return crc
 
     def _read_whole(self, key: bytes, e: BundleEntry, verify: Verify, out: np.ndarray | None = None) -> np.ndarray:
@@ -250,15 +275,14 @@ class BundleReader:
         count = math.prod(e.shape)
         if e.dtype == DataType.STRING:
             buf = bytearray(e.size)
-            self._pread_into(fd, memoryview(buf), e.offset, path, None)
+            self._pread_into(fd, [memoryview(buf)], e.offset, path, None)
             expected = unmask_crc(e.crc32c) if verify else None
             return strings.decode(bytes(buf), count, where, expected).reshape(e.shape)
-        if out is None or not out.flags.c_contiguous:
-            target = np.empty(e.shape, dtype)
-        else:
-            target = out
-        view = memoryview(target.reshape(-1).view(np.uint8)) if count else memoryview(b"")
-        crc = self._pread_into(fd, view, e.offset, path, 0 if verify else None)
+        views = byte_views(out) if out is not None else None
+        target = out if views is not None else np.empty(e.shape, dtype)
+        if views is None:
+            views = [memoryview(target.reshape(-1).view(np.uint8))] if count else []
+        crc = self._pread_into(fd, views, e.offset, path, 0 if verify else None)
         if verify and crc != unmask_crc(e.crc32c):
             raise ChecksumMismatchError(
                 f"{where} ({e.size} bytes): checksum does not match: stored {unmask_crc(e.crc32c):#010x} "
@@ -294,13 +318,14 @@ class BundleReader:
         last = sum((hi - 1) * s for (_, hi), s in zip(local, strides))
         nbytes = last - first + dtype.itemsize
         swap = self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1
-        if dst.flags.c_contiguous and nbytes == dst.nbytes:
-            self._pread_into(fd, memoryview(dst.reshape(-1).view(np.uint8)), e.offset + first, path, None)
+        views = byte_views(dst) if nbytes == dst.nbytes else None
+        if views is not None:
+            self._pread_into(fd, views, e.offset + first, path, None)
             if swap:
                 dst.byteswap(inplace=True)
             return
         buf = np.empty(nbytes, np.uint8)
-        self._pread_into(fd, memoryview(buf), e.offset + first, path, None)
+        self._pread_into(fd, [memoryview(buf)], e.offset + first, path, None)
         region = np.ndarray(tuple(hi - lo for lo, hi in local), dtype, buffer=buf, strides=tuple(strides))
         dst[...] = region.byteswap() if swap else region
 

@@ -1,0 +1,29 @@
+"""Zero-copy views of array memory for vectored I/O (``pwritev`` / ``preadv``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+IOV_MAX = 1024  # iovecs per system call (Linux's limit)
+
+
+def byte_views(arr: np.ndarray, min_row: int = 4096) -> list[memoryview] | None:
+    """The array's bytes in row-major order as buffers over its own memory, or None if that needs a copy.
+
+    One buffer for a C-contiguous array; one per row for a strided view whose rows are contiguous and at
+    least ``min_row`` bytes (a column block of a matrix); None otherwise.
+    """
+    if arr.size == 0:
+        return []
+    if arr.flags.c_contiguous:
+        return [memoryview(arr.reshape(-1).view(np.uint8))]
+    if arr.ndim < 2:
+        return None
+    rows = arr.view()
+    try:
+        rows.shape = (-1, arr.shape[-1])  # raises when the rows cannot be viewed without a copy
+    except AttributeError:
+        return None
+    if rows.strides[1] != arr.itemsize or rows.shape[1] * arr.itemsize < min_row:
+        return None
+    return [memoryview(r.view(np.uint8)) for r in rows]
