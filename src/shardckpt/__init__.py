@@ -26,7 +26,7 @@ from .format import BundleReader, BundleWriter, DataType, merge_bundles
 from .layout import UNSHARDED, Layout
 from .mesh import Mesh, create_mesh
 from .restore import name_based_restore, sharded_restore
-from .save import SaveResult, name_based_save, sharded_save
+from .save import SaveFuture, SaveResult, name_based_save, sharded_save, wait_for_pending_save
 
 __version__ = "0.1.0"
 
@@ -36,6 +36,7 @@ __all__ = [
     "Layout",
     "LocalGroup",
     "Mesh",
+    "SaveFuture",
     "SaveResult",
     "UNSHARDED",
     "create_mesh",
@@ -45,6 +46,7 @@ __all__ = [
     "sharded_restore",
     "sharded_save",
     "unpack",
+    "wait_for_pending_save",
     "BundleReader",
     "BundleWriter",
     "CheckpointError",

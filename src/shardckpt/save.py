@@ -23,8 +23,11 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
+import weakref
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +46,7 @@ from .errors import (
 from .faults import fault_point
 from .format.dtypes import DataType, from_numpy
 from .format.files import data_filename, index_filename
-from .format.parallel_writer import write_data_file
+from .format.parallel_writer import write_at, write_data_file
 from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
 from .format.writer import prepare
@@ -136,16 +139,9 @@ def _normalize(
     return specs, dtensors
 
 
-def _write(path: str, rank: int, items: list[WriteItem], specs: list[SaveTensor], dtensors: list[DTensor],
-           durable: bool) -> tuple[list[tuple[bytes, BundleEntry]], int]:
-    """Write this client's shards to its staging data file; returns its index entries and bytes written."""
-    prepared = []
-    for item in items:
-        spec, t = specs[item.arg], dtensors[item.arg]
-        prepared.append(prepare(t.shards[item.device], spec.dtype, f"{path}: tensor {spec.name}", contiguous=False))
-    written, size = write_data_file(path, prepared, shard_id=rank, durable=durable,
-                                    midway=lambda: fault_point("mid_data_write", rank))
-    fault_point("after_data_fsync", rank)
+def _entries_for(items: list[WriteItem], specs: list[SaveTensor],
+                 written: list[BundleEntry]) -> list[tuple[bytes, BundleEntry]]:
+    """Index entries of written shards: whole tensors under their name, slices under slice keys."""
     entries: list[tuple[bytes, BundleEntry]] = []
     for item, entry in zip(items, written):
         spec = specs[item.arg]
@@ -156,38 +152,125 @@ def _write(path: str, rank: int, items: list[WriteItem], specs: list[SaveTensor]
             tslice = TensorSlice.from_bounds(item.box)
             entries.append((encode_slice_key(key, tslice), entry))
             entries.append((key, BundleEntry(dtype=spec.dtype, shape=spec.full_shape, slices=[tslice])))
-    return entries, size
+    return entries
 
 
-def sharded_save(
-    mesh: Mesh,
-    file_prefix: str | os.PathLike[str],
-    tensor_names: Sequence[str],
-    shape_and_slices: Sequence[str],
-    tensors: Sequence[object],
-    *,
-    coordinator: Coordinator | None = None,
-    timeout: float | None = None,
-    overwrite: bool = False,
-    durable: bool = True,
-) -> SaveResult:
-    """Save DTensors (or numpy arrays, taken as replicated) from every client into one checkpoint.
+def _waves(items: list[WriteItem], cap: int | None) -> list[list[WriteItem]]:
+    """Consecutive groups of items of at most ``cap`` bytes each (an item larger than ``cap`` alone)."""
+    if cap is None:
+        return [items]
+    waves: list[list[WriteItem]] = [[]]
+    size = 0
+    for item in items:
+        if waves[-1] and size + item.nbytes > cap:
+            waves.append([])
+            size = 0
+        waves[-1].append(item)
+        size += item.nbytes
+    return waves
 
-    Every client calls this with the same names, slices, shapes, dtypes and
-    layouts, passing its own local shards.  On return, on any client, the
-    checkpoint at ``file_prefix`` is complete on disk.  ``shape_and_slices[i]``
-    may name a slice of a larger variable (SaveV2's syntax); the DTensor then
-    holds that slice, itself sharded by its layout.
-    """
-    coord = resolve(coordinator)
-    wait = default_timeout(timeout)
-    prefix = os.fspath(file_prefix)
+
+@dataclass
+class _Session:
+    """One save after the agreement: everything the write and commit phases need."""
+
+    coord: Coordinator
+    wait: float
+    prefix: str
+    token: str
+    overwrite: bool
+    durable: bool
+    specs: list[SaveTensor]
+    dtensors: list[DTensor]
+    items: list[WriteItem]
+    timings: dict[str, float]
+    t0: float
+
+    @property
+    def rank(self) -> int:
+        return self.coord.rank
+
+    @property
+    def staging(self) -> str:
+        return staging_data_filename(self.prefix, self.rank, self.coord.size, self.token)
+
+    def prepared(self, items: list[WriteItem], copy: bool) -> list:
+        out = []
+        for item in items:
+            spec = self.specs[item.arg]
+            shard = self.dtensors[item.arg].shards[item.device]
+            if copy:  # a C-ordered snapshot the caller can no longer change
+                shard = np.array(shard, copy=True, order="C")
+            out.append(prepare(shard, spec.dtype, f"{self.staging}: tensor {spec.name}", contiguous=False))
+        return out
+
+    def write_blocking(self) -> tuple[bytes, BaseException | None, int]:
+        """Write every item straight from the caller's arrays."""
+        t = time.perf_counter()
+        try:
+            fault_point("after_agree", self.rank)
+            fault_point("after_plan", self.rank)
+            prepared = self.prepared(self.items, copy=False)
+            written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
+                                            midway=lambda: fault_point("mid_data_write", self.rank))
+            fault_point("after_data_fsync", self.rank)
+            return pack_entries(_entries_for(self.items, self.specs, written)), None, size
+        except (CheckpointError, OSError) as exc:
+            return b"", exc, 0
+        finally:
+            self.timings["write"] = time.perf_counter() - t
+
+    def finish(self, blob: bytes, error: BaseException | None, written: int) -> SaveResult:
+        """Tell every client how the writes went, commit on client 0, and agree on the outcome."""
+        coord, wait, prefix, rank, size = self.coord, self.wait, self.prefix, self.rank, self.coord.size
+        t = time.perf_counter()
+        fault_point("before_barrier_written", rank)
+        try:
+            header = json.dumps({"error": str(error) if error else None}).encode()
+            pieces = coord.all_gather(len(header).to_bytes(4, "little") + header + blob, "written", wait)
+        except BaseException:
+            _discard(self.staging)
+            raise
+        statuses = [json.loads(p[4 : 4 + int.from_bytes(p[:4], "little")]) for p in pieces]
+        if error is not None or any(st["error"] for st in statuses):
+            _discard(self.staging)
+            if error is not None:
+                raise error
+            _raise_remote(statuses, rank, f"{prefix}: sharded_save")
+        self.timings["barrier_written"] = time.perf_counter() - t
+        fault_point("after_barrier_written", rank)
+
+        t = time.perf_counter()
+        commit_error: str | None = None
+        if rank == 0:
+            try:
+                bodies = [p[4 + int.from_bytes(p[:4], "little") :] for p in pieces]
+                commit(prefix, self.token, size, bodies, overwrite=self.overwrite, durable=self.durable,
+                       hook=lambda point: fault_point(point, rank))
+            except (CheckpointError, OSError) as exc:
+                commit_error = f"{type(exc).__name__}: {exc}"
+                log.error("%s: commit failed: %s", prefix, exc)
+        self.timings["commit"] = time.perf_counter() - t
+        t = time.perf_counter()
+        fault_point("before_barrier_committed", rank)
+        outcome = _gather_json(coord, {"error": commit_error}, "committed", wait)
+        self.timings["barrier_committed"] = time.perf_counter() - t
+        fault_point("after_barrier_committed", rank)
+        if outcome[0]["error"]:
+            _discard(self.staging)
+            raise RemoteClientError(f"{prefix}: commit on client 0 failed: {outcome[0]['error']}")
+        self.timings["total"] = time.perf_counter() - self.t0
+        return SaveResult(prefix, [data_filename(prefix, rank, size)], written, size, self.timings)
+
+
+def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slices: Sequence[str],
+           tensors: Sequence[object], coord: Coordinator, wait: float, overwrite: bool, durable: bool) -> _Session:
+    """Check every client called alike, clean up after an earlier crash, and compute the plan."""
     rank, size = coord.rank, coord.size
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     local = mesh.local_devices(rank, size)
     directory = os.path.dirname(prefix)
-
     local_error: BaseException | None = None
     specs: list[SaveTensor] = []
     dtensors: list[DTensor] = []
@@ -226,63 +309,168 @@ def sharded_save(
             )
     if replies[0]["exists"] and not overwrite:
         raise CheckpointExistsError(f"{prefix}: a checkpoint already exists (pass overwrite=True to replace it)")
-    token = str(replies[0]["token"])
-
     t = time.perf_counter()
-    items = plan_save(specs, [r["devices"] for r in replies])
-    my_items = [it for it in items if it.client == rank]
+    items = [it for it in plan_save(specs, [r["devices"] for r in replies]) if it.client == rank]
     timings["plan"] = time.perf_counter() - t
+    return _Session(coord, wait, prefix, str(replies[0]["token"]), overwrite, durable, specs, dtensors, items,
+                    timings, t0)
 
-    t = time.perf_counter()
-    staging = staging_data_filename(prefix, rank, size, token)
-    blob, error, written = b"", None, 0
-    try:
-        fault_point("after_agree", rank)
-        fault_point("after_plan", rank)
-        entries, written = _write(staging, rank, my_items, specs, dtensors, durable)
-        blob = pack_entries(entries)
-    except (CheckpointError, OSError) as exc:
-        error = exc
-    timings["write"] = time.perf_counter() - t
 
-    t = time.perf_counter()
-    fault_point("before_barrier_written", rank)
-    try:
-        header = json.dumps({"error": str(error) if error else None}).encode()
-        pieces = coord.all_gather(len(header).to_bytes(4, "little") + header + blob, "written", wait)
-    except BaseException:
-        _discard(staging)
-        raise
-    statuses = [json.loads(p[4 : 4 + int.from_bytes(p[:4], "little")]) for p in pieces]
-    if error is not None or any(s["error"] for s in statuses):
-        _discard(staging)
-        if error is not None:
-            raise error
-        _raise_remote(statuses, rank, f"{prefix}: sharded_save")
-    timings["barrier_written"] = time.perf_counter() - t
-    fault_point("after_barrier_written", rank)
+class SaveFuture:
+    """The outcome of ``sharded_save(..., blocking=False)``: `result` waits and returns or raises."""
 
-    t = time.perf_counter()
-    commit_error: str | None = None
-    if rank == 0:
+    def __init__(self, future: Future[SaveResult], prefix: str, blocking_seconds: float) -> None:
+        self._future = future
+        self.prefix = prefix
+        self.blocking_seconds = blocking_seconds
+
+    def result(self, timeout: float | None = None) -> SaveResult:
+        return self._future.result(timeout)
+
+    def done(self) -> bool:
+        return self._future.done()
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        return self._future.exception(timeout)
+
+
+@dataclass
+class _AsyncState:
+    """Per coordinator (so in-process clients do not queue behind each other): one background saver."""
+
+    executor: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="shardckpt-async-save"))
+    pending: Future[SaveResult] | None = None
+
+
+_async_lock = threading.Lock()
+_async: weakref.WeakKeyDictionary[Coordinator, _AsyncState] = weakref.WeakKeyDictionary()
+
+
+def _async_state(coord: Coordinator) -> _AsyncState:
+    with _async_lock:
+        state = _async.get(coord)
+        if state is None:
+            state = _async[coord] = _AsyncState()
+        return state
+
+
+def wait_for_pending_save(coordinator: Coordinator | None = None) -> None:
+    """Block until the last asynchronous save through this coordinator has finished.
+
+    Its errors stay with its own future.
+    """
+    state = _async_state(resolve(coordinator))
+    pending = state.pending
+    if pending is not None:
         try:
-            bodies = [p[4 + int.from_bytes(p[:4], "little") :] for p in pieces]
-            commit(prefix, token, size, bodies, overwrite=overwrite, durable=durable,
-                   hook=lambda point: fault_point(point, rank))
-        except (CheckpointError, OSError) as exc:
-            commit_error = f"{type(exc).__name__}: {exc}"
-            log.error("%s: commit failed: %s", prefix, exc)
-    timings["commit"] = time.perf_counter() - t
+            pending.result()
+        except BaseException:  # noqa: BLE001 - reported through that save's own future
+            pass
+
+
+def sharded_save(
+    mesh: Mesh,
+    file_prefix: str | os.PathLike[str],
+    tensor_names: Sequence[str],
+    shape_and_slices: Sequence[str],
+    tensors: Sequence[object],
+    *,
+    coordinator: Coordinator | None = None,
+    timeout: float | None = None,
+    overwrite: bool = False,
+    durable: bool = True,
+    blocking: bool = True,
+    max_staging_bytes: int | None = None,
+) -> SaveResult | SaveFuture:
+    """Save DTensors (or numpy arrays, taken as replicated) from every client into one checkpoint.
+
+    Every client calls this with the same names, slices, shapes, dtypes and
+    layouts, passing its own local shards.  On return, on any client, the
+    checkpoint at ``file_prefix`` is complete on disk.  ``shape_and_slices[i]``
+    may name a slice of a larger variable (SaveV2's syntax); the DTensor then
+    holds that slice, itself sharded by its layout.
+
+    With ``blocking=False`` the call returns a `SaveFuture` as soon as the shards
+    this client writes are copied to host memory; the caller may then change its
+    tensors.  Writing, the barriers and the commit run in a background thread.
+    ``max_staging_bytes`` caps that copy: beyond it, copying waits for earlier
+    copies to be written (in waves).  A save waits for an earlier asynchronous one.
+    """
+    coord = resolve(coordinator)
+    wait_for_pending_save(coord)
+    wait = default_timeout(timeout)
+    session = _agree(mesh, os.fspath(file_prefix), tensor_names, shape_and_slices, tensors, coord, wait,
+                     overwrite, durable)
+    if blocking:
+        return session.finish(*session.write_blocking())
     t = time.perf_counter()
-    fault_point("before_barrier_committed", rank)
-    outcome = _gather_json(coord, {"error": commit_error}, "committed", wait)
-    timings["barrier_committed"] = time.perf_counter() - t
-    fault_point("after_barrier_committed", rank)
-    if outcome[0]["error"]:
-        _discard(staging)
-        raise RemoteClientError(f"{prefix}: commit on client 0 failed: {outcome[0]['error']}")
-    timings["total"] = time.perf_counter() - t0
-    return SaveResult(prefix, [data_filename(prefix, rank, size)], written, size, timings)
+    staged = _StagedWrite(session, max_staging_bytes)
+    staged.copy_all()
+    session.timings["blocking_copy"] = time.perf_counter() - t
+    state = _async_state(coord)
+    future = state.executor.submit(lambda: session.finish(*staged.complete()))
+    state.pending = future
+    return SaveFuture(future, session.prefix, time.perf_counter() - session.t0)
+
+
+class _StagedWrite:
+    """Copies a session's shards in waves (bounded memory) while a writer thread writes earlier waves."""
+
+    def __init__(self, session: _Session, cap: int | None) -> None:
+        self.session = session
+        self.cap = cap
+        self.writer = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-stage")
+        self.fd: int | None = None
+        self.end = 0
+        self.entries: list[BundleEntry] = []
+        self.futures: list[tuple[Future[None], int]] = []
+        self.error: BaseException | None = None
+
+    def _write_wave(self, prepared: list) -> None:
+        assert self.fd is not None
+        written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=self.session.rank)
+        self.entries.extend(written)
+
+    def copy_all(self) -> None:
+        s = self.session
+        try:
+            fault_point("after_agree", s.rank)
+            fault_point("after_plan", s.rank)
+            self.fd = os.open(s.staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            in_flight = 0
+            for wave in _waves(s.items, self.cap):
+                size = sum(it.nbytes for it in wave)
+                while self.cap is not None and self.futures and in_flight + size > self.cap:
+                    done, nbytes = self.futures.pop(0)
+                    done.result()
+                    in_flight -= nbytes
+                prepared = s.prepared(wave, copy=True)
+                self.futures.append((self.writer.submit(self._write_wave, prepared), size))
+                in_flight += size
+        except (CheckpointError, OSError) as exc:
+            self.error = exc
+
+    def complete(self) -> tuple[bytes, BaseException | None, int]:
+        """In the background: finish the writes, fsync, and hand the entries to `_Session.finish`."""
+        s = self.session
+        t = time.perf_counter()
+        try:
+            for future, _ in self.futures:
+                future.result()
+            if self.error is not None:
+                raise self.error
+            if self.fd is not None and s.durable:
+                os.fsync(self.fd)
+            fault_point("after_data_fsync", s.rank)
+            return pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end
+        except (CheckpointError, OSError) as exc:
+            return b"", exc, 0
+        finally:
+            if self.fd is not None:
+                os.close(self.fd)
+            self.writer.shutdown()
+            s.timings["write"] = time.perf_counter() - t
 
 
 def _discard(path: str) -> None:
@@ -293,7 +481,7 @@ def _discard(path: str) -> None:
 
 
 def name_based_save(mesh: Mesh, file_prefix: str | os.PathLike[str], name_tensor_map: dict[str, object],
-                    **kwargs: object) -> SaveResult:
+                    **kwargs: object) -> SaveResult | SaveFuture:
     """Save ``{name: DTensor or array}`` whole (no slices), as DTensor's ``name_based_save``."""
     names = list(name_tensor_map)
     return sharded_save(mesh, file_prefix, names, [""] * len(names), [name_tensor_map[n] for n in names],

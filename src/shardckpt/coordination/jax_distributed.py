@@ -25,6 +25,7 @@ from ..errors import CoordinationError
 from .base import KeyValueCoordinator
 
 _instances = itertools.count()
+_MAX_MS = 2**31 - 1  # the runtimes take a C int of milliseconds
 
 
 def _status(exc: BaseException) -> str:
@@ -61,7 +62,7 @@ class JaxCoordinator(KeyValueCoordinator):
             raise CoordinationError(f"{self.engine}: cannot set key {key!r}: {exc}{hint}") from None
 
     def _get(self, key: str, timeout: float) -> bytes | None:
-        ms = int(timeout * 1000)
+        ms = min(int(timeout * 1000), _MAX_MS)
         try:
             if ms <= 0:
                 return bytes(self._client.key_value_try_get_bytes(key))

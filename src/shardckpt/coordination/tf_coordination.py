@@ -23,6 +23,7 @@ from ..errors import CoordinationError
 from .base import KeyValueCoordinator
 
 _instances = itertools.count()
+_MAX_MS = 2**31 - 1  # the runtimes take a C int of milliseconds
 _MARK = "b:"  # never an empty value, whatever the payload
 
 
@@ -53,7 +54,7 @@ class TFCoordinator(KeyValueCoordinator):
             raise CoordinationError(f"{self.engine}: cannot set key {key!r}: {exc.message}{hint}") from None
 
     def _get(self, key: str, timeout: float) -> bytes | None:
-        ms = max(1, int(timeout * 1000))
+        ms = min(max(1, int(timeout * 1000)), _MAX_MS)
         try:
             text = self._ctx.get_config_key_value(key, ms)
         except self._errors.DeadlineExceededError:

@@ -90,17 +90,16 @@ def _run(fd: int, job: _Job, crcs: list[int]) -> None:
         _pwritev_all(fd, buffers, job.offset)
 
 
-def write_data_file(path: str, tensors: Sequence[PreparedTensor], *, shard_id: int = 0, alignment: int = 1,
-                    threads: int | None = None, durable: bool = True,
-                    midway: Callable[[], None] | None = None) -> tuple[list[BundleEntry], int]:
-    """Write ``tensors`` in order into a new file at ``path``; returns their entries and the file size.
+def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shard_id: int = 0, alignment: int = 1,
+             threads: int | None = None, midway: Callable[[], None] | None = None) -> tuple[list[BundleEntry], int]:
+    """Write ``tensors`` in order into ``fd`` from byte ``start``; returns their entries and the end offset.
 
     ``midway`` runs once the first group of tensors is written (a fault-injection point for tests).
     """
     entries: list[BundleEntry] = []
     crcs: list[int] = []
     jobs: list[_Job] = []
-    offset = 0
+    offset = start
     for i, t in enumerate(tensors):
         if isinstance(t.data, list):
             parts, crc = strings.encode(t.data)
@@ -121,20 +120,30 @@ def write_data_file(path: str, tensors: Sequence[PreparedTensor], *, shard_id: i
             jobs[-1].tensors.append((i, [memoryview(pad)]))  # after the tensor's CRC is taken: not in it
             jobs[-1].size += len(pad)
             offset += len(pad)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        workers = threads or min(4, os.cpu_count() or 1)
-        if workers > 1 and len(jobs) > 1:
-            with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-write") as pool:
-                for i, future in enumerate([pool.submit(_run, fd, job, crcs) for job in jobs]):
-                    future.result()
-                    if i == 0 and midway is not None:
-                        midway()
-        else:
-            for i, job in enumerate(jobs):
-                _run(fd, job, crcs)
+    workers = threads or min(4, os.cpu_count() or 1)
+    if workers > 1 and len(jobs) > 1:
+        with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-write") as pool:
+            for i, future in enumerate([pool.submit(_run, fd, job, crcs) for job in jobs]):
+                future.result()
                 if i == 0 and midway is not None:
                     midway()
+    else:
+        for i, job in enumerate(jobs):
+            _run(fd, job, crcs)
+            if i == 0 and midway is not None:
+                midway()
+    for entry, crc in zip(entries, crcs):
+        entry.crc32c = mask_crc(max(crc, 0))
+    return entries, offset
+
+
+def write_data_file(path: str, tensors: Sequence[PreparedTensor], *, shard_id: int = 0, alignment: int = 1,
+                    threads: int | None = None, durable: bool = True,
+                    midway: Callable[[], None] | None = None) -> tuple[list[BundleEntry], int]:
+    """Write ``tensors`` in order into a new file at ``path``; returns their entries and the file size."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        entries, size = write_at(fd, tensors, shard_id=shard_id, alignment=alignment, threads=threads, midway=midway)
         if durable:
             os.fsync(fd)
     except BaseException:
@@ -145,6 +154,4 @@ def write_data_file(path: str, tensors: Sequence[PreparedTensor], *, shard_id: i
             pass
         raise
     os.close(fd)
-    for entry, crc in zip(entries, crcs):
-        entry.crc32c = mask_crc(max(crc, 0))
-    return entries, offset
+    return entries, size
