@@ -39,9 +39,13 @@ class SaveTensor:
 class WriteItem:
     arg: int
     box: Bounds  # in full-tensor coordinates
-    device: int  # the device whose local shard holds exactly this box
+    device: int  # a device whose local shard holds this box
     client: int
     nbytes: int
+    within: Bounds | None = None  # the box inside that shard when it is only part of it (a split replica)
+
+
+SPLIT_BYTES = 4 << 20  # a shard replicated across clients and larger than this is split among them
 
 
 def _shards(t: SaveTensor, devices: Sequence[int]) -> dict[Bounds, list[int]]:
@@ -74,8 +78,12 @@ def check_disjoint_regions(tensors: Sequence[SaveTensor]) -> None:
         regions.append(t.region)
 
 
-def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequence[int]]) -> list[WriteItem]:
-    """Every client's writes, in argument order (so data files hold tensors in call order)."""
+def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequence[int]],
+              split_bytes: int = SPLIT_BYTES) -> list[WriteItem]:
+    """Every client's writes, in argument order (so data files hold tensors in call order).
+
+    ``split_bytes=0`` turns off the splitting of large replicated shards.
+    """
     owner: dict[int, int] = {}
     for client, devices in enumerate(devices_by_client):
         for d in devices:
@@ -100,12 +108,30 @@ def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequenc
                 items.append(WriteItem(arg, box, min(holders), client, nbytes))
             else:
                 shared.append((nbytes, arg, box, holders))
-    # Largest replicated shards first, each to the least-loaded holder client.
-    shared.sort(key=lambda s: (-s[0], s[1], s[2]))
+    # A large shard held by several clients is cut along its first dimension that can be cut, one piece
+    # per holder client (each piece a valid TF slice), so the replicas share its bytes.
+    pieces: list[tuple[int, int, Bounds, Bounds, list[int]]] = []
     for nbytes, arg, box, holders in shared:
+        clients = len({owner[d] for d in holders})
+        cut = next((d for d, (lo, hi) in enumerate(box) if hi - lo >= 2), None) if split_bytes else None
+        k = min(clients, -(-nbytes // split_bytes)) if split_bytes and cut is not None else 1
+        if cut is not None:
+            k = min(k, box[cut][1] - box[cut][0])
+        if k <= 1:
+            pieces.append((nbytes, arg, box, box, holders))
+            continue
+        lo, hi = box[cut]
+        for i in range(k):
+            a, b = lo + (hi - lo) * i // k, lo + (hi - lo) * (i + 1) // k
+            sub = box[:cut] + ((a, b),) + box[cut + 1 :]
+            pieces.append((nbytes * (b - a) // (hi - lo), arg, sub, box, holders))
+    # Largest first, each to the least-loaded holder client.
+    pieces.sort(key=lambda s: (-s[0], s[1], s[2]))
+    for nbytes, arg, sub, box, holders in pieces:
         client = min({owner[d] for d in holders}, key=lambda c: (load[c], c))
         load[client] += nbytes
         device = min(d for d in holders if owner[d] == client)
-        items.append(WriteItem(arg, box, device, client, nbytes))
+        within = None if sub == box else tuple((a - o, b - o) for (a, b), (o, _) in zip(sub, box))
+        items.append(WriteItem(arg, sub, device, client, nbytes, within))
     items.sort(key=lambda it: (it.arg, it.box))
     return items

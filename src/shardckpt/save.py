@@ -199,6 +199,8 @@ class _Session:
         for item in items:
             spec = self.specs[item.arg]
             shard = self.dtensors[item.arg].shards[item.device]
+            if item.within is not None:
+                shard = np.asarray(shard)[tuple(slice(a, b) for a, b in item.within)]
             if copy:  # a C-ordered snapshot the caller can no longer change
                 shard = np.array(shard, copy=True, order="C")
             out.append(prepare(shard, spec.dtype, f"{self.staging}: tensor {spec.name}", contiguous=False))
@@ -256,6 +258,10 @@ class _Session:
         outcome = _gather_json(coord, {"error": commit_error}, "committed", wait)
         self.timings["barrier_committed"] = time.perf_counter() - t
         fault_point("after_barrier_committed", rank)
+        try:
+            coord.release("done", wait)
+        except CheckpointError as exc:  # the checkpoint is committed; a client vanished after learning it
+            log.warning("%s: %s", prefix, exc)
         if outcome[0]["error"]:
             _discard(self.staging)
             raise RemoteClientError(f"{prefix}: commit on client 0 failed: {outcome[0]['error']}")

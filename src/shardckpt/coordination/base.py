@@ -44,6 +44,15 @@ class Coordinator(ABC):
     def barrier(self, name: str, timeout: float) -> None:
         self.all_gather(b"", name, timeout)
 
+    def release(self, name: str, timeout: float) -> None:
+        """The last step of a collective operation: client 0 returns only after every other client has.
+
+        Engines whose store lives in client 0's process need this so client 0 does not exit while
+        others still read from it; the others do not wait.  A client that does not arrive is only
+        reported as a missing name in the raised `ClientTimeoutError` on client 0.
+        """
+        self.barrier(name, timeout)
+
     def close(self) -> None:  # noqa: B027 - most engines own nothing to release
         """Release what the coordinator created (never the user's own process group)."""
 
@@ -83,6 +92,25 @@ class KeyValueCoordinator(Coordinator):
 
     def _delete(self, key: str) -> None:  # noqa: B027 - optional for stores that cannot delete
         pass
+
+    def release(self, name: str, timeout: float) -> None:
+        seq = self._seq
+        self._seq += 1
+        base = f"{self._namespace}/{seq}/{name}"
+        if self.rank != 0:
+            self._set(f"{base}/{self.rank}", b"")  # client 0, its only reader, deletes it
+            return
+        deadline = time.monotonic() + timeout
+        missing = []
+        for r in range(1, self.size):
+            if self._get(f"{base}/{r}", max(0.0, deadline - time.monotonic())) is None:
+                missing.append(r)
+            else:
+                self._delete(f"{base}/{r}")
+        if missing:
+            raise ClientTimeoutError(
+                f"{self.engine}: clients {missing} of {self.size} did not reach '{name}' within {timeout:g} s"
+            )
 
     def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
         seq = self._seq
