@@ -72,3 +72,23 @@ def test_plan_balances_and_dedups_deterministically():
     with pytest.raises(sc.DuplicateTensorError):
         plan_save([SaveTensor("d", 1, 4, (8,), ((0, 4),), sharded), SaveTensor("d", 1, 4, (8,), ((2, 6),), sharded)],
                   devices)
+
+
+def test_large_replicated_shards_are_split_among_their_holders(tmp_path):
+    mesh = sc.create_mesh([("x", 4)])
+    rep = sc.Layout.replicated(mesh, 2)
+    big = SaveTensor("big", 1, 4, (4096, 1024), ((0, 4096), (0, 1024)), rep)  # 16 MiB
+    items = plan_save([big], [(0,), (1,), (2,), (3,)])
+    assert sorted(it.client for it in items) == [0, 1, 2, 3]
+    assert sorted(it.box for it in items) == [(((i * 1024, (i + 1) * 1024)), (0, 1024)) for i in range(4)]
+    assert all(it.within == it.box for it in items)
+    assert len(plan_save([big], [(0,), (1,), (2,), (3,)], split_bytes=0)) == 1
+    # End to end: each client writes a quarter, and the tensor reads back whole.
+    array = np.arange(4096 * 1024, dtype=np.float32).reshape(4096, 1024)
+
+    def client(coord):
+        return sc.sharded_save(mesh, str(tmp_path / "r"), ["big"], [""], [array], coordinator=coord)
+
+    written = [r.bytes_written for r in sc.LocalGroup(4).run(client)]
+    assert written == [array.nbytes // 4] * 4
+    np.testing.assert_array_equal(sc.load_checkpoint(tmp_path / "r").get_tensor("big"), array)
