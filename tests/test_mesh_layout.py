@@ -92,3 +92,18 @@ def test_large_replicated_shards_are_split_among_their_holders(tmp_path):
     written = [r.bytes_written for r in sc.LocalGroup(4).run(client)]
     assert written == [array.nbytes // 4] * 4
     np.testing.assert_array_equal(sc.load_checkpoint(tmp_path / "r").get_tensor("big"), array)
+
+
+def test_a_dim_sharded_over_several_mesh_dims():
+    mesh = sc.create_mesh([("x", 2), ("y", 3)])
+    layout = sc.Layout([("x", "y"), sc.UNSHARDED], mesh)
+    assert layout.num_shards(0) == 6
+    # nested splits, outermost first: 12 rows -> 6 per x -> 2 per y
+    assert [layout.shard_bounds((12, 4), d)[0] for d in range(6)] == [(0, 2), (2, 4), (4, 6), (6, 8), (8, 10),
+                                                                       (10, 12)]
+    # uneven, as torch's nested chunks: 10 rows -> 5 + 5 -> (2, 2, 1) each
+    assert [layout.shard_bounds((10, 4), d)[0] for d in range(6)] == [(0, 2), (2, 4), (4, 5), (5, 7), (7, 9),
+                                                                       (9, 10)]
+    assert sc.Layout([("x",), sc.UNSHARDED], mesh).sharding_specs == ("x", sc.UNSHARDED)
+    with pytest.raises(sc.InvalidArgumentError):
+        sc.Layout([("x", "y"), "y"], mesh)

@@ -19,18 +19,37 @@ UNSHARDED = "unsharded"
 Bounds = tuple[tuple[int, int], ...]
 
 
+Spec = str | tuple[str, ...]
+
+
+def _axes(spec: Spec) -> tuple[str, ...]:
+    if isinstance(spec, tuple):
+        return spec
+    return () if spec == UNSHARDED else (spec,)
+
+
 @dataclass(frozen=True)
 class Layout:
-    sharding_specs: tuple[str, ...]
+    """Per tensor dim: ``UNSHARDED``, a mesh dim name, or a tuple of mesh dim names.
+
+    A tuple shards the dim over several mesh dims, outermost first, by nested splits (JAX's
+    ``P(("x", "y"))``, torch's ``[Shard(0), Shard(0)]``); DTensor itself allows one name per dim.
+    """
+
+    sharding_specs: tuple[Spec, ...]
     mesh: Mesh
 
-    def __init__(self, sharding_specs: Sequence[str], mesh: Mesh) -> None:
-        specs = tuple(sharding_specs)
-        used = [s for s in specs if s != UNSHARDED]
+    def __init__(self, sharding_specs: Sequence[Spec], mesh: Mesh) -> None:
+        specs: tuple[Spec, ...] = tuple(
+            tuple(s) if isinstance(s, (tuple, list)) and len(s) != 1 else (s[0] if isinstance(s, (tuple, list)) else s)
+            for s in sharding_specs
+        )
+        specs = tuple(UNSHARDED if s == () else s for s in specs)
+        used = [axis for s in specs for axis in _axes(s)]
         if len(set(used)) != len(used):
             raise InvalidArgumentError(f"a mesh dimension shards two tensor dimensions: {list(specs)}")
-        for s in used:
-            mesh.dim_size(s)  # raises for an unknown mesh dim
+        for axis in used:
+            mesh.dim_size(axis)  # raises for an unknown mesh dim
         object.__setattr__(self, "sharding_specs", specs)
         object.__setattr__(self, "mesh", mesh)
 
@@ -50,8 +69,10 @@ class Layout:
         return all(s == UNSHARDED for s in self.sharding_specs)
 
     def num_shards(self, dim: int) -> int:
-        spec = self.sharding_specs[dim]
-        return 1 if spec == UNSHARDED else self.mesh.dim_size(spec)
+        n = 1
+        for axis in _axes(self.sharding_specs[dim]):
+            n *= self.mesh.dim_size(axis)
+        return n
 
     def shard_bounds(self, global_shape: Sequence[int], device_id: int) -> Bounds:
         """The half-open box of the global tensor that ``device_id`` holds (possibly empty)."""
@@ -62,18 +83,20 @@ class Layout:
         coords = self.mesh.coords(device_id)
         out = []
         for spec, n in zip(self.sharding_specs, global_shape):
-            if spec == UNSHARDED:
-                out.append((0, n))
-                continue
-            k = self.mesh.dim_size(spec)
-            chunk = -(-n // k)
-            start = min(coords[spec] * chunk, n)
-            out.append((start, min(start + chunk, n)))
+            start, stop = 0, n
+            for axis in _axes(spec):  # split the current piece again along each mesh dim in turn
+                k = self.mesh.dim_size(axis)
+                chunk = -(-(stop - start) // k)
+                start, stop = min(start + coords[axis] * chunk, stop), stop
+                stop = min(start + chunk, stop)
+            out.append((start, stop))
         return tuple(out)
 
     def to_string(self) -> str:
         """DTensor's layout string: ``sharding_specs:x,unsharded, mesh:<mesh string>``."""
-        return "sharding_specs:" + "".join(s + "," for s in self.sharding_specs) + " mesh:" + self.mesh.to_string()
+        if any(isinstance(s, tuple) for s in self.sharding_specs):
+            raise InvalidArgumentError("a layout sharding one dim over several mesh dims has no DTensor string form")
+        return "sharding_specs:" + "".join(f"{s}," for s in self.sharding_specs) + " mesh:" + self.mesh.to_string()
 
     @classmethod
     def from_string(cls, text: str) -> Layout:
