@@ -27,6 +27,7 @@ import os
 import threading
 from collections.abc import Callable
 
+from . import storage
 from .errors import CheckpointError, CheckpointExistsError
 from .format.files import data_filename, fsync_directory, index_filename
 from .format.merge import combine_entry
@@ -53,10 +54,7 @@ def staging_data_filename(prefix: str, rank: int, size: int, token: str) -> str:
 def commit(prefix: str, token: str, size: int, pieces: list[bytes], *, overwrite: bool, durable: bool,
            hook: Hook = _noop) -> None:
     """Client 0's part: merge every client's entries and publish the checkpoint (steps 1-5 above)."""
-    merged: dict[bytes, BundleEntry] = {}
-    for rank, blob in enumerate(pieces):
-        for key, entry in unpack_entries(blob):
-            combine_entry(merged, key, entry, f"client {rank}")
+    merged = _merge(pieces)
     index = index_filename(prefix)
     staged_index = index + STAGING + token
     write_file_atomically(staged_index, build_index(BundleHeader(num_shards=size), merged), durable=durable,
@@ -100,16 +98,48 @@ def _close_later(fds: list[int]) -> None:
         threading.Thread(target=lambda: [os.close(fd) for fd in fds], name="shardckpt-release", daemon=True).start()
 
 
+def _merge(pieces: list[bytes]) -> dict[bytes, BundleEntry]:
+    merged: dict[bytes, BundleEntry] = {}
+    for rank, blob in enumerate(pieces):
+        for key, entry in unpack_entries(blob):
+            combine_entry(merged, key, entry, f"client {rank}")
+    return merged
+
+
+def commit_remote(prefix: str, size: int, pieces: list[bytes]) -> None:
+    """Object-store form, client 0's part: the data objects are in place; one PUT of the index publishes
+    them (an object appears whole or not at all).  An older index was removed before any data was written."""
+    storage.write_small(index_filename(prefix), build_index(BundleHeader(num_shards=size), _merge(pieces)))
+    remove_stale_data_files(prefix, size)
+
+
+def recover_remote(prefix: str) -> list[str]:
+    """Object-store form of `recover`: data objects with no index are an unfinished save's; delete them."""
+    if storage.exists(index_filename(prefix)):
+        return []
+    done = []
+    for path in list(storage.list_prefix(prefix)):
+        if _is_data_file(prefix, path):
+            storage.delete(path)
+            done.append(f"removed {path}")
+    return done
+
+
+def _is_data_file(prefix: str, path: str) -> bool:
+    lead = prefix.rstrip("/").rsplit("/", 1)[-1] + ".data-"
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    if not name.startswith(lead):
+        return False
+    shard, sep, total = name[len(lead) :].partition("-of-")
+    return bool(sep) and shard.isdigit() and total.isdigit()
+
+
 def remove_stale_data_files(prefix: str, num_shards: int) -> None:
     """Delete ``P.data-*-of-M`` files of another shard count (an older checkpoint's), after a commit."""
-    directory, base = os.path.split(prefix)
     keep_suffix = f"-of-{num_shards:05d}"
-    lead = base + ".data-"
-    for name in os.listdir(directory or "."):
-        if name.startswith(lead) and STAGING not in name and TEMPSTATE not in name and not name.endswith(keep_suffix):
-            shard, sep, total = name[len(lead) :].partition("-of-")
-            if sep and shard.isdigit() and total.isdigit():
-                _unlink(os.path.join(directory, name))
+    for path in list(storage.list_prefix(prefix)):
+        if _is_data_file(prefix, path) and not path.endswith(keep_suffix):
+            storage.delete(path)
 
 
 def _unlink(path: str) -> None:

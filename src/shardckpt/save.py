@@ -29,10 +29,12 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
-from .commit import commit, recover, staging_data_filename
+from . import storage
+from .commit import commit, commit_remote, recover, recover_remote, staging_data_filename
 from .coordination import Coordinator, default_timeout, resolve
 from .dtensor import DTensor
 from .errors import (
@@ -46,7 +48,7 @@ from .errors import (
 from .faults import fault_point
 from .format.dtypes import DataType, from_numpy
 from .format.files import data_filename, index_filename
-from .format.parallel_writer import write_at, write_data_file
+from .format.parallel_writer import write_at, write_data_file, write_stream
 from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
 from .format.writer import prepare
@@ -82,7 +84,8 @@ def _describe(prefix: str, mesh: Mesh, tensors: Sequence[SaveTensor]) -> dict[st
         "names": "\n".join(t.name for t in tensors),
         "shapes": repr([(t.full_shape, t.region) for t in tensors]),
         "dtypes": repr([t.dtype for t in tensors]),
-        "layouts": repr([t.layout.sharding_specs for t in tensors]),
+        "layouts": repr([(t.layout.sharding_specs, t.layout.mesh.dim_names, t.layout.mesh.shape,
+                          t.layout.mesh.device_ids) for t in tensors]),
     }
     return {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in parts.items()}
 
@@ -116,11 +119,16 @@ def _normalize(
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
         t = _as_dtensor(value, mesh, local)
-        if t.layout.mesh.device_ids != mesh.device_ids or t.layout.mesh.shape != mesh.shape:
-            raise InvalidArgumentError(f"{prefix}: tensor {name} is laid out on another mesh")
-        if set(t.shards) != set(local):
+        # A tensor may live on its own mesh (a sub-mesh or another shape) over devices of ``mesh``;
+        # this client then holds the shards of its own devices in that mesh (maybe none).
+        own = set(t.layout.mesh.device_ids)
+        if not own <= set(mesh.device_ids):
+            raise InvalidArgumentError(f"{prefix}: tensor {name} is laid out on a mesh with devices outside "
+                                       f"the save mesh: {sorted(own - set(mesh.device_ids))[:8]}")
+        want = [d for d in local if d in own]
+        if set(t.shards) != set(want):
             raise InvalidArgumentError(
-                f"{prefix}: tensor {name} has shards for devices {sorted(t.shards)}, this client owns {list(local)}"
+                f"{prefix}: tensor {name} has shards for devices {sorted(t.shards)}, this client owns {want}"
             )
         code = from_numpy(t.dtype)
         if spec:
@@ -191,7 +199,14 @@ class _Session:
         return self.coord.rank
 
     @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.prefix)
+
+    @property
     def staging(self) -> str:
+        """Where this client's data goes first: a staging name locally, the final object name remotely."""
+        if self.remote:
+            return data_filename(self.prefix, self.rank, self.coord.size)
         return staging_data_filename(self.prefix, self.rank, self.coord.size, self.token)
 
     def prepared(self, items: list[WriteItem], copy: bool) -> list:
@@ -213,8 +228,18 @@ class _Session:
             fault_point("after_agree", self.rank)
             fault_point("after_plan", self.rank)
             prepared = self.prepared(self.items, copy=False)
-            written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
-                                            midway=lambda: fault_point("mid_data_write", self.rank))
+            midway = lambda: fault_point("mid_data_write", self.rank)  # noqa: E731
+            if self.remote:
+                stream = storage.open_stream(self.staging)
+                try:
+                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway)
+                except BaseException:
+                    stream.discard()  # abort the upload: no partial object
+                    raise
+                stream.close()
+            else:
+                written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
+                                                midway=midway)
             fault_point("after_data_fsync", self.rank)
             return pack_entries(_entries_for(self.items, self.specs, written)), None, size
         except (CheckpointError, OSError) as exc:
@@ -247,8 +272,11 @@ class _Session:
         if rank == 0:
             try:
                 bodies = [p[4 + int.from_bytes(p[:4], "little") :] for p in pieces]
-                commit(prefix, self.token, size, bodies, overwrite=self.overwrite, durable=self.durable,
-                       hook=lambda point: fault_point(point, rank))
+                if self.remote:
+                    commit_remote(prefix, size, bodies)
+                else:
+                    commit(prefix, self.token, size, bodies, overwrite=self.overwrite, durable=self.durable,
+                           hook=lambda point: fault_point(point, rank))
             except (CheckpointError, OSError) as exc:
                 commit_error = f"{type(exc).__name__}: {exc}"
                 log.error("%s: commit failed: %s", prefix, exc)
@@ -282,7 +310,7 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     dtensors: list[DTensor] = []
     try:
         specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
-        if directory:
+        if directory and not storage.is_remote(prefix):
             os.makedirs(directory, exist_ok=True)
     except CheckpointError as exc:
         local_error = exc
@@ -291,15 +319,17 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
         "devices": list(local),
         "error": str(local_error) if local_error else None,
     }
+    remote = storage.is_remote(prefix)
     if rank == 0:
         if local_error is None:
             try:
-                for action in recover(prefix, durable=durable):
+                actions = recover_remote(prefix) if remote else recover(prefix, durable=durable)
+                for action in actions:
                     log.warning("%s: %s (left by an earlier save that did not finish)", prefix, action)
             except OSError as exc:
                 payload["error"] = f"cleaning up an earlier save failed: {exc}"
         payload["token"] = secrets.token_hex(8)
-        payload["exists"] = os.path.exists(index_filename(prefix))
+        payload["exists"] = storage.exists(index_filename(prefix))
     replies = _gather_json(coord, payload, "agree", wait)
     timings["agree"] = time.perf_counter() - t0
     if local_error is not None:
@@ -315,6 +345,12 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
             )
     if replies[0]["exists"] and not overwrite:
         raise CheckpointExistsError(f"{prefix}: a checkpoint already exists (pass overwrite=True to replace it)")
+    if replies[0]["exists"] and remote:
+        # No renames on an object store: the old index goes before any data object is replaced, so it
+        # never describes new data.  Everyone waits for that.
+        if rank == 0:
+            storage.delete(index_filename(prefix))
+        coord.barrier("cleared", wait)
     t = time.perf_counter()
     items = [it for it in plan_save(specs, [r["devices"] for r in replies]) if it.client == rank]
     timings["plan"] = time.perf_counter() - t
@@ -428,14 +464,18 @@ class _StagedWrite:
         self.cap = cap
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-stage")
         self.fd: int | None = None
+        self.stream: BinaryIO | None = None
         self.end = 0
         self.entries: list[BundleEntry] = []
         self.futures: list[tuple[Future[None], int]] = []
         self.error: BaseException | None = None
 
     def _write_wave(self, prepared: list) -> None:
-        assert self.fd is not None
-        written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=self.session.rank)
+        if self.stream is not None:
+            written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=self.session.rank)
+        else:
+            assert self.fd is not None
+            written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=self.session.rank)
         self.entries.extend(written)
 
     def copy_all(self) -> None:
@@ -443,7 +483,10 @@ class _StagedWrite:
         try:
             fault_point("after_agree", s.rank)
             fault_point("after_plan", s.rank)
-            self.fd = os.open(s.staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            if s.remote:
+                self.stream = storage.open_stream(s.staging)
+            else:
+                self.fd = os.open(s.staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
             in_flight = 0
             for wave in _waves(s.items, self.cap):
                 size = sum(it.nbytes for it in wave)
@@ -475,15 +518,14 @@ class _StagedWrite:
         finally:
             if self.fd is not None:
                 os.close(self.fd)
+            if self.stream is not None:
+                self.stream.close()  # completes the upload
             self.writer.shutdown()
             s.timings["write"] = time.perf_counter() - t
 
 
 def _discard(path: str) -> None:
-    try:
-        os.unlink(path)
-    except FileNotFoundError:
-        pass
+    storage.delete(path)
 
 
 def name_based_save(mesh: Mesh, file_prefix: str | os.PathLike[str], name_tensor_map: dict[str, object],

@@ -16,6 +16,7 @@ import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 import numpy as np
 
@@ -90,12 +91,9 @@ def _run(fd: int, job: _Job, crcs: list[int]) -> None:
         _pwritev_all(fd, buffers, job.offset)
 
 
-def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shard_id: int = 0, alignment: int = 1,
-             threads: int | None = None, midway: Callable[[], None] | None = None) -> tuple[list[BundleEntry], int]:
-    """Write ``tensors`` in order into ``fd`` from byte ``start``; returns their entries and the end offset.
-
-    ``midway`` runs once the first group of tensors is written (a fault-injection point for tests).
-    """
+def _layout(tensors: Sequence[PreparedTensor], start: int, shard_id: int,
+            alignment: int) -> tuple[list[BundleEntry], list[int], list[_Job], int]:
+    """Entries with offsets from ``start``, CRCs known so far (-1: to compute), and the write jobs."""
     entries: list[BundleEntry] = []
     crcs: list[int] = []
     jobs: list[_Job] = []
@@ -120,6 +118,21 @@ def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shar
             jobs[-1].tensors.append((i, [memoryview(pad)]))  # after the tensor's CRC is taken: not in it
             jobs[-1].size += len(pad)
             offset += len(pad)
+    return entries, crcs, jobs, offset
+
+
+def _finish(entries: list[BundleEntry], crcs: list[int]) -> None:
+    for entry, crc in zip(entries, crcs):
+        entry.crc32c = mask_crc(max(crc, 0))
+
+
+def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shard_id: int = 0, alignment: int = 1,
+             threads: int | None = None, midway: Callable[[], None] | None = None) -> tuple[list[BundleEntry], int]:
+    """Write ``tensors`` in order into ``fd`` from byte ``start``; returns their entries and the end offset.
+
+    ``midway`` runs once the first group of tensors is written (a fault-injection point for tests).
+    """
+    entries, crcs, jobs, end = _layout(tensors, start, shard_id, alignment)
     workers = threads or min(4, os.cpu_count() or 1)
     if workers > 1 and len(jobs) > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-write") as pool:
@@ -132,9 +145,30 @@ def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shar
             _run(fd, job, crcs)
             if i == 0 and midway is not None:
                 midway()
-    for entry, crc in zip(entries, crcs):
-        entry.crc32c = mask_crc(max(crc, 0))
-    return entries, offset
+    _finish(entries, crcs)
+    return entries, end
+
+
+def write_stream(stream: BinaryIO, tensors: Sequence[PreparedTensor], *, start: int = 0, shard_id: int = 0,
+                 alignment: int = 1, midway: Callable[[], None] | None = None) -> tuple[list[BundleEntry], int]:
+    """Append ``tensors`` in order to a stream positioned at ``start`` (an object-store upload)."""
+    entries, crcs, jobs, end = _layout(tensors, start, shard_id, alignment)
+    for i, job in enumerate(jobs):
+        for index, pieces in job.tensors:
+            compute = crcs[index] < 0
+            crc = 0
+            for piece in pieces:
+                for at in range(0, len(piece), CHUNK):
+                    chunk = piece[at : at + CHUNK]
+                    if compute:
+                        crc = crc32c(chunk, crc)
+                    stream.write(chunk)
+            if compute:
+                crcs[index] = crc
+        if i == 0 and midway is not None:
+            midway()
+    _finish(entries, crcs)
+    return entries, end
 
 
 def write_data_file(path: str, tensors: Sequence[PreparedTensor], *, shard_id: int = 0, alignment: int = 1,

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import os
-import stat
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,6 +28,7 @@ from ..errors import (
     TensorNotFoundError,
     TruncatedFileError,
 )
+from ..storage import Identity, RandomAccess, identity, open_random, read_small
 from . import strings
 from .buffers import IOV_MAX, byte_views
 from .coding import crc32c, unmask_crc
@@ -70,7 +70,7 @@ class BundleReader:
     def __init__(self, prefix: str | os.PathLike[str]) -> None:
         self.prefix = normalize_prefix(prefix)
         self.index_path = index_filename(self.prefix)
-        self._files: dict[int, tuple[int, int, str]] = {}
+        self._files: dict[int, RandomAccess] = {}
         for _ in range(_SNAPSHOT_TRIES):
             identity = self._open()
             if self._open_data_files(identity):
@@ -78,12 +78,10 @@ class BundleReader:
             self.close()
         raise CheckpointError(f"{self.prefix}: the checkpoint kept changing while it was being opened")
 
-    def _open(self) -> tuple[int, int, int]:
+    def _open(self) -> Identity:
         """Read and check the index; returns the identity of the index file that was read."""
         try:
-            with open(self.index_path, "rb") as f:
-                data = f.read()
-                st = os.fstat(f.fileno())
+            data, ident = read_small(self.index_path)
         except FileNotFoundError:
             raise CheckpointNotFoundError(
                 f"no checkpoint at {self.prefix}: {self.index_path} does not exist"
@@ -108,9 +106,9 @@ class BundleReader:
                 f"{self.index_path}: checkpoint version producer={v.producer} min_consumer={v.min_consumer} "
                 f"bad_consumers={list(v.bad_consumers)} is not readable by this consumer (1)"
             )
-        return st.st_dev, st.st_ino, st.st_mtime_ns
+        return ident
 
-    def _open_data_files(self, identity: tuple[int, int, int]) -> bool:
+    def _open_data_files(self, ident: Identity) -> bool:
         """Open every data file now, then check the index is still the one read: a consistent snapshot.
 
         A save that replaces this checkpoint removes the old index before it renames any data file,
@@ -125,11 +123,7 @@ class BundleReader:
                 self._file(shard)
             except CheckpointNotFoundError:
                 pass  # reported when a tensor in it is read
-        try:
-            st = os.stat(self.index_path)
-        except FileNotFoundError:
-            return False
-        return (st.st_dev, st.st_ino, st.st_mtime_ns) == identity
+        return identity(self.index_path) == ident
 
     # --- index ------------------------------------------------------------------------------------
 
@@ -200,32 +194,27 @@ class BundleReader:
 
     # --- data files -------------------------------------------------------------------------------
 
-    def _file(self, shard_id: int) -> tuple[int, int, str]:
+    def _file(self, shard_id: int) -> RandomAccess:
         cached = self._files.get(shard_id)
         if cached is None:
             path = data_filename(self.prefix, shard_id, self.header.num_shards)
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            except (FileNotFoundError, NotADirectoryError):
-                raise CheckpointNotFoundError(f"{self.prefix}: data file {path} is missing") from None
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                os.close(fd)
-                raise CheckpointNotFoundError(f"{self.prefix}: data file {path} is not a regular file")
-            cached = (fd, st.st_size, path)
+                cached = open_random(path)
+            except CheckpointNotFoundError as exc:
+                raise CheckpointNotFoundError(f"{self.prefix}: {exc}") from None
             self._files[shard_id] = cached
         return cached
 
-    def _locate(self, key: bytes, e: BundleEntry) -> tuple[int, str]:
-        fd, size, path = self._file(e.shard_id)
-        if e.offset + e.size > size:
+    def _locate(self, key: bytes, e: BundleEntry) -> RandomAccess:
+        f = self._file(e.shard_id)
+        if e.offset + e.size > f.size:
             raise TruncatedFileError(
                 f"{self.prefix}: tensor {_label(key)} needs bytes [{e.offset}, {e.offset + e.size}) "
-                f"of {path}, which has {size} bytes"
+                f"of {f.path}, which has {f.size} bytes"
             )
-        return fd, path
+        return f
 
-    def _pread_into(self, fd: int, views: list[memoryview], offset: int, path: str, verify_crc: int | None) -> int:
+    def _pread_into(self, f: RandomAccess, views: list[memoryview], offset: int, verify_crc: int | None) -> int:
         """Fill ``views`` (consecutive in the file) from ``offset``; returns the CRC of the bytes when asked,
         taken chunk by chunk right after each chunk is read, while it is in cache."""
         crc = 0
@@ -233,56 +222,41 @@ class BundleReader:
         batch: list[memoryview] = []
         size = 0
         for view in views:
-            # Large buffers go in chunks; small ones (rows) are gathered into one preadv.
+            # Large buffers go in chunks; small ones (rows) are gathered into one vectored read.
             for start in range(0, len(view), _READ_CHUNK):
                 batch.append(view[start : start + _READ_CHUNK])
                 size += len(batch[-1])
                 if size >= _READ_CHUNK or len(batch) == IOV_MAX:
-                    crc = self._preadv_batch(fd, batch, pos, path, crc, verify_crc is not None)
+                    f.read_into(batch, pos)
+                    if verify_crc is not None:
+                        for b in batch:
+                            crc = crc32c(b, crc)
                     pos += size
                     batch, size = [], 0
         if batch:
-            crc = self._preadv_batch(fd, batch, pos, path, crc, verify_crc is not None)
-        return crc
-
-    @staticmethod
-    def _preadv_batch(fd: int, batch: list[memoryview], pos: int, path: str, crc: int, with_crc: bool) -> int:
-        got = os.preadv(fd, batch, pos)
-        want = sum(len(b) for b in batch)
-        if got < want:  # short read: finish each buffer, or report where the file ended
-            start = 0
-            for b in batch:
-                end = start + len(b)
-                if got < end:
-                    view, at = b[max(0, got - start) :], pos + max(got, start)
-                    while view:
-                        n = os.preadv(fd, [view], at)
-                        if n <= 0:
-                            raise TruncatedFileError(f"{path}: ended at {at} while reading")
-                        view, at = view[n:], at + n
-                start = end
-        if with_crc:
-            for b in batch:
-                crc = crc32c(b, crc)
+            f.read_into(batch, pos)
+            if verify_crc is not None:
+                for b in batch:
+                    crc = crc32c(b, crc)
         return crc
 
     def _read_whole(self, key: bytes, e: BundleEntry, verify: Verify, out: np.ndarray | None = None) -> np.ndarray:
-        fd, path = self._locate(key, e)
-        where = f"{self.prefix}: tensor {_label(key)} in {path}"
+        f = self._locate(key, e)
+        where = f"{self.prefix}: tensor {_label(key)} in {f.path}"
         dtype = to_numpy(e.dtype)
         if len(e.shape) > _NPY_MAXDIMS or not _numpy_can_hold(e.shape, dtype.itemsize):
             raise CorruptCheckpointError(f"{where}: shape {list(e.shape)} cannot be held in a numpy array")
         count = math.prod(e.shape)
         if e.dtype == DataType.STRING:
             buf = bytearray(e.size)
-            self._pread_into(fd, [memoryview(buf)], e.offset, path, None)
+            self._pread_into(f, [memoryview(buf)], e.offset, None)
             expected = unmask_crc(e.crc32c) if verify else None
             return strings.decode(bytes(buf), count, where, expected).reshape(e.shape)
         views = byte_views(out) if out is not None else None
         target = out if views is not None else np.empty(e.shape, dtype)
         if views is None:
             views = [memoryview(target.reshape(-1).view(np.uint8))] if count else []
-        crc = self._pread_into(fd, views, e.offset, path, 0 if verify else None)
+        crc = self._pread_into(f, views, e.offset, 0 if verify else None)
         if verify and crc != unmask_crc(e.crc32c):
             raise ChecksumMismatchError(
                 f"{where} ({e.size} bytes): checksum does not match: stored {unmask_crc(e.crc32c):#010x} "
@@ -309,7 +283,7 @@ class BundleReader:
         if whole or e.dtype == DataType.STRING or verify == "full":
             dst[...] = self._read_whole(key, e, verify)[box]
             return
-        fd, path = self._locate(key, e)
+        f = self._locate(key, e)
         dtype = to_numpy(e.dtype)
         strides = [dtype.itemsize] * len(e.shape)
         for d in range(len(e.shape) - 2, -1, -1):
@@ -320,12 +294,12 @@ class BundleReader:
         swap = self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1
         views = byte_views(dst) if nbytes == dst.nbytes else None
         if views is not None:
-            self._pread_into(fd, views, e.offset + first, path, None)
+            self._pread_into(f, views, e.offset + first, None)
             if swap:
                 dst.byteswap(inplace=True)
             return
         buf = np.empty(nbytes, np.uint8)
-        self._pread_into(fd, [memoryview(buf)], e.offset + first, path, None)
+        self._pread_into(f, [memoryview(buf)], e.offset + first, None)
         region = np.ndarray(tuple(hi - lo for lo, hi in local), dtype, buffer=buf, strides=tuple(strides))
         dst[...] = region.byteswap() if swap else region
 
@@ -426,8 +400,8 @@ class BundleReader:
         return out
 
     def close(self) -> None:
-        for fd, _, _ in self._files.values():
-            os.close(fd)
+        for f in self._files.values():
+            f.close()
         self._files.clear()
 
     def __enter__(self) -> BundleReader:

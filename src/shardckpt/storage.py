@@ -1,0 +1,256 @@
+"""Where checkpoint bytes live: a local (POSIX) path, or any fsspec URL (``s3://``, ``gs://``, ``memory://``).
+
+One small surface serves both: read a whole small file (the index), random
+reads into caller buffers (data files: ``preadv`` locally, ranged GETs remotely),
+write a whole small file atomically, stream a large file, list, delete.  Remote
+stores have no rename, so the commit protocol takes its object-store form there
+(`commit.py`).  fsspec is imported only for URLs.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+from .errors import CheckpointNotFoundError, TruncatedFileError
+
+Identity = tuple[object, ...]
+
+
+def is_remote(path: str) -> bool:
+    """True for a URL with a scheme other than ``file://``."""
+    scheme, sep, _ = path.partition("://")
+    return bool(sep) and scheme not in ("", "file") and "/" not in scheme
+
+
+def _fs(path: str) -> tuple[Any, str]:
+    import fsspec
+
+    fs, stripped = fsspec.core.url_to_fs(path)
+    return fs, stripped
+
+
+class RandomAccess(Protocol):
+    path: str
+    size: int
+
+    def read_into(self, views: list[memoryview], offset: int) -> None:
+        """Fill ``views``, which are consecutive in the file, from byte ``offset``."""
+
+    def close(self) -> None: ...
+
+
+class LocalFile:
+    def __init__(self, path: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except (FileNotFoundError, NotADirectoryError):
+            raise CheckpointNotFoundError(f"data file {path} is missing") from None
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise CheckpointNotFoundError(f"data file {path} is not a regular file")
+        self.fd, self.size, self.path = fd, st.st_size, path
+
+    def read_into(self, views: list[memoryview], offset: int) -> None:
+        got = os.preadv(self.fd, views, offset)
+        if got >= sum(len(v) for v in views):
+            return
+        start = 0  # a short read: finish each buffer, or report where the file ended
+        for v in views:
+            end = start + len(v)
+            if got < end:
+                view, at = v[max(0, got - start) :], offset + max(got, start)
+                while view:
+                    n = os.preadv(self.fd, [view], at)
+                    if n <= 0:
+                        raise TruncatedFileError(f"{self.path}: ended at {at} while reading")
+                    view, at = view[n:], at + n
+            start = end
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class RemoteFile:
+    """Ranged GETs; one request per call, so callers pass coalesced, consecutive buffers."""
+
+    def __init__(self, path: str) -> None:
+        self.fs, self._key = _fs(path)
+        self.path = path
+        try:
+            self.size = int(self.fs.info(self._key)["size"])
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(f"data file {path} is missing") from None
+
+    def read_into(self, views: list[memoryview], offset: int) -> None:
+        total = sum(len(v) for v in views)
+        if offset + total > self.size:
+            raise TruncatedFileError(f"{self.path}: ended at {self.size} while reading")
+        data = self.fs.cat_file(self._key, start=offset, end=offset + total)
+        if len(data) != total:
+            raise TruncatedFileError(f"{self.path}: a read of {total} bytes at {offset} returned {len(data)}")
+        pos = 0
+        for v in views:
+            v[:] = data[pos : pos + len(v)]
+            pos += len(v)
+
+    def close(self) -> None:
+        pass
+
+
+def open_random(path: str) -> RandomAccess:
+    return RemoteFile(path) if is_remote(path) else LocalFile(path)
+
+
+def read_small(path: str) -> tuple[bytes, Identity]:
+    """A whole (small) file and an identity that changes when the file is replaced."""
+    if is_remote(path):
+        fs, key = _fs(path)
+        try:
+            info = fs.info(key)
+            data = fs.cat_file(key)
+        except FileNotFoundError:
+            raise FileNotFoundError(path) from None
+        return data, (info.get("ETag") or info.get("etag"), info.get("size"))
+    with open(path, "rb") as f:
+        data = f.read()
+        st = os.fstat(f.fileno())
+    return data, (st.st_dev, st.st_ino, st.st_mtime_ns)
+
+
+def identity(path: str) -> Identity | None:
+    try:
+        if is_remote(path):
+            fs, key = _fs(path)
+            info = fs.info(key)
+            return (info.get("ETag") or info.get("etag"), info.get("size"))
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino, st.st_mtime_ns)
+    except FileNotFoundError:
+        return None
+
+
+def exists(path: str) -> bool:
+    if is_remote(path):
+        fs, key = _fs(path)
+        return bool(fs.exists(key))
+    return os.path.exists(path)
+
+
+def write_small(path: str, data: bytes) -> None:
+    """One PUT: an object appears whole or not at all."""
+    fs, key = _fs(path)
+    fs.pipe_file(key, data)
+
+
+def delete(path: str) -> None:
+    if is_remote(path):
+        fs, key = _fs(path)
+        try:
+            fs.rm_file(key)
+        except FileNotFoundError:
+            pass
+        return
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def list_prefix(prefix: str) -> Iterator[str]:
+    """Full paths (URLs for remote stores) of the entries beside ``prefix`` whose names start with its base."""
+    if is_remote(prefix):
+        fs, key = _fs(prefix)
+        directory, base = key.rsplit("/", 1) if "/" in key else ("", key)
+        protocol = prefix.split("://", 1)[0]
+        try:
+            names = fs.ls(directory, detail=False)
+        except FileNotFoundError:
+            return
+        for name in names:
+            if name.rsplit("/", 1)[-1].startswith(base):
+                yield f"{protocol}://{name}"
+        return
+    directory, base = os.path.split(prefix)
+    try:
+        names = os.listdir(directory or ".")
+    except FileNotFoundError:
+        return
+    for name in names:
+        if name.startswith(base):
+            yield os.path.join(directory, name)
+
+
+def open_stream(path: str, part_size: int = 64 << 20, concurrency: int = 4) -> Any:
+    """A binary writer for a large object: on S3, a multipart upload whose parts go up in parallel
+    (at most ``concurrency`` parts of ``part_size`` bytes in memory); elsewhere, fsspec's own writer."""
+    fs, key = _fs(path)
+    if type(fs).__name__ == "S3FileSystem" and hasattr(fs, "call_s3"):
+        return S3ParallelUpload(fs, key, part_size, concurrency)
+    return fs.open(key, "wb", block_size=part_size)
+
+
+class S3ParallelUpload:
+    """``write`` / ``close`` / ``discard`` over S3's multipart API, uploading parts concurrently."""
+
+    def __init__(self, fs: Any, key: str, part_size: int, concurrency: int) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fs, self.part_size, self.concurrency = fs, max(part_size, 5 << 20), concurrency
+        self.bucket, _, self.key = key.partition("/")
+        self.buffer = bytearray()
+        self.pending: list[Any] = []
+        self.upload_id: str | None = None
+        self.pool = ThreadPoolExecutor(concurrency, thread_name_prefix="shardckpt-upload")
+
+    def _upload(self, number: int, body: bytes) -> dict[str, Any]:
+        out = self.fs.call_s3("upload_part", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                              PartNumber=number, Body=body)
+        return {"PartNumber": number, "ETag": out["ETag"]}
+
+    def _send(self) -> None:
+        if self.upload_id is None:
+            self.upload_id = self.fs.call_s3("create_multipart_upload", Bucket=self.bucket, Key=self.key)["UploadId"]
+        from concurrent.futures import FIRST_COMPLETED, wait
+
+        running = [f for f in self.pending if not f.done()]
+        while len(running) >= self.concurrency:  # bound memory: at most `concurrency` parts in flight
+            wait(running, return_when=FIRST_COMPLETED)
+            running = [f for f in running if not f.done()]
+        body = bytes(self.buffer[: self.part_size])
+        del self.buffer[: self.part_size]
+        self.pending.append(self.pool.submit(self._upload, len(self.pending) + 1, body))
+
+    def write(self, data: bytes | memoryview) -> int:
+        self.buffer += data
+        while len(self.buffer) >= self.part_size:
+            self._send()
+        return len(data)
+
+    def close(self) -> None:
+        try:
+            if self.upload_id is None:  # small: one PUT
+                self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
+                return
+            if self.buffer:
+                self._send()
+            parts = [f.result() for f in self.pending]
+            self.fs.call_s3("complete_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id,
+                            MultipartUpload={"Parts": parts})
+        except BaseException:
+            self.discard()
+            raise
+        finally:
+            self.pool.shutdown()
+
+    def discard(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.upload_id is not None:
+            try:
+                self.fs.call_s3("abort_multipart_upload", Bucket=self.bucket, Key=self.key, UploadId=self.upload_id)
+            except Exception:  # noqa: BLE001 - best effort; the object never appeared
+                pass
+            self.upload_id = None
