@@ -95,7 +95,11 @@ def _publish(prefix: str, token: str, size: int, staged_index: str, durable: boo
 
 def _close_later(fds: list[int]) -> None:
     if fds:
-        threading.Thread(target=lambda: [os.close(fd) for fd in fds], name="shardckpt-release", daemon=True).start()
+        def release() -> None:
+            for fd in fds:
+                os.close(fd)
+
+        threading.Thread(target=release, name="shardckpt-release", daemon=True).start()
 
 
 def _merge(pieces: list[bytes]) -> dict[bytes, BundleEntry]:

@@ -31,12 +31,15 @@ def expected(k: int, box: tuple[tuple[int, int], ...]) -> np.ndarray:
     return (acc % 65521).astype(np.float32)
 
 
-def model_spec(size_mb: int) -> list[tuple[str, tuple[int, ...], str]]:
+Spec = list[tuple[str, tuple[int, ...], str]]
+
+
+def model_spec(size_mb: int) -> Spec:
     """(name, shape, kind) with kind in sharded2d / rows / replicated, totalling about ``size_mb``."""
     side = 4096 if size_mb >= 512 else 1024
     per = side * side * 4
     count = max(2, int(size_mb * (1 << 20) * 0.95 // per))
-    spec = [(f"layer_{i:02d}/kernel", (side, side), "sharded2d") for i in range(count)]
+    spec: Spec = [(f"layer_{i:02d}/kernel", (side, side), "sharded2d") for i in range(count)]
     spec += [(f"layer_{i:02d}/bias", (side,), "replicated") for i in range(count)]
     spec += [("embedding", (side + 3, side // 8), "rows"), ("head", (side // 4, side + 1), "rows")]
     spec += [("replicated_table", (side // 4, side), "replicated"), ("step", (), "replicated")]
@@ -53,17 +56,17 @@ def _client(phase: str, workdir: str, size_mb: int) -> int:
         mesh = sc.create_mesh([("x", 2), ("y", 2)])
         local = mesh.local_devices(coord.rank, coord.size)
         layouts = {"sharded2d": ["x", "y"], "rows": ["x", sc.UNSHARDED]}
-        tensors = []
+        tensors: list[object] = []
         for k, (_, shape, kind) in enumerate(spec):
             if kind == "replicated":
                 tensors.append(expected(k, tuple((0, n) for n in shape)))
                 continue
             layout = sc.Layout(layouts[kind], mesh)
             shards = {d: expected(k, layout.shard_bounds(shape, d)) for d in local}
-            tensors.append(sc.DTensor(shape, np.float32, layout, shards))
+            tensors.append(sc.DTensor(shape, np.dtype(np.float32), layout, shards))
         start = time.perf_counter()
         result = sc.sharded_save(mesh, prefix, [n for n, _, _ in spec], [""] * len(spec), tensors,
-                                 overwrite=True)
+                                 overwrite=True, blocking=True)
         report = {"seconds": time.perf_counter() - start, "bytes": result.bytes_written,
                   "timings": result.timings, "ok": True}
     else:

@@ -86,9 +86,11 @@ def pack(shards: Sequence[object] | Mapping[int, object], layout: Layout,
         if k == 1:
             shape.append(first.shape[dim])
             continue
-        sizes = {}
+        sizes: dict[tuple[int, ...], int] = {}
+        axes = spec if isinstance(spec, tuple) else (spec,)
         for d, s in by_device.items():
-            sizes[layout.mesh.coords(d)[spec]] = s.shape[dim]
+            coords = layout.mesh.coords(d)
+            sizes[tuple(coords[a] for a in axes)] = s.shape[dim]
         if len(sizes) == k:
             shape.append(sum(sizes.values()))
         else:

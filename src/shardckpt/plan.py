@@ -112,15 +112,16 @@ def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequenc
     # per holder client (each piece a valid TF slice), so the replicas share its bytes.
     pieces: list[tuple[int, int, Bounds, Bounds, list[int]]] = []
     for nbytes, arg, box, holders in shared:
-        clients = len({owner[d] for d in holders})
+        holder_clients = len({owner[d] for d in holders})
         cut = next((d for d, (lo, hi) in enumerate(box) if hi - lo >= 2), None) if split_bytes else None
-        k = min(clients, -(-nbytes // split_bytes)) if split_bytes and cut is not None else 1
-        if cut is not None:
-            k = min(k, box[cut][1] - box[cut][0])
-        if k <= 1:
+        if cut is None:
             pieces.append((nbytes, arg, box, box, holders))
             continue
         lo, hi = box[cut]
+        k = min(holder_clients, -(-nbytes // split_bytes), hi - lo)
+        if k <= 1:
+            pieces.append((nbytes, arg, box, box, holders))
+            continue
         for i in range(k):
             a, b = lo + (hi - lo) * i // k, lo + (hi - lo) * (i + 1) // k
             sub = box[:cut] + ((a, b),) + box[cut + 1 :]

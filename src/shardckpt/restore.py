@@ -111,7 +111,8 @@ def name_based_restore(
     Shapes and dtypes given by a target are checked against the checkpoint.
     """
     names = list(name_tensor_map)
-    layouts, expected = [], []
+    layouts: list[Layout] = []
+    expected: list[tuple[tuple[int, ...], np.dtype] | None] = []
     for name in names:
         target = name_tensor_map[name]
         if isinstance(target, DTensor):

@@ -29,7 +29,7 @@ import weakref
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Literal, overload
 
 import numpy as np
 
@@ -411,6 +411,22 @@ def wait_for_pending_save(coordinator: Coordinator | None = None) -> None:
             pass
 
 
+@overload
+def sharded_save(mesh: Mesh, file_prefix: str | os.PathLike[str], tensor_names: Sequence[str],
+                 shape_and_slices: Sequence[str], tensors: Sequence[object], *,
+                 coordinator: Coordinator | None = ..., timeout: float | None = ..., overwrite: bool = ...,
+                 durable: bool = ..., blocking: Literal[True] = ..., max_staging_bytes: int | None = ...) -> SaveResult:
+    ...
+
+
+@overload
+def sharded_save(mesh: Mesh, file_prefix: str | os.PathLike[str], tensor_names: Sequence[str],
+                 shape_and_slices: Sequence[str], tensors: Sequence[object], *,
+                 coordinator: Coordinator | None = ..., timeout: float | None = ..., overwrite: bool = ...,
+                 durable: bool = ..., blocking: Literal[False], max_staging_bytes: int | None = ...) -> SaveFuture:
+    ...
+
+
 def sharded_save(
     mesh: Mesh,
     file_prefix: str | os.PathLike[str],
@@ -533,4 +549,4 @@ def name_based_save(mesh: Mesh, file_prefix: str | os.PathLike[str], name_tensor
     """Save ``{name: DTensor or array}`` whole (no slices), as DTensor's ``name_based_save``."""
     names = list(name_tensor_map)
     return sharded_save(mesh, file_prefix, names, [""] * len(names), [name_tensor_map[n] for n in names],
-                        **kwargs)  # type: ignore[arg-type]
+                        **kwargs)  # type: ignore[call-overload]

@@ -16,7 +16,7 @@ def byte_views(arr: np.ndarray, min_row: int = 4096) -> list[memoryview] | None:
     if arr.size == 0:
         return []
     if arr.flags.c_contiguous:
-        return [memoryview(arr.reshape(-1).view(np.uint8))]
+        return [arr.reshape(-1).view(np.uint8).data]
     if arr.ndim < 2:
         return None
     rows = arr.view()
@@ -26,4 +26,4 @@ def byte_views(arr: np.ndarray, min_row: int = 4096) -> list[memoryview] | None:
         return None
     if rows.strides[1] != arr.itemsize or rows.shape[1] * arr.itemsize < min_row:
         return None
-    return [memoryview(r.view(np.uint8)) for r in rows]
+    return [r.view(np.uint8).data for r in rows]

@@ -36,7 +36,7 @@ def merge_bundles(
     renames: dict[str, int] = {}  # old data path -> new shard id, in first-reference order
     first: BundleHeader | None = None
     inputs: list[str] = []
-    for p in map(os.fspath, prefixes):
+    for p in [os.fspath(x) for x in prefixes]:
         if not os.path.exists(index_filename(p)):
             if allow_missing_files:
                 continue

@@ -35,7 +35,7 @@ def _pieces(data: np.ndarray) -> list[memoryview]:
     """The tensor's bytes in row-major order, over the array's own memory unless rows are too short."""
     views = byte_views(data, MIN_ROW)
     if views is None:
-        return [memoryview(np.ascontiguousarray(data).reshape(-1).view(np.uint8))]
+        return [np.ascontiguousarray(data).reshape(-1).view(np.uint8).data]
     return views
 
 

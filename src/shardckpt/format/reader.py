@@ -45,10 +45,11 @@ _INT64_MAX = (1 << 63) - 1
 _READ_CHUNK = 16 * 1024 * 1024
 _SNAPSHOT_TRIES = 5
 _SNAPSHOT_MAX_FILES = 256
+_NPY_MAXDIMS: int
 try:
     from numpy._core.multiarray import MAXDIMS as _NPY_MAXDIMS  # numpy >= 2: 64
 except ImportError:  # pragma: no cover - numpy 1.x: 32
-    from numpy.core.multiarray import MAXDIMS as _NPY_MAXDIMS
+    from numpy.core.multiarray import MAXDIMS as _NPY_MAXDIMS  # type: ignore[no-redef]
 
 
 @dataclass(frozen=True)
@@ -253,9 +254,9 @@ class BundleReader:
             expected = unmask_crc(e.crc32c) if verify else None
             return strings.decode(bytes(buf), count, where, expected).reshape(e.shape)
         views = byte_views(out) if out is not None else None
-        target = out if views is not None else np.empty(e.shape, dtype)
+        target: np.ndarray = out if out is not None and views is not None else np.empty(e.shape, dtype)
         if views is None:
-            views = [memoryview(target.reshape(-1).view(np.uint8))] if count else []
+            views = [target.reshape(-1).view(np.uint8).data] if count else []
         crc = self._pread_into(f, views, e.offset, 0 if verify else None)
         if verify and crc != unmask_crc(e.crc32c):
             raise ChecksumMismatchError(
@@ -299,7 +300,7 @@ class BundleReader:
                 dst.byteswap(inplace=True)
             return
         buf = np.empty(nbytes, np.uint8)
-        self._pread_into(f, [memoryview(buf)], e.offset + first, None)
+        self._pread_into(f, [buf.data], e.offset + first, None)
         region = np.ndarray(tuple(hi - lo for lo, hi in local), dtype, buffer=buf, strides=tuple(strides))
         dst[...] = region.byteswap() if swap else region
 

@@ -122,7 +122,7 @@ class DataFileWriter:
                 self._append(piece, 0)
         else:
             flat = tensor.data.reshape(-1).view(np.uint8)
-            crc = self._append(memoryview(flat), 0) if flat.size else 0
+            crc = self._append(flat.data, 0) if flat.size else 0
         entry.size = self.size - entry.offset
         entry.crc32c = mask_crc(crc)
         if self.alignment > 1 and self.size % self.alignment:
