@@ -85,6 +85,8 @@ def in_process_cycle(rng: random.Random, prefix: str, version: int) -> str:
     mesh = sc.create_mesh([("x", clients), ("y", rng.randint(1, 2))])
     model = random_model(rng, version)
     MODELS[version] = model
+    for old in [v for v in MODELS if v < version - 5]:  # only the last few versions can be on disk
+        del MODELS[old]
     layouts = {n: random_layout(rng, mesh, a.ndim) for n, a in model.items()}
     fault = None
     if rng.random() < 0.33:
