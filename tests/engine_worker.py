@@ -425,11 +425,18 @@ def scenario_kv_edges(engine: Engine, directory: str, events: dict) -> None:
     if rank == 0:
         while not all(os.path.exists(marker.format("late", r)) for r in range(1, n)):
             time.sleep(0.02)
-        time.sleep(1.0)  # the markers are touched just before the others post
         assert coord.all_gather(b"0", "zero-late", 0) == [str(r).encode() for r in range(n)]
     else:
-        Path(marker.format("late", rank)).touch()
+        store_set = coord._set  # type: ignore[attr-defined]
+
+        def set_then_mark(key: str, value: bytes) -> None:  # tells client 0 once the key is in the store
+            store_set(key, value)
+            if "/zero-late/" in key:
+                Path(marker.format("late", rank)).touch()
+
+        coord._set = set_then_mark  # type: ignore[attr-defined]
         assert coord.all_gather(str(rank).encode(), "zero-late", 30) == [str(r).encode() for r in range(n)]
+        coord._set = store_set  # type: ignore[attr-defined]
     coord.barrier("end", 60)
     events["zero_late"] = True
 
