@@ -30,7 +30,10 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
     match = _STATE_LINE.search(text)
     if match is None:
         return None
-    name = match.group(1).encode("utf-8").decode("unicode_escape")
+    try:
+        name = match.group(1).encode("utf-8").decode("unicode_escape")
+    except UnicodeDecodeError:
+        return None  # a malformed state file names no checkpoint
     prefix = name if os.path.isabs(name) else os.path.join(os.fspath(directory), name)
     return prefix if os.path.exists(prefix + ".index") else None
 
