@@ -102,6 +102,8 @@ class Mesh:
 
     @classmethod
     def from_string(cls, text: str) -> Mesh:
+        """Parse DTensor's mesh string.  DTensor places a device by its id (the row-major offset), not by
+        where the string lists it, so the ids are kept sorted: ``|x=2|1,0|...`` puts device 0 at x=0."""
         parts = text.split("|")
         if len(parts) < 4:
             raise InvalidArgumentError(f"not a mesh string: {text!r}")
@@ -118,7 +120,8 @@ class Mesh:
             local = [int(i) for i in filter(None, local_ids.split(","))]
         except ValueError:
             raise InvalidArgumentError(f"bad device ids in mesh string {text!r}") from None
-        return cls(names, sizes, device_ids=ids or None, local_device_ids=local if local_ids else None, name=name)
+        return cls(names, sizes, device_ids=sorted(ids) or None, local_device_ids=local if local_ids else None,
+                   name=name)
 
     def __str__(self) -> str:
         return self.to_string()

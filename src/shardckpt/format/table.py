@@ -155,6 +155,7 @@ class Table:
         # TF never reads the (always empty) metaindex; its CRC is still checked so a flip there is not silent.
         self._read_block(self.metaindex_handle)
         self._index = Block(self._read_block(BlockHandle(idx_off, idx_size)), f"{path}: index block")
+        self._blocks: dict[bytes, Block] = {}
 
     def _read_block(self, handle: BlockHandle) -> bytes:
         where = f"{self._path}: block at offset {handle.offset}"
@@ -180,15 +181,24 @@ class Table:
         size, _ = decode_varint(value, pos, len(value), f"{self._path}: block handle")
         return BlockHandle(off, size)
 
+    def _data_block(self, handle_value: bytes) -> Block:
+        """A verified data block; kept, since lookups of many tensors revisit the same few blocks and the
+        whole table is in memory anyway (its CRC is checked once, not once per lookup)."""
+        block = self._blocks.get(handle_value)
+        if block is None:
+            block = Block(self._read_block(self._handle(handle_value)), f"{self._path}: data block")
+            self._blocks[handle_value] = block
+        return block
+
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         for _, handle in self._index:
-            yield from Block(self._read_block(self._handle(handle)), f"{self._path}: data block")
+            yield from self._data_block(handle)
 
     def seek(self, target: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Entries from the first key >= ``target`` on; reads only the blocks it walks through."""
         first = True
         for _, handle in self._index.seek(target):
-            block = Block(self._read_block(self._handle(handle)), f"{self._path}: data block")
+            block = self._data_block(handle)
             yield from (block.seek(target) if first else block)
             first = False
 
