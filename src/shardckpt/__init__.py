@@ -24,6 +24,7 @@ from .errors import (
 )
 from .format import BundleReader, BundleWriter, DataType, merge_bundles
 from .layout import UNSHARDED, Layout
+from .manager import CheckpointManager
 from .mesh import Mesh, create_mesh
 from .restore import name_based_restore, sharded_restore
 from .save import SaveFuture, SaveResult, name_based_save, sharded_save, wait_for_pending_save
@@ -31,6 +32,7 @@ from .save import SaveFuture, SaveResult, name_based_save, sharded_save, wait_fo
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointManager",
     "Coordinator",
     "DTensor",
     "Layout",

@@ -7,6 +7,7 @@ changing the import: a prefix, a path to its ``.index`` or a directory holding a
 
 from __future__ import annotations
 
+import codecs
 import os
 import re
 
@@ -17,6 +18,12 @@ from .format.dtypes import to_numpy
 from .format.reader import BundleReader
 
 _STATE_LINE = re.compile(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"\s*$', re.MULTILINE)
+
+
+def unescape_text_proto(literal: str) -> str:
+    """The value of a text-format protobuf string literal's body: escapes (``\\"``, octal bytes) decoded, UTF-8 kept."""
+    raw = codecs.escape_decode(literal.encode("utf-8"))[0]  # ValueError for a malformed escape
+    return raw.decode("utf-8")  # UnicodeDecodeError (a ValueError) for bytes that are not UTF-8
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
@@ -31,8 +38,8 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
     if match is None:
         return None
     try:
-        name = match.group(1).encode("utf-8").decode("unicode_escape")
-    except UnicodeDecodeError:
+        name = unescape_text_proto(match.group(1))
+    except ValueError:
         return None  # a malformed state file names no checkpoint
     prefix = name if os.path.isabs(name) else os.path.join(os.fspath(directory), name)
     return prefix if os.path.exists(prefix + ".index") else None

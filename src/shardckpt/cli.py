@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from .errors import CheckpointError
 from .format.dtypes import datatype_name
@@ -110,9 +111,14 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
 def cmd_verify(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     count, nbytes, problems = verify_checkpoint(args.prefix, progress=None if not args.quiet else False)
-    for problem in problems:
+    for problem in ([] if args.json else problems):
         print(f"FAIL: {problem}")
     elapsed = time.perf_counter() - start
+    if args.json:
+        json.dump({"prefix": args.prefix, "ok": not problems, "tensors": count, "bytes": nbytes,
+                   "problems": problems, "seconds": round(elapsed, 3)}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 1 if problems else 0
     if problems:
         print(f"{args.prefix}: {len(problems)} problem(s) in {count} tensors")
         return 1
@@ -144,11 +150,113 @@ def cmd_launch(args: argparse.Namespace) -> int:
     return launch(args.nproc, args.command_line, host=args.host, port=args.port)
 
 
+class _Bar:
+    """A byte progress bar on stderr, created on first use (hidden with --quiet, and below 64 MiB)."""
+
+    def __init__(self, desc: str, quiet: bool) -> None:
+        self.desc, self.quiet = desc, quiet
+        self._bar: Any = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self._bar is None:
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=self.desc, file=sys.stderr,
+                             disable=self.quiet or total < (64 << 20))
+        self._bar.update(done)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from .convert import checkpoint_to_safetensors, is_safetensors_path, safetensors_to_checkpoint
+
+    from_st, to_st = is_safetensors_path(args.source), is_safetensors_path(args.destination)
+    if from_st == to_st:
+        print("shardckpt convert: exactly one of SOURCE and DESTINATION must end in .safetensors "
+              f"(got {args.source!r} and {args.destination!r})", file=sys.stderr)
+        return 2
+    bar = _Bar("convert", args.quiet)
+    try:
+        convert = safetensors_to_checkpoint if from_st else checkpoint_to_safetensors
+        report = convert(args.source, args.destination, skip_unsupported=args.skip_unsupported,
+                         overwrite=args.overwrite, progress=bar)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+        return 0
+    for name, why in report.skipped:
+        print(f"skipped {name}: {why}")
+    print(f"{report.source} -> {report.destination}: {report.tensors} tensors, {_human(report.bytes)}")
+    return 0
+
+
+def _diff_text(report: Any) -> None:
+    print(f"A: {report.a}")
+    print(f"B: {report.b}")
+    for name in report.only_in_a:
+        print(f"only in A: {name}")
+    for name in report.only_in_b:
+        print(f"only in B: {name}")
+    if report.tensors:
+        header = ("name", "dtype", "shape", "max |a-b|", "status")
+        rows = []
+        for t in report.tensors:
+            dtype = t.dtype_a if t.dtype_a == t.dtype_b else f"{t.dtype_a} -> {t.dtype_b}"
+            shape = str(list(t.shape_a)) if t.shape_a == t.shape_b else f"{list(t.shape_a)} -> {list(t.shape_b)}"
+            diff = "-" if t.max_abs_diff is None else (f"{t.max_abs_diff:.6g}" if isinstance(t.max_abs_diff, float)
+                                                      else str(t.max_abs_diff))
+            status = "same" if t.equal and not t.note else ("same, " + t.note if t.equal else "DIFFERENT")
+            if not t.equal and t.note:
+                status += ": " + t.note
+            rows.append((t.name, dtype, shape, diff, status))
+        widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
+        for row in [header, tuple("-" * w for w in widths), *rows]:
+            print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    differing = sum(not t.equal for t in report.tensors)
+    if report.identical:
+        print(f"identical: {len(report.tensors)} tensors")
+    else:
+        print(f"different: {len(report.only_in_a)} only in A, {len(report.only_in_b)} only in B, "
+              f"{differing} of {len(report.tensors)} common tensors differ")
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from .diff import diff_tensors
+
+    bar = _Bar("diff", args.quiet)
+    try:
+        report = diff_tensors(args.a, args.b, atol=args.atol, progress=bar)
+    except (CheckpointError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        bar.close()
+    if args.json:
+        json.dump(report.to_json(), sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        _diff_text(report)
+    return 0 if report.identical else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shardckpt",
-        description="Save, restore and check sharded tensors in TensorFlow's V2 checkpoint format.",
-        epilog="Exit codes: 0 success, 1 bad checkpoint or failed operation, 2 bad command line.",
+        description="Save, restore and check sharded tensors in TensorFlow's V2 checkpoint format.\n"
+        "A checkpoint is named by its prefix (the path without .index); where noted, a directory holding\n"
+        "a TensorFlow 'checkpoint' state file stands for its latest checkpoint.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="'shardckpt COMMAND --help' explains each command.\n\n"
+        "Exit codes: 0 success, 1 bad checkpoint or failed operation, 2 bad command line\n"
+        "(diff: 0 identical, 1 different, 2 trouble, as diff(1)).",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what the library does")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -162,14 +270,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every checksum of a checkpoint",
                        description="Read every index block and every tensor and check their CRC32C. "
                        "Exit status 0 when all match, 1 otherwise.")
-    p.add_argument("prefix")
+    p.add_argument("prefix", help="checkpoint prefix (the path without .index)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--json", action="store_true", help="machine-readable result (exit status as without it)")
     p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("clean", help="finish or remove what an interrupted save left behind",
                        description="Look for staging files of an interrupted save at PREFIX: complete its commit "
                        "if it had passed its commit point, else delete them. Never deletes a committed checkpoint.")
-    p.add_argument("prefix")
+    p.add_argument("prefix", help="checkpoint prefix (the path without .index)")
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("launch", help="run a script as N local clients with a coordinator (like torchrun)",
@@ -182,6 +291,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=0, help="coordinator port (default: any free port)")
     p.add_argument("command_line", nargs=argparse.REMAINDER, help="script.py [args...], -m module, or a command")
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser(
+        "convert", help="convert a checkpoint to a .safetensors file, or back",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Convert between a TensorFlow V2 checkpoint and a safetensors file; the direction follows "
+        "from which\nargument ends in .safetensors.\n\n"
+        "  checkpoint -> safetensors: every tensor, partitioned ones assembled from their slices; all tensors\n"
+        "      are held in memory while the file is written.  Strings, complex128, int4 and quantized\n"
+        "      types have no safetensors dtype: the command fails naming them unless --skip-unsupported.\n"
+        "  safetensors -> checkpoint: one single-writer checkpoint at DESTINATION that TensorFlow reads.\n\n"
+        "bfloat16 and float8 keep their dtypes both ways.  Nothing appears at DESTINATION until it is\n"
+        "complete; an existing DESTINATION is replaced only with --overwrite.",
+        epilog="examples:\n  shardckpt convert /ckpts/ckpt-1000 model.safetensors\n"
+        "  shardckpt convert /ckpts latest.safetensors        (a directory: its latest checkpoint)\n"
+        "  shardckpt convert model.safetensors /ckpts/imported\n\n"
+        "exit status: 0 converted, 1 bad input or failed conversion, 2 bad command line.")
+    p.add_argument("source", metavar="SOURCE", help="checkpoint prefix or directory, or a .safetensors file")
+    p.add_argument("destination", metavar="DESTINATION", help="a .safetensors file, or a checkpoint prefix")
+    p.add_argument("--skip-unsupported", action="store_true",
+                   help="leave out tensors the destination cannot hold (listed on output) instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser(
+        "diff", help="compare two checkpoints or safetensors files tensor by tensor",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Compare A and B (each a checkpoint prefix, a checkpoint directory or a .safetensors file):\n"
+        "names only in A or only in B, dtype and shape differences, and for every common tensor the\n"
+        "maximum absolute difference and how many elements differ.  Values compare by value (NaN equals\n"
+        "NaN at the same position); partitioned tensors are assembled first.",
+        epilog="examples:\n  shardckpt diff run1/ckpt-100 run2/ckpt-100\n"
+        "  shardckpt diff --json --atol 1e-6 /ckpts/ckpt-7 model.safetensors\n\n"
+        "exit status (as diff(1)): 0 identical, 1 different, 2 trouble (unreadable input, bad command line).")
+    p.add_argument("a", metavar="A", help="checkpoint prefix or directory, or a .safetensors file")
+    p.add_argument("b", metavar="B", help="checkpoint prefix or directory, or a .safetensors file")
+    p.add_argument("--atol", type=float, default=0.0,
+                   help="count tensors whose values differ by at most ATOL as equal (default 0)")
+    p.add_argument("--json", action="store_true", help="print a machine-readable report")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_diff)
 
     p = sub.add_parser("demo", help="save, restore and verify an example checkpoint",
                        description="Write an example model as a checkpoint, read it back, verify every value "

@@ -21,6 +21,14 @@ class DTensor:
     def __post_init__(self) -> None:
         self.shape = tuple(int(d) for d in self.shape)
         self.dtype = np.dtype(self.dtype)
+        if self.layout.is_fully_replicated():
+            for device, shard in self.shards.items():
+                if tuple(shard.shape) != self.shape:
+                    raise ShapeMismatchError(
+                        f"shard of device {device} has shape {list(shard.shape)}; the tensor is replicated, "
+                        f"so it must be the global shape {list(self.shape)}"
+                    )
+            return
         for device, shard in self.shards.items():
             bounds = self.layout.shard_bounds(self.shape, device)
             want = tuple(hi - lo for lo, hi in bounds)

@@ -80,6 +80,9 @@ class Layout:
             raise InvalidArgumentError(
                 f"layout of rank {self.rank} {list(self.sharding_specs)} for a tensor of shape {list(global_shape)}"
             )
+        if self.is_fully_replicated():
+            self.mesh.coords(device_id)  # still refuses a device outside the mesh
+            return tuple((0, n) for n in global_shape)
         coords = self.mesh.coords(device_id)
         out = []
         for spec, n in zip(self.sharding_specs, global_shape):

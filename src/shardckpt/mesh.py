@@ -22,6 +22,8 @@ class Mesh:
     local_device_ids: tuple[int, ...] | None = None
     name: str = ""
     _position: dict[int, int] = field(default_factory=dict, init=False, repr=False, compare=False, hash=False)
+    _coords: dict[int, dict[str, int]] = field(default_factory=dict, init=False, repr=False, compare=False,
+                                               hash=False)
 
     def __init__(
         self,
@@ -52,6 +54,7 @@ class Mesh:
         object.__setattr__(self, "local_device_ids", local)
         object.__setattr__(self, "name", name)
         object.__setattr__(self, "_position", {d: i for i, d in enumerate(ids)})
+        object.__setattr__(self, "_coords", {})
 
     @property
     def size(self) -> int:
@@ -64,7 +67,10 @@ class Mesh:
             raise InvalidArgumentError(f"mesh has no dimension {name!r} (dims: {list(self.dim_names)})") from None
 
     def coords(self, device_id: int) -> dict[str, int]:
-        """The device's coordinate along every mesh dim."""
+        """The device's coordinate along every mesh dim (computed once per device)."""
+        cached = self._coords.get(device_id)
+        if cached is not None:
+            return cached
         pos = self._position.get(device_id)
         if pos is None:
             raise InvalidArgumentError(f"device {device_id} is not in the mesh")
@@ -72,7 +78,8 @@ class Mesh:
         for name, size in zip(reversed(self.dim_names), reversed(self.shape)):
             out[name] = pos % size
             pos //= size
-        return {n: out[n] for n in self.dim_names}
+        cached = self._coords[device_id] = {n: out[n] for n in self.dim_names}
+        return cached
 
     def client_devices(self, client: int, num_clients: int) -> tuple[int, ...]:
         """Devices of ``client``: its own list when the mesh names one, else the client-th contiguous block."""

@@ -7,6 +7,7 @@ box on several local devices (replication) are read once and shared.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,6 +22,8 @@ from .format.reader import BundleReader, Verify
 from .format.slices import parse_shape_and_slice
 from .layout import Layout
 from .mesh import Mesh
+
+_POOL_BYTES = 1 << 20  # pieces this large are read by the thread pool
 
 
 def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, local: Sequence[int],
@@ -44,18 +47,30 @@ def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, loc
             f"{list(layout.sharding_specs)} has rank {layout.rank}"
         )
     boxes = {device: layout.shard_bounds(shape, device) for device in local}
-    reads = {
-        box: pool.submit(reader.read_bounds, name, tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(box, region)),
-                         verify=verify)
-        for box in dict.fromkeys(boxes.values())
-    }
+    reads: dict[tuple[tuple[int, int], ...], Future | _Done] = {}
+    for box in dict.fromkeys(boxes.values()):
+        global_box = tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(box, region))
+        nbytes = math.prod(hi - lo for lo, hi in box) * dtype.itemsize
+        if nbytes >= _POOL_BYTES:
+            reads[box] = pool.submit(reader.read_bounds, name, global_box, verify=verify, entry=entry)
+        else:  # a thread hand-off costs more than reading a small piece here
+            reads[box] = _Done(reader.read_bounds(name, global_box, verify=verify, entry=entry))
     return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()})
+
+
+class _Done:
+    def __init__(self, value: np.ndarray) -> None:
+        self.value = value
+
+    def result(self) -> np.ndarray:
+        return self.value
 
 
 class _Pending:
     """A DTensor whose shards are still being read by the pool."""
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, layout: Layout, futures: dict[int, Future]) -> None:
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, layout: Layout,
+                 futures: dict[int, Future | _Done]) -> None:
         self.shape, self.dtype, self.layout, self.futures = shape, dtype, layout, futures
 
     def result(self) -> DTensor:

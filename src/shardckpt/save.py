@@ -68,11 +68,13 @@ class SaveResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-def _as_dtensor(value: object, mesh: Mesh, local: Sequence[int]) -> DTensor:
+def _as_dtensor(value: object, mesh: Mesh, local: Sequence[int], replicated: dict[int, Layout]) -> DTensor:
     if isinstance(value, DTensor):
         return value
     arr = np.asarray(value)
-    layout = Layout.replicated(mesh, arr.ndim)
+    layout = replicated.get(arr.ndim)
+    if layout is None:
+        layout = replicated[arr.ndim] = Layout.replicated(mesh, arr.ndim)
     return DTensor(arr.shape, arr.dtype, layout, {d: arr for d in local})
 
 
@@ -115,10 +117,11 @@ def _normalize(
     if not names:
         raise InvalidArgumentError(f"{prefix}: nothing to save")
     specs, dtensors = [], []
+    replicated: dict[int, Layout] = {}
     for name, spec, value in zip(names, slices, values):
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
-        t = _as_dtensor(value, mesh, local)
+        t = _as_dtensor(value, mesh, local, replicated)
         # A tensor may live on its own mesh (a sub-mesh or another shape) over devices of ``mesh``;
         # this client then holds the shards of its own devices in that mesh (maybe none).
         own = set(t.layout.mesh.device_ids)

@@ -44,6 +44,7 @@ Verify = bool | Literal["full"]
 _INT64_MAX = (1 << 63) - 1
 _READ_CHUNK = 16 * 1024 * 1024
 _SNAPSHOT_TRIES = 5
+_BULK_AFTER = 256
 _SNAPSHOT_MAX_FILES = 256
 _NPY_MAXDIMS: int
 try:
@@ -72,6 +73,8 @@ class BundleReader:
         self.prefix = normalize_prefix(prefix)
         self.index_path = index_filename(self.prefix)
         self._files: dict[int, RandomAccess] = {}
+        self._values: dict[bytes, bytes] | None = None
+        self._lookups = 0
         for _ in range(_SNAPSHOT_TRIES):
             identity = self._open()
             if self._open_data_files(identity):
@@ -140,13 +143,24 @@ class BundleReader:
             if key:
                 yield key, self._decode(key, value)
 
+    def _get(self, key: bytes) -> bytes | None:
+        """The raw value of ``key``.  After many lookups the whole index is turned into a dictionary
+        once (one pass over the table), so restoring 100,000 tensors does not seek 100,000 times."""
+        if self._values is not None:
+            return self._values.get(key)
+        self._lookups += 1
+        if self._lookups > _BULK_AFTER:
+            self._values = dict(self._table)
+            return self._values.get(key)
+        return self._table.get(key)
+
     def has_tensor(self, name: str | bytes) -> bool:
         key = _as_key(name)
-        return bool(key) and self._table.get(key) is not None
+        return bool(key) and self._get(key) is not None
 
     def entry(self, name: str | bytes) -> BundleEntry:
         key = _as_key(name)
-        value = self._table.get(key) if key else None  # key "" is the header, not a tensor
+        value = self._get(key) if key else None  # key "" is the header, not a tensor
         if value is None:
             raise TensorNotFoundError(f"Key {_label(key)} not found in checkpoint {self.prefix}")
         return self._validate(key, self._decode(key, value))
@@ -315,7 +329,7 @@ class BundleReader:
         out = []
         for s in e.slices:
             skey = encode_slice_key(key, s)
-            value = self._table.get(skey)
+            value = self._get(skey)
             if value is None:
                 raise CorruptCheckpointError(
                     f"{self.prefix}: tensor {_label(key)} lists slice {s} but its data entry is missing"
@@ -358,10 +372,11 @@ class BundleReader:
             tslice.slice_shape(e.shape)
         return self._assemble(key, e, tslice.bounds(e.shape), verify)
 
-    def read_bounds(self, name: str | bytes, bounds: Sequence[tuple[int, int]], *, verify: Verify = True) -> np.ndarray:
-        """The box ``bounds`` (half-open per dim) of a tensor."""
+    def read_bounds(self, name: str | bytes, bounds: Sequence[tuple[int, int]], *, verify: Verify = True,
+                    entry: BundleEntry | None = None) -> np.ndarray:
+        """The box ``bounds`` (half-open per dim) of a tensor (whose validated ``entry`` the caller may pass)."""
         key = _as_key(name)
-        e = self.entry(key)
+        e = entry if entry is not None else self.entry(key)
         return self._assemble(key, e, tuple((int(a), int(b)) for a, b in bounds), verify)
 
     def _assemble(self, key: bytes, e: BundleEntry, bounds: Bounds, verify: Verify) -> np.ndarray:
