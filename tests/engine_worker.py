@@ -425,18 +425,26 @@ def scenario_kv_edges(engine: Engine, directory: str, events: dict) -> None:
     if rank == 0:
         while not all(os.path.exists(marker.format("late", r)) for r in range(1, n)):
             time.sleep(0.02)
+        time.sleep(0.5)  # for engines without a store (MPI), let the messages arrive
         assert coord.all_gather(b"0", "zero-late", 0) == [str(r).encode() for r in range(n)]
     else:
-        store_set = coord._set  # type: ignore[attr-defined]
+        from shardckpt.coordination import KeyValueCoordinator
 
-        def set_then_mark(key: str, value: bytes) -> None:  # tells client 0 once the key is in the store
-            store_set(key, value)
-            if "/zero-late/" in key:
-                Path(marker.format("late", rank)).touch()
+        kv = getattr(coord, "_impl", coord)  # torch wraps its store-backed coordinator
+        if isinstance(kv, KeyValueCoordinator):
+            store_set = kv._set
 
-        coord._set = set_then_mark  # type: ignore[attr-defined]
-        assert coord.all_gather(str(rank).encode(), "zero-late", 30) == [str(r).encode() for r in range(n)]
-        coord._set = store_set  # type: ignore[attr-defined]
+            def set_then_mark(key: str, value: bytes) -> None:  # tells client 0 once the key is in the store
+                store_set(key, value)
+                if "/zero-late/" in key:
+                    Path(marker.format("late", rank)).touch()
+
+            kv._set = set_then_mark  # type: ignore[method-assign]
+            assert coord.all_gather(str(rank).encode(), "zero-late", 30) == [str(r).encode() for r in range(n)]
+            kv._set = store_set  # type: ignore[method-assign]
+        else:  # MPI: messages are sent when the call starts; client 0 waits a moment after the marker
+            Path(marker.format("late", rank)).touch()
+            assert coord.all_gather(str(rank).encode(), "zero-late", 30) == [str(r).encode() for r in range(n)]
     coord.barrier("end", 60)
     events["zero_late"] = True
 
