@@ -11,7 +11,6 @@ with TensorFlow.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -26,8 +25,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 SAVE_TIMEOUT = 60.0  # shardckpt's own collective timeout inside the workers
@@ -422,8 +419,6 @@ def test_two_processes_restore_the_four_process_checkpoint(saved4) -> None:
 
 
 def test_tensorflow_reads_the_jax_checkpoint(saved4, tmp_path: Path) -> None:
-    if importlib.util.find_spec("tensorflow") is None:
-        pytest.skip("tensorflow is not installed")
     directory, _ = saved4
     out = tmp_path / "tf.npz"
     script = (

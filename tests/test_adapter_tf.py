@@ -27,7 +27,6 @@ needs ``DTENSOR_*`` variables; see `_launch_multi`).
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -460,8 +459,6 @@ def _netns_works() -> bool:
         return False
 
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None,
-                                reason="tensorflow is not installed")
 
 _MULTI_SCRIPT = r"""
 ip link set lo up || exit 97
@@ -578,8 +575,7 @@ MULTI_CHECKS = ["save", "ours_restore_onto_another_mesh", "ours_restore_into_dva
 
 
 def _multi(programs) -> Program:
-    if "multi" not in programs:
-        pytest.skip("cannot make a private network namespace (unshare -n, ip) for TF's gRPC servers")
+    assert "multi" in programs, "could not make a private network namespace (unshare -n, ip) for TF's gRPC servers"
     return programs["multi"]
 
 

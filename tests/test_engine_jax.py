@@ -8,13 +8,9 @@ against the globals; this module checks the result files, exit codes and timings
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from engine_worker import assert_nothing_left, check_committed, run_clients
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="jax is not installed")
 
 ENGINE = "jax"
 TIMEOUT = 150  # per run of 4 processes; a hang fails the test instead of stalling it

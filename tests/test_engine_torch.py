@@ -9,7 +9,6 @@ reported, and what is on disk.  No mocks.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 
@@ -17,10 +16,7 @@ import pytest
 
 import engine_worker as ew
 
-pytestmark = [
-    pytest.mark.skipif(importlib.util.find_spec("torch") is None, reason="torch is not installed"),
-    pytest.mark.timeout(300),
-]
+pytestmark = [pytest.mark.timeout(300)]
 
 ENGINE = "torch"
 RUN_TIMEOUT = 120  # per multi-process run: a hang fails the test instead of stalling it
