@@ -20,10 +20,18 @@ def main(action: str, prefix: str) -> int:
         w = sc.DTensor.from_global(W, sc.Layout(["x", "y"], mesh), mesh.local_devices(coord.rank, coord.size))
         sc.sharded_save(mesh, prefix, ["w", "r"], ["", ""], [w, R], timeout=20)
         return 0
-    if action == "restore":
-        mesh = sc.create_mesh([("a", coord.size)])
-        w, r = sc.sharded_restore(mesh, prefix, ["w", "r"], [sc.Layout([sc.UNSHARDED, "a"], mesh),
-                                                             sc.Layout(["a"], mesh)])
+    if action.startswith("restore"):
+        mode = action.partition(":")[2] or "columns"
+        if mode == "same":  # the saving mesh and layouts
+            mesh = sc.create_mesh([("x", 2), ("y", 2)])
+            layouts = [sc.Layout(["x", "y"], mesh), sc.Layout([sc.UNSHARDED], mesh)]
+        elif mode == "replicated":
+            mesh = sc.create_mesh([("a", coord.size)])
+            layouts = [sc.Layout.replicated(mesh, 2), sc.Layout.replicated(mesh, 1)]
+        else:  # another mesh shape: columns over a 1-D mesh of every client
+            mesh = sc.create_mesh([("a", coord.size)])
+            layouts = [sc.Layout([sc.UNSHARDED, "a"], mesh), sc.Layout(["a"], mesh)]
+        w, r = sc.sharded_restore(mesh, prefix, ["w", "r"], layouts)
         for t, g in ((w, W), (r, R)):
             for d, shard in t.shards.items():
                 assert np.array_equal(shard, g[tuple(slice(a, b) for a, b in t.bounds(d))])

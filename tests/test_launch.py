@@ -21,13 +21,15 @@ def _cli(*args, timeout=120):
                           timeout=timeout)
 
 
-def test_launch_four_clients_save_then_three_restore(tmp_path):
+def test_launch_four_clients_save_then_restore_onto_other_meshes_and_client_counts(tmp_path):
     prefix = str(tmp_path / "ckpt")
     saved = _cli("launch", "-n", "4", WORKER, "save", prefix)
     assert saved.returncode == 0, saved.stderr
     np.testing.assert_array_equal(sc.load_checkpoint(prefix).get_tensor("w"), np.arange(96).reshape(12, 8))
-    restored = _cli("launch", "-n", "3", WORKER, "restore", prefix)
-    assert restored.returncode == 0, restored.stderr
+    # (a) the same mesh, (b) another mesh shape, (c) 2 and 3 clients, (d) fully replicated
+    for clients, mode in ((4, "same"), (4, "columns"), (2, "columns"), (3, "columns"), (3, "replicated")):
+        restored = _cli("launch", "-n", str(clients), WORKER, f"restore:{mode}", prefix)
+        assert restored.returncode == 0, (clients, mode, restored.stderr)
 
 
 def test_launch_stops_everyone_when_a_client_dies(tmp_path):
