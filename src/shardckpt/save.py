@@ -1,6 +1,6 @@
 """``sharded_save``: every client writes the shards it owns, one client commits the merged index.
 
-Flow (three small collectives, all with the same timeout):
+Flow (three small collectives and a release, all with the same timeout):
 
 1. *agree*: every client sends a digest of its arguments, its local devices and
    any local error; client 0 adds a fresh token and whether the prefix exists.
@@ -11,9 +11,12 @@ Flow (three small collectives, all with the same timeout):
 3. client 0 writes ``P.index.staging-TOKEN``, then commits: removes an old index
    (``overwrite=True``), renames the data files to their final names, renames the
    index last, fsyncs the directory, removes stale data files of an older shard
-   count; then *committed* tells every client the outcome.
+   count; then *committed* tells every client the outcome, and *done* lets client 0
+   return only after the others (some engines' stores live in client 0's process).
 
-``P.index`` present therefore means every data file it names is in place.
+``P.index`` present therefore means every data file it names is in place.  On an
+object store the data objects take their final names at once and the index object
+is written last (`commit.py`); an overwrite deletes the old index before any data.
 """
 
 from __future__ import annotations
@@ -118,17 +121,21 @@ def _normalize(
         raise InvalidArgumentError(f"{prefix}: nothing to save")
     specs, dtensors = [], []
     replicated: dict[int, Layout] = {}
+    mesh_devices = set(mesh.device_ids)
     for name, spec, value in zip(names, slices, values):
         if not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
         t = _as_dtensor(value, mesh, local, replicated)
         # A tensor may live on its own mesh (a sub-mesh or another shape) over devices of ``mesh``;
         # this client then holds the shards of its own devices in that mesh (maybe none).
-        own = set(t.layout.mesh.device_ids)
-        if not own <= set(mesh.device_ids):
-            raise InvalidArgumentError(f"{prefix}: tensor {name} is laid out on a mesh with devices outside "
-                                       f"the save mesh: {sorted(own - set(mesh.device_ids))[:8]}")
-        want = [d for d in local if d in own]
+        if t.layout.mesh is mesh:
+            want = list(local)
+        else:
+            own = set(t.layout.mesh.device_ids)
+            if not own <= mesh_devices:
+                raise InvalidArgumentError(f"{prefix}: tensor {name} is laid out on a mesh with devices outside "
+                                           f"the save mesh: {sorted(own - mesh_devices)[:8]}")
+            want = [d for d in local if d in own]
         if set(t.shards) != set(want):
             raise InvalidArgumentError(
                 f"{prefix}: tensor {name} has shards for devices {sorted(t.shards)}, this client owns {want}"
