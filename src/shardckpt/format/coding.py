@@ -60,19 +60,6 @@ def decode_varint(buf: bytes | memoryview, pos: int, limit: int, what: str = "va
             return b, pos + 1
     result = 0
     shift = 0
-    if limit - pos >= 10:
-        # Common case, far from the end: no bounds check per byte.
-        while True:
-            b = buf[pos]
-            pos += 1
-            result |= (b & 0x7F) << shift
-            if b < 0x80:
-                if result > _U64:
-                    raise CorruptCheckpointError(f"{what} overflows 64 bits")
-                return result, pos
-            shift += 7
-            if shift >= 70:
-                raise CorruptCheckpointError(f"{what} longer than 10 bytes")
     while True:
         if pos >= limit:
             raise CorruptCheckpointError(f"truncated {what}")
