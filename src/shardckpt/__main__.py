@@ -1,3 +1,5 @@
+"""``python -m shardckpt``: the command line, as the ``shardckpt`` script runs it."""
+
 import sys
 
 from .cli import main

@@ -63,6 +63,7 @@ class CheckpointReader:
         self.prefix = self._bundle.prefix
 
     def get_variable_to_shape_map(self) -> dict[str, list[int]]:
+        """Name to shape of every tensor (per-slice keys of partitioned tensors excluded)."""
         return {name: list(e.shape) for name, e in self._bundle.entries()}
 
     def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
@@ -70,9 +71,11 @@ class CheckpointReader:
         return {name: to_numpy(e.dtype) for name, e in self._bundle.entries()}
 
     def has_tensor(self, name: str) -> bool:
+        """Whether the checkpoint holds a tensor called ``name``."""
         return self._bundle.has_tensor(name)
 
     def get_tensor(self, name: str) -> np.ndarray:
+        """The whole tensor, CRC32C checked; raises `TensorNotFoundError` if there is no such name."""
         return self._bundle.read(name)
 
     def get_slice(self, name: str, shape_and_slice: str) -> np.ndarray:
@@ -81,9 +84,11 @@ class CheckpointReader:
 
     @property
     def bundle(self) -> BundleReader:
+        """The underlying `BundleReader`, for slice-level and raw access."""
         return self._bundle
 
     def close(self) -> None:
+        """Close the data files opened so far."""
         self._bundle.close()
 
     def __enter__(self) -> CheckpointReader:
@@ -94,6 +99,10 @@ class CheckpointReader:
 
 
 def load_checkpoint(prefix: str | os.PathLike[str]) -> CheckpointReader:
+    """A reader for the checkpoint at ``prefix`` (or the latest one in a directory), as ``tf.train.load_checkpoint``.
+
+    Raises `CheckpointNotFoundError` when there is none.
+    """
     return CheckpointReader(prefix)
 
 

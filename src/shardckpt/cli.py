@@ -56,6 +56,7 @@ def _files_cell(files: list[str]) -> str:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``shardckpt inspect``: print one row per tensor (or a JSON report); exit status 0."""
     rows = describe(args.prefix)
     if args.json:
         json.dump({"prefix": args.prefix, "tensors": rows}, sys.stdout, indent=2)
@@ -109,6 +110,7 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
+    """``shardckpt verify``: check every checksum; exit status 0 when all match, 1 otherwise."""
     start = time.perf_counter()
     count, nbytes, problems = verify_checkpoint(args.prefix, progress=None if not args.quiet else False)
     for problem in ([] if args.json else problems):
@@ -127,12 +129,14 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``shardckpt demo``: save, restore and check an example model; exit status 0 when every value matches."""
     from .demo import run_demo
 
     return run_demo(args)
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
+    """``shardckpt clean``: finish or discard an interrupted save at the prefix, printing each action; exit status 0."""
     from .commit import recover
 
     actions = recover(args.prefix)
@@ -143,6 +147,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
+    """``shardckpt launch``: run the command as N local clients; exit status 0, else the first failing client's."""
     from .launch import launch
 
     if not args.command_line:
@@ -171,6 +176,10 @@ class _Bar:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
+    """``shardckpt convert``: checkpoint to safetensors or back.
+
+    Exit status 0 converted, 1 unreadable input or failed write, 2 when not exactly one side is ``.safetensors``.
+    """
     from .convert import checkpoint_to_safetensors, is_safetensors_path, safetensors_to_checkpoint
 
     from_st, to_st = is_safetensors_path(args.source), is_safetensors_path(args.destination)
@@ -229,6 +238,7 @@ def _diff_text(report: Any) -> None:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
+    """``shardckpt diff``: compare two checkpoints; exit status 0 identical, 1 different, 2 unreadable input."""
     from .diff import diff_tensors
 
     bar = _Bar("diff", args.quiet)
@@ -248,6 +258,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The parser of the whole command line; each subcommand sets ``func`` to its ``cmd_*`` handler."""
     parser = argparse.ArgumentParser(
         prog="shardckpt",
         description="Save, restore and check sharded tensors in TensorFlow's V2 checkpoint format.\n"
@@ -344,6 +355,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+    A `CheckpointError` is printed and gives 1; a bad command line exits with 2 (argparse's `SystemExit`).
+    """
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")

@@ -48,6 +48,7 @@ def _noop(_: str) -> None:
 
 
 def staging_data_filename(prefix: str, rank: int, size: int, token: str) -> str:
+    """The name client ``rank`` of ``size`` writes its data file under until the commit renames it."""
     return data_filename(prefix, rank, size) + STAGING + token
 
 

@@ -155,6 +155,7 @@ class CheckpointSource(TensorSource):
         self._infos: dict[str, TensorInfo] | None = None
 
     def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor by name in key order (not per-slice keys); variant and resource are listed but unreadable."""
         if self._infos is None:
             bundle = self._reader.bundle
             infos: dict[str, TensorInfo] = {}
@@ -174,9 +175,11 @@ class CheckpointSource(TensorSource):
         return self._infos
 
     def read(self, name: str) -> np.ndarray:
+        """One whole tensor (partitioned ones assembled); raises `TensorNotFoundError` for an unknown name."""
         return self._reader.get_tensor(name)
 
     def close(self) -> None:
+        """Close the checkpoint's data files."""
         self._reader.close()
 
 
@@ -221,6 +224,7 @@ class SafetensorsSource(TensorSource):
         self._header: tuple[dict[str, Any], int] | None = None
 
     def tensors(self) -> dict[str, TensorInfo]:
+        """Every tensor by name; one whose dtype has no numpy equivalent has ``numpy_dtype`` None."""
         if self._infos is None:
             infos = {}
             for name in self._file.keys():  # noqa: SIM118 - safe_open is not iterable
@@ -236,6 +240,11 @@ class SafetensorsSource(TensorSource):
         return self._infos
 
     def read(self, name: str) -> np.ndarray:
+        """One whole tensor.
+
+        Raises `TensorNotFoundError`, `UnsupportedDTypeError` for a dtype with no numpy equivalent, and
+        `CorruptCheckpointError` when the file does not hold the bytes its header promises.
+        """
         from safetensors import SafetensorError
 
         info = self.tensors().get(name)
@@ -266,6 +275,7 @@ class SafetensorsSource(TensorSource):
         return np.frombuffer(data, info.numpy_dtype).reshape(info.shape).copy()
 
     def close(self) -> None:
+        """Release the memory-mapped file."""
         self._file.__exit__(None, None, None)
 
 

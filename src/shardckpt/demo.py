@@ -90,6 +90,10 @@ def _client(phase: str, workdir: str, size_mb: int) -> int:
 
 
 def run_demo(args: argparse.Namespace) -> int:
+    """Save with 4 launched clients, restore onto 3 and print throughput; returns 0 when every value matched, else 1.
+
+    Writes under ``args.dir`` (kept) or a temporary directory (removed); ``args.size_mb`` is the model size in MiB.
+    """
     from .launch import launch
 
     workdir = args.dir or tempfile.mkdtemp(prefix="shardckpt-demo-")

@@ -13,6 +13,11 @@ from .layout import Layout
 
 @dataclass
 class DTensor:
+    """A tensor sharded over a mesh: its global ``shape``, ``dtype`` and ``layout``, and this client's ``shards``.
+
+    ``shards`` maps device id to that device's block of the global array; a shard whose shape disagrees with
+    the layout raises `ShapeMismatchError`.
+    """
     shape: tuple[int, ...]
     dtype: np.dtype
     layout: Layout
@@ -52,6 +57,7 @@ class DTensor:
         return cls(arr.shape, arr.dtype, layout, shards)
 
     def bounds(self, device_id: int) -> tuple[tuple[int, int], ...]:
+        """The half-open ``(start, stop)`` per dimension of the block ``device_id`` holds."""
         return self.layout.shard_bounds(self.shape, device_id)
 
     def to_numpy(self) -> np.ndarray:

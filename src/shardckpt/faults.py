@@ -36,6 +36,7 @@ class InjectedFault(CheckpointError):
 
 
 def fault_point(name: str, client: int) -> None:
+    """SIGKILL this process or raise `InjectedFault` if ``SHARDCKPT_FAULT`` asks for it at ``name`` on ``client``."""
     spec = os.environ.get(ENV)
     if not spec:
         return

@@ -55,20 +55,25 @@ class Layout:
 
     @classmethod
     def replicated(cls, mesh: Mesh, rank: int) -> Layout:
+        """Every device holds the whole rank-``rank`` tensor."""
         return cls([UNSHARDED] * rank, mesh)
 
     @classmethod
     def batch_sharded(cls, mesh: Mesh, batch_dim: str, rank: int) -> Layout:
+        """Tensor dim 0 sharded over mesh dim ``batch_dim``, the other ``rank - 1`` dims unsharded."""
         return cls([batch_dim] + [UNSHARDED] * (rank - 1), mesh)
 
     @property
     def rank(self) -> int:
+        """The number of tensor dimensions the layout describes."""
         return len(self.sharding_specs)
 
     def is_fully_replicated(self) -> bool:
+        """Whether no tensor dimension is sharded."""
         return all(s == UNSHARDED for s in self.sharding_specs)
 
     def num_shards(self, dim: int) -> int:
+        """How many pieces tensor dimension ``dim`` splits into (the product of its mesh dims' sizes)."""
         n = 1
         for axis in _axes(self.sharding_specs[dim]):
             n *= self.mesh.dim_size(axis)
@@ -103,6 +108,7 @@ class Layout:
 
     @classmethod
     def from_string(cls, text: str) -> Layout:
+        """Parse DTensor's layout string (see `to_string`); raises `InvalidArgumentError` for anything else."""
         head, sep, mesh_text = text.partition(" mesh:")
         if not sep or not head.startswith("sharding_specs:"):
             raise InvalidArgumentError(f"not a layout string: {text!r}")

@@ -16,6 +16,11 @@ from .errors import InvalidArgumentError
 
 @dataclass(frozen=True)
 class Mesh:
+    """A named grid of devices: ``dim_names`` and ``shape``, ``device_ids`` (default ``0..size-1``) placed row-major.
+
+    ``local_device_ids`` names this client's devices when they are not its contiguous block.  Raises
+    `InvalidArgumentError` for duplicate or reserved names, non-positive sizes, or ids that do not fit.
+    """
     dim_names: tuple[str, ...]
     shape: tuple[int, ...]
     device_ids: tuple[int, ...] = ()
@@ -58,9 +63,11 @@ class Mesh:
 
     @property
     def size(self) -> int:
+        """The number of devices in the mesh."""
         return len(self.device_ids)
 
     def dim_size(self, name: str) -> int:
+        """The size of mesh dimension ``name``; raises `InvalidArgumentError` for a name the mesh lacks."""
         try:
             return self.shape[self.dim_names.index(name)]
         except ValueError:
@@ -82,7 +89,7 @@ class Mesh:
         return cached
 
     def client_devices(self, client: int, num_clients: int) -> tuple[int, ...]:
-        """Devices of ``client``: its own list when the mesh names one, else the client-th contiguous block."""
+        """The ``client``-th contiguous block of ``device_ids`` (DTensor's rule); blocks may be uneven."""
         if not 0 <= client < num_clients:
             raise InvalidArgumentError(f"client {client} is not in 0..{num_clients - 1}")
         if num_clients > self.size:
@@ -92,6 +99,7 @@ class Mesh:
         return self.device_ids[lo:hi]
 
     def local_devices(self, client: int, num_clients: int) -> tuple[int, ...]:
+        """Devices of ``client``: ``local_device_ids`` when the mesh names them, else its contiguous block."""
         if self.local_device_ids is not None:
             return self.local_device_ids
         return self.client_devices(client, num_clients)

@@ -32,11 +32,16 @@ class SaveTensor:
 
     @property
     def region_shape(self) -> tuple[int, ...]:
+        """The shape of the saved region."""
         return tuple(hi - lo for lo, hi in self.region)
 
 
 @dataclass(frozen=True)
 class WriteItem:
+    """One write of the plan: the ``box`` of save argument ``arg`` that ``client`` writes from ``device``'s shard.
+
+    ``nbytes`` is the box's size in bytes.
+    """
     arg: int
     box: Bounds  # in full-tensor coordinates
     device: int  # a device whose local shard holds this box

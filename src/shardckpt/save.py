@@ -64,6 +64,10 @@ log = logging.getLogger("shardckpt.save")
 
 @dataclass
 class SaveResult:
+    """What this client's part of a save did: the data file it wrote under ``prefix`` and its size in bytes.
+
+    ``num_clients`` is how many clients took part; ``timings`` gives seconds per phase, ``total`` included.
+    """
     prefix: str
     files: list[str]
     bytes_written: int
@@ -377,12 +381,15 @@ class SaveFuture:
         self.blocking_seconds = blocking_seconds
 
     def result(self, timeout: float | None = None) -> SaveResult:
+        """Wait up to ``timeout`` seconds (None: forever) for the save; returns its result or raises its error."""
         return self._future.result(timeout)
 
     def done(self) -> bool:
+        """Whether the save has finished, successfully or not."""
         return self._future.done()
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
+        """Wait like `result`; returns the save's error, or None when it succeeded."""
         return self._future.exception(timeout)
 
 

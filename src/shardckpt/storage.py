@@ -33,16 +33,19 @@ def _fs(path: str) -> tuple[Any, str]:
 
 
 class RandomAccess(Protocol):
+    """A data file open for random reads: its ``path`` and ``size`` in bytes."""
     path: str
     size: int
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views``, which are consecutive in the file, from byte ``offset``."""
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Release the file."""
 
 
 class LocalFile:
+    """A local data file read with ``preadv``; raises `CheckpointNotFoundError` if missing or not a regular file."""
     def __init__(self, path: str) -> None:
         try:
             fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -55,6 +58,7 @@ class LocalFile:
         self.fd, self.size, self.path = fd, st.st_size, path
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
+        """Fill ``views``, consecutive in the file, from byte ``offset``; raises `TruncatedFileError` at end of file."""
         got = os.preadv(self.fd, views, offset)
         if got >= sum(len(v) for v in views):
             return
@@ -71,6 +75,7 @@ class LocalFile:
             start = end
 
     def close(self) -> None:
+        """Close the file descriptor."""
         os.close(self.fd)
 
 
@@ -86,6 +91,10 @@ class RemoteFile:
             raise CheckpointNotFoundError(f"data file {path} is missing") from None
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
+        """Fill ``views``, consecutive in the object, from byte ``offset`` with one ranged GET.
+
+        Raises `TruncatedFileError` if the object ends first or the store returns fewer bytes.
+        """
         total = sum(len(v) for v in views)
         if offset + total > self.size:
             raise TruncatedFileError(f"{self.path}: ended at {self.size} while reading")
@@ -98,10 +107,12 @@ class RemoteFile:
             pos += len(v)
 
     def close(self) -> None:
+        """Nothing to release: every read is a request of its own."""
         pass
 
 
 def open_random(path: str) -> RandomAccess:
+    """The data file at ``path`` (local or URL) open for reads; raises `CheckpointNotFoundError` if it is missing."""
     return RemoteFile(path) if is_remote(path) else LocalFile(path)
 
 
@@ -122,6 +133,7 @@ def read_small(path: str) -> tuple[bytes, Identity]:
 
 
 def identity(path: str) -> Identity | None:
+    """What `read_small` returns as identity for ``path`` now, or None when there is no such file."""
     try:
         if is_remote(path):
             fs, key = _fs(path)
@@ -134,6 +146,7 @@ def identity(path: str) -> Identity | None:
 
 
 def exists(path: str) -> bool:
+    """Whether a file or object exists at ``path``."""
     if is_remote(path):
         fs, key = _fs(path)
         return bool(fs.exists(key))
@@ -147,6 +160,7 @@ def write_small(path: str, data: bytes) -> None:
 
 
 def delete(path: str) -> None:
+    """Remove the file or object at ``path``; one already gone is not an error."""
     if is_remote(path):
         fs, key = _fs(path)
         try:
@@ -225,12 +239,14 @@ class S3ParallelUpload:
         self.pending.append(self.pool.submit(self._upload, len(self.pending) + 1, body))
 
     def write(self, data: bytes | memoryview) -> int:
+        """Buffer ``data``, sending each full part (blocks while ``concurrency`` are in flight); returns its length."""
         self.buffer += data
         while len(self.buffer) >= self.part_size:
             self._send()
         return len(data)
 
     def close(self) -> None:
+        """Upload what is left and complete the object (one PUT if it never filled a part); a failure aborts it."""
         try:
             if self.upload_id is None:  # small: one PUT
                 self.fs.call_s3("put_object", Bucket=self.bucket, Key=self.key, Body=bytes(self.buffer))
@@ -247,6 +263,7 @@ class S3ParallelUpload:
             self.pool.shutdown()
 
     def discard(self) -> None:
+        """Abort the upload so no object appears; parts not yet sent are dropped."""
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.upload_id is not None:
             try:

@@ -42,6 +42,7 @@ class Coordinator(ABC):
         """Every client's ``data``, by rank; raises `ClientTimeoutError` naming the missing clients."""
 
     def barrier(self, name: str, timeout: float) -> None:
+        """Wait until every client reaches ``name`` (``timeout`` in seconds); raises `ClientTimeoutError` otherwise."""
         self.all_gather(b"", name, timeout)
 
     def release(self, name: str, timeout: float) -> None:
@@ -66,6 +67,7 @@ class SingleClient(Coordinator):
         self.rank, self.size = 0, 1
 
     def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
+        """``[data]``: there is no one else to wait for."""
         return [data]
 
 
@@ -94,6 +96,7 @@ class KeyValueCoordinator(Coordinator):
         pass
 
     def release(self, name: str, timeout: float) -> None:
+        """Client 0 returns once every other client has arrived (or raises `ClientTimeoutError`); the others at once."""
         seq = self._seq
         self._seq += 1
         base = f"{self._namespace}/{seq}/{name}"
@@ -113,6 +116,7 @@ class KeyValueCoordinator(Coordinator):
             )
 
     def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
+        """Every client's ``data``, by rank; raises `ClientTimeoutError` naming clients absent after ``timeout`` s."""
         seq = self._seq
         self._seq += 1
         base = f"{self._namespace}/{seq}/{name}"

@@ -88,6 +88,7 @@ class _Handler(socketserver.BaseRequestHandler):
 
 
 class KVServer(socketserver.ThreadingTCPServer):
+    """The launcher's key-value store, served to the clients over TCP in the background between `start` and `stop`."""
     daemon_threads = True
     allow_reuse_address = True
 
@@ -98,14 +99,17 @@ class KVServer(socketserver.ThreadingTCPServer):
 
     @property
     def address(self) -> str:
+        """``host:port`` the server is bound to, as clients find it in ``SHARDCKPT_COORDINATOR``."""
         host, port = self.server_address[:2]
         return f"{host!s}:{port}" if isinstance(host, str) else f"{host.decode()}:{port}"
 
     def start(self) -> KVServer:
+        """Start serving in the background; returns the server itself."""
         self._thread.start()
         return self
 
     def stop(self) -> None:
+        """Stop serving and close the listening socket."""
         self.shutdown()
         self.server_close()
 
@@ -128,6 +132,10 @@ class LauncherCoordinator(KeyValueCoordinator):
 
     @classmethod
     def from_env(cls) -> LauncherCoordinator:
+        """The coordinator of this process, from the environment ``shardckpt launch`` set.
+
+        Raises `CoordinationError` when a variable is missing or malformed, or the server cannot be reached.
+        """
         try:
             return cls(os.environ[ENV_ADDRESS], int(os.environ[ENV_RANK]), int(os.environ[ENV_SIZE]))
         except (KeyError, ValueError) as exc:
@@ -156,4 +164,5 @@ class LauncherCoordinator(KeyValueCoordinator):
         self._call(b"D", key, b"", 0)
 
     def close(self) -> None:
+        """Close the connection to the server."""
         self._sock.close()

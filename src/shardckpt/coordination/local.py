@@ -22,14 +22,17 @@ class LocalGroup:
         self._cond = threading.Condition()
 
     def coordinator(self, rank: int) -> LocalCoordinator:
+        """Client ``rank``'s coordinator."""
         return LocalCoordinator(self, rank)
 
     def set(self, key: str, value: bytes) -> None:
+        """Store ``value`` under ``key`` and wake every client waiting for it."""
         with self._cond:
             self._data[key] = value
             self._cond.notify_all()
 
     def get(self, key: str, timeout: float) -> bytes | None:
+        """The value of ``key``, waiting up to ``timeout`` seconds for it to appear; None if it does not."""
         deadline = time.monotonic() + timeout
         with self._cond:
             while key not in self._data:
@@ -40,6 +43,7 @@ class LocalGroup:
             return self._data[key]
 
     def delete(self, key: str) -> None:
+        """Remove ``key`` if present."""
         with self._cond:
             self._data.pop(key, None)
 
@@ -51,6 +55,7 @@ class LocalGroup:
 
 
 class LocalCoordinator(KeyValueCoordinator):
+    """Client ``rank`` of a `LocalGroup`: a key-value coordinator over its shared dictionary."""
     engine = "in-process"
 
     def __init__(self, group: LocalGroup, rank: int) -> None:

@@ -80,6 +80,11 @@ class MPICoordinator(Coordinator):
         self._orphans = alive
 
     def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
+        """Every rank's ``data``, by rank.
+
+        Raises `ClientTimeoutError` naming the ranks not heard from within ``timeout`` seconds, and
+        `CoordinationError` when MPI itself fails.
+        """
         MPI, np, comm = self._MPI, self._np, self._comm
         seq = self._seq
         self._seq += 1

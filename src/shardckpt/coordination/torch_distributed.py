@@ -78,9 +78,11 @@ class TorchCoordinator(Coordinator):
         self.transport = "store" if store is not None else "tensor"
 
     def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
+        """Every rank's ``data``, by rank, over the chosen transport; raises `ClientTimeoutError` naming the absent."""
         return self._impl.all_gather(data, name, timeout)
 
     def close(self) -> None:
+        """Delete the keys left in the store, or destroy the gloo group made here; never the user's own group."""
         self._impl.close()
 
 

@@ -20,6 +20,7 @@ from .coding import decode_varint, encode_varint
 
 
 def common_prefix_length(a: bytes, b: bytes) -> int:
+    """The number of leading bytes ``a`` and ``b`` share."""
     # Binary search on slice equality keeps the per-byte work in C.
     n = min(len(a), len(b))
     if a[:n] == b[:n]:
@@ -44,6 +45,7 @@ class BlockBuilder:
         self.reset()
 
     def reset(self) -> None:
+        """Drop every entry added, to start the next block."""
         self._parts: list[bytes] = []
         self._size = 0
         self._restarts = [0]
@@ -52,12 +54,15 @@ class BlockBuilder:
 
     @property
     def empty(self) -> bool:
+        """Whether no entry has been added since the last reset."""
         return self._size == 0
 
     def size_estimate(self) -> int:
+        """The size in bytes of the block `finish` would return now."""
         return self._size + 4 * len(self._restarts) + 4
 
     def add(self, key: bytes, value: bytes) -> None:
+        """Append one entry; ``key`` must sort after the previous key (not checked here)."""
         if self._counter < self._interval:
             shared = common_prefix_length(self._last_key, key) if self._size else 0
         else:
@@ -79,6 +84,7 @@ class BlockBuilder:
         self._counter += 1
 
     def finish(self) -> bytes:
+        """The block's bytes: entries then restart array; call `reset` before reusing the builder."""
         tail = struct.pack(f"<{len(self._restarts) + 1}I", *self._restarts, len(self._restarts))
         return b"".join(self._parts) + tail
 

@@ -35,6 +35,7 @@ def mask_crc(crc: int) -> int:
 
 
 def unmask_crc(masked: int) -> int:
+    """The CRC32C that `mask_crc` turned into ``masked``."""
     rot = (masked - _MASK_DELTA) & _U32
     return ((rot >> 17) | (rot << 15)) & _U32
 

@@ -18,6 +18,7 @@ from ..errors import UnsupportedDTypeError
 
 
 class DataType(enum.IntEnum):
+    """TensorFlow's ``DataType`` codes (types.proto), as stored in a `BundleEntry`'s ``dtype``."""
     FLOAT = 1
     DOUBLE = 2
     INT32 = 3
@@ -101,6 +102,7 @@ _FROM_NUMPY: dict[np.dtype, DataType] = {
 
 
 def datatype_name(code: int) -> str:
+    """TensorFlow's name for a code, e.g. ``DT_FLOAT``; ``DataType(N)`` for an unknown code."""
     try:
         return "DT_" + DataType(code).name
     except ValueError:

@@ -6,10 +6,12 @@ import os
 
 
 def index_filename(prefix: str) -> str:
+    """The index file of the bundle at ``prefix``: ``P.index``."""
     return prefix + ".index"
 
 
 def data_filename(prefix: str, shard_id: int, num_shards: int) -> str:
+    """Data file ``shard_id`` of ``num_shards``: ``P.data-SSSSS-of-NNNNN``."""
     return f"{prefix}.data-{shard_id:05d}-of-{num_shards:05d}"
 
 

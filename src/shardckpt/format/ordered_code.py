@@ -45,6 +45,7 @@ def encode_signed_num_increasing(value: int) -> bytes:
 
 
 def decode_num_increasing(buf: bytes, pos: int) -> tuple[int, int]:
+    """``(value, next_pos)`` of the `encode_num_increasing` form at ``pos``; raises `CorruptCheckpointError`."""
     if pos >= len(buf):
         raise CorruptCheckpointError("truncated ordered-code number")
     n = buf[pos]
@@ -54,6 +55,7 @@ def decode_num_increasing(buf: bytes, pos: int) -> tuple[int, int]:
 
 
 def decode_string(buf: bytes, pos: int) -> tuple[bytes, int]:
+    """``(data, next_pos)`` of the `encode_string` form at ``pos``; raises `CorruptCheckpointError`."""
     out = bytearray()
     end = len(buf)
     while True:
@@ -76,6 +78,7 @@ def decode_string(buf: bytes, pos: int) -> tuple[bytes, int]:
 
 
 def decode_signed_num_increasing(buf: bytes, pos: int) -> tuple[int, int]:
+    """``(value, next_pos)`` of the `encode_signed_num_increasing` form at ``pos``; raises `CorruptCheckpointError`."""
     if pos >= len(buf):
         raise CorruptCheckpointError("truncated ordered-code signed number")
     negative = not buf[pos] & 0x80

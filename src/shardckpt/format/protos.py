@@ -24,6 +24,7 @@ BIG_ENDIAN = 1
 
 @dataclass(frozen=True)
 class VersionDef:
+    """TensorFlow's ``VersionDef``: the producer version and the consumers that may read the bundle."""
     producer: int = 1
     min_consumer: int = 0
     bad_consumers: tuple[int, ...] = ()
@@ -31,6 +32,7 @@ class VersionDef:
 
 @dataclass(frozen=True)
 class BundleHeader:
+    """``BundleHeaderProto``, the index's entry under the empty key: data file count, byte order, version."""
     num_shards: int = 1
     endianness: int = LITTLE_ENDIAN
     version: VersionDef = VersionDef()
@@ -38,6 +40,11 @@ class BundleHeader:
 
 @dataclass
 class BundleEntry:
+    """``BundleEntryProto``: one tensor (or stored slice) of the index.
+
+    ``dtype`` is a `DataType` code; ``offset`` and ``size`` are in bytes within data file ``shard_id``;
+    ``crc32c`` is the masked CRC32C of those bytes; ``slices`` lists the stored slices of a partitioned tensor.
+    """
     dtype: int = 0
     shape: tuple[int, ...] = ()
     shard_id: int = 0
@@ -55,6 +62,7 @@ def _ld(tag: bytes, payload: bytes) -> bytes:
 
 
 def encode_version(v: VersionDef) -> bytes:
+    """The body of a ``VersionDef`` message."""
     out = b""
     if v.producer:
         out += b"\x08" + encode_varint(v.producer)
@@ -66,6 +74,7 @@ def encode_version(v: VersionDef) -> bytes:
 
 
 def encode_header(h: BundleHeader) -> bytes:
+    """The serialized ``BundleHeaderProto``, as TensorFlow writes it."""
     out = b""
     if h.num_shards:
         out += b"\x08" + encode_varint(h.num_shards)
@@ -100,6 +109,7 @@ def encode_shape(shape: tuple[int, ...]) -> bytes:
 
 
 def encode_slice(s: TensorSlice) -> bytes:
+    """The body of a ``TensorSliceProto``: one extent per dimension, a full one as an empty message."""
     parts = []
     for start, length in s.extents:
         if length == FULL:
@@ -111,6 +121,7 @@ def encode_slice(s: TensorSlice) -> bytes:
 
 
 def encode_entry(e: BundleEntry) -> bytes:
+    """The serialized ``BundleEntryProto``, byte-identical to TensorFlow's."""
     out = [b"\x08" + encode_varint(e.dtype) if e.dtype else b"", encode_shape(e.shape)]
     if e.shard_id:
         out.append(b"\x18" + encode_varint(e.shard_id))
@@ -164,6 +175,7 @@ def _expect(wire: int, want: int, number: int, what: str) -> None:
 
 
 def decode_version(buf: bytes, pos: int, end: int) -> VersionDef:
+    """The ``VersionDef`` in ``buf[pos:end]``; raises `CorruptCheckpointError` for a malformed message."""
     producer = min_consumer = 0
     bad: list[int] = []
     for number, wire, value, stop in _fields(buf, pos, end, "VersionDef"):
@@ -187,6 +199,7 @@ def decode_version(buf: bytes, pos: int, end: int) -> VersionDef:
 
 
 def decode_header(buf: bytes) -> BundleHeader:
+    """The ``BundleHeaderProto`` in ``buf``; raises `CorruptCheckpointError` for a malformed message."""
     num_shards, endianness, version = 0, 0, VersionDef(0, 0)
     for number, wire, value, stop in _fields(buf, 0, len(buf), "BundleHeaderProto"):
         if number == 1:
@@ -202,6 +215,7 @@ def decode_header(buf: bytes) -> BundleHeader:
 
 
 def decode_shape(buf: bytes, pos: int, end: int) -> tuple[int, ...]:
+    """The dims of the ``TensorShapeProto`` in ``buf[pos:end]``; raises `CorruptCheckpointError` if malformed."""
     dims = []
     for number, wire, value, stop in _fields(buf, pos, end, "TensorShapeProto"):
         if number == 2:
@@ -218,6 +232,7 @@ def decode_shape(buf: bytes, pos: int, end: int) -> tuple[int, ...]:
 
 
 def decode_slice(buf: bytes, pos: int, end: int) -> TensorSlice:
+    """The ``TensorSliceProto`` in ``buf[pos:end]``; raises `CorruptCheckpointError` for an invalid extent."""
     extents = []
     for number, wire, value, stop in _fields(buf, pos, end, "TensorSliceProto"):
         if number != 1:
@@ -329,6 +344,7 @@ def pack_entries(entries: list[tuple[bytes, BundleEntry]]) -> bytes:
 
 
 def unpack_entries(buf: bytes) -> list[tuple[bytes, BundleEntry]]:
+    """The inverse of `pack_entries`; raises `CorruptCheckpointError` for a malformed buffer."""
     out = []
     pos, end = 0, len(buf)
     while pos < end:

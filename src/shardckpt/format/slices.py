@@ -32,14 +32,17 @@ def parse_int64(text: str) -> int | None:
 
 @dataclass(frozen=True)
 class TensorSlice:
+    """TF's ``TensorSlice``: one ``(start, length)`` extent per dimension, ``length == FULL`` for the whole of it."""
     extents: tuple[tuple[int, int], ...]
 
     @classmethod
     def full(cls, rank: int) -> TensorSlice:
+        """The slice of a rank-``rank`` tensor that selects everything: ``-`` in every dimension."""
         return cls(((0, FULL),) * rank)
 
     @classmethod
     def from_bounds(cls, bounds: Sequence[tuple[int, int]]) -> TensorSlice:
+        """The slice of the half-open box ``bounds``, with explicit extents (never `FULL`)."""
         return cls(tuple((int(a), int(b) - int(a)) for a, b in bounds))
 
     @classmethod
@@ -69,12 +72,15 @@ class TensorSlice:
 
     @property
     def rank(self) -> int:
+        """The number of dimensions."""
         return len(self.extents)
 
     def is_full_at(self, d: int) -> bool:
+        """Whether dimension ``d`` is written as the whole dimension (``-``)."""
         return self.extents[d][1] == FULL
 
     def is_full(self) -> bool:
+        """Whether every dimension is written as ``-`` (see `covers` for selecting every element)."""
         return all(length == FULL for _, length in self.extents)
 
     def bounds(self, shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -107,6 +113,7 @@ class TensorSlice:
         return self.slice_shape(shape) == tuple(shape)
 
     def to_string(self) -> str:
+        """The ``TensorSlice::DebugString`` form parsed by `parse`, e.g. ``-:0,2``."""
         return ":".join("-" if n == FULL else f"{s},{n}" for s, n in self.extents)
 
     def __str__(self) -> str:
@@ -127,11 +134,13 @@ def intersect_bounds(
 
 
 def box_volume(bounds: Sequence[tuple[int, int]]) -> int:
+    """The number of elements in the half-open box ``bounds``."""
     return math.prod(hi - lo for lo, hi in bounds)
 
 
 @dataclass(frozen=True)
 class ShapeAndSlice:
+    """A parsed ``shape_and_slice`` string: the full ``shape``, the ``slice``, and the shape the slice selects."""
     shape: tuple[int, ...]
     slice: TensorSlice
     slice_shape: tuple[int, ...]

@@ -37,10 +37,12 @@ _MAX_HANDLES_LEN = 40  # two handles of at most 2 x 10 bytes each
 
 @dataclass(frozen=True)
 class BlockHandle:
+    """Where a block sits in the table: ``offset`` and ``size`` in bytes, the trailer excluded."""
     offset: int
     size: int
 
     def encode(self) -> bytes:
+        """The handle as two varints, as index entries and the footer store it."""
         return encode_varint(self.offset) + encode_varint(self.size)
 
 
@@ -84,6 +86,7 @@ class TableBuilder:
         self._pending: BlockHandle | None = None
 
     def add(self, key: bytes, value: bytes) -> None:
+        """Append one entry; raises ValueError unless ``key`` sorts after every key added before."""
         if self._num_entries:
             if key <= self._last_key:
                 raise ValueError(f"table keys out of order: {key!r} after {self._last_key!r}")
@@ -114,6 +117,7 @@ class TableBuilder:
         self._pending = self._write_block(self._data)
 
     def finish(self) -> bytes:
+        """The whole table (blocks, metaindex, index and footer); the builder must not be used afterwards."""
         self._flush()
         meta = self._write_block(BlockBuilder(DATA_RESTART_INTERVAL))
         if self._pending is not None:
@@ -203,6 +207,7 @@ class Table:
             first = False
 
     def get(self, key: bytes) -> bytes | None:
+        """The value stored under ``key``, or None; raises `CorruptCheckpointError` for a damaged block it reads."""
         for found, value in self.seek(key):
             return value if found == key else None
         return None

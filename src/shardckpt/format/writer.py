@@ -113,6 +113,10 @@ class DataFileWriter:
             self._pending = bytearray()
 
     def write(self, tensor: PreparedTensor) -> BundleEntry:
+        """Append one tensor, then zeros up to a multiple of ``alignment`` bytes; returns its index entry.
+
+        Raises `CheckpointError` once the file is closed.
+        """
         if self._fd is None:
             raise CheckpointError(f"{self.path}: data file already closed")
         entry = BundleEntry(dtype=tensor.dtype, shape=tensor.shape, shard_id=self.shard_id, offset=self.size)
@@ -132,6 +136,7 @@ class DataFileWriter:
         return entry
 
     def close(self, *, durable: bool) -> None:
+        """Write out what is buffered and close the file, fsynced first when ``durable``; a second call does nothing."""
         if self._fd is None:
             return
         try:
@@ -143,6 +148,7 @@ class DataFileWriter:
             self._fd = None
 
     def discard(self) -> None:
+        """Close and delete the file, for a save that is abandoned."""
         try:
             if self._fd is not None:
                 os.close(self._fd)
