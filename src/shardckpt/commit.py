@@ -31,7 +31,7 @@ from . import storage
 from .errors import CheckpointError, CheckpointExistsError
 from .format.files import data_filename, fsync_directory, index_filename
 from .format.merge import combine_entry
-from .format.protos import BundleEntry, BundleHeader, decode_header, unpack_entries
+from .format.protos import BundleEntry, BundleHeader, decode_entry, decode_header, unpack_raw_entries
 from .format.table import Table
 from .format.writer import build_index, write_file_atomically
 
@@ -103,11 +103,20 @@ def _close_later(fds: list[int]) -> None:
         threading.Thread(target=release, name="shardckpt-release", daemon=True).start()
 
 
-def _merge(pieces: list[bytes]) -> dict[bytes, BundleEntry]:
-    merged: dict[bytes, BundleEntry] = {}
+def _merge(pieces: list[bytes]) -> dict[bytes, BundleEntry | bytes]:
+    """Every client's entries in one index.  Only a key sent by several clients (a partitioned tensor's
+    entry, which gains every client's slices; anything else is a duplicate) is decoded; the others pass
+    through as the bytes their client encoded."""
+    merged: dict[bytes, BundleEntry | bytes] = {}
     for rank, blob in enumerate(pieces):
-        for key, entry in unpack_entries(blob):
-            combine_entry(merged, key, entry, f"client {rank}")
+        for key, raw in unpack_raw_entries(blob):
+            seen = merged.get(key)
+            if seen is None:
+                merged[key] = raw
+                continue
+            one = {key: seen if isinstance(seen, BundleEntry) else decode_entry(seen)}
+            combine_entry(one, key, decode_entry(raw), f"client {rank}")
+            merged[key] = one[key]
     return merged
 
 

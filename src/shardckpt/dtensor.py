@@ -44,6 +44,13 @@ class DTensor:
                 )
 
     @classmethod
+    def replicated(cls, array: np.ndarray, layout: Layout, devices: Sequence[int]) -> DTensor:
+        """``array`` on every device of ``devices`` under a replicated ``layout`` (no per-shard checks)."""
+        t = cls.__new__(cls)
+        t.shape, t.dtype, t.layout, t.shards = tuple(array.shape), array.dtype, layout, {d: array for d in devices}
+        return t
+
+    @classmethod
     def from_global(cls, array: object, layout: Layout, local_device_ids: Sequence[int] | None = None) -> DTensor:
         """Keep the shards of ``array`` (which every client has) that this client's devices hold, as views."""
         arr = np.asarray(array)

@@ -82,7 +82,7 @@ def _as_dtensor(value: object, mesh: Mesh, local: Sequence[int], replicated: dic
     layout = replicated.get(arr.ndim)
     if layout is None:
         layout = replicated[arr.ndim] = Layout.replicated(mesh, arr.ndim)
-    return DTensor(arr.shape, arr.dtype, layout, {d: arr for d in local})
+    return DTensor.replicated(arr, layout, local)
 
 
 def _describe(prefix: str, mesh: Mesh, tensors: Sequence[SaveTensor]) -> dict[str, str]:
@@ -214,7 +214,10 @@ class _Session:
 
     @property
     def remote(self) -> bool:
-        return storage.is_remote(self.prefix)
+        return self._remote
+
+    def __post_init__(self) -> None:
+        self._remote = storage.is_remote(self.prefix)
 
     @property
     def staging(self) -> str:

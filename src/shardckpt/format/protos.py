@@ -345,6 +345,11 @@ def pack_entries(entries: list[tuple[bytes, BundleEntry]]) -> bytes:
 
 def unpack_entries(buf: bytes) -> list[tuple[bytes, BundleEntry]]:
     """The inverse of `pack_entries`; raises `CorruptCheckpointError` for a malformed buffer."""
+    return [(key, decode_entry(value)) for key, value in unpack_raw_entries(buf)]
+
+
+def unpack_raw_entries(buf: bytes) -> list[tuple[bytes, bytes]]:
+    """The (key, encoded entry) pairs of a `pack_entries` buffer, not decoded."""
     out = []
     pos, end = 0, len(buf)
     while pos < end:
@@ -356,6 +361,6 @@ def unpack_entries(buf: bytes) -> list[tuple[bytes, BundleEntry]]:
         n, pos = decode_varint(buf, pos, end, "packed entries")
         if n > end - pos:
             raise CorruptCheckpointError("packed entries: entry runs past the buffer")
-        out.append((key, decode_entry(buf[pos : pos + n])))
+        out.append((key, buf[pos : pos + n]))
         pos += n
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
@@ -160,12 +160,16 @@ class DataFileWriter:
                 pass
 
 
-def build_index(header: BundleHeader, entries: dict[bytes, BundleEntry]) -> bytes:
-    """The bytes of an index: the header under key "" then every entry in bytewise key order."""
+def build_index(header: BundleHeader, entries: Mapping[bytes, BundleEntry | bytes]) -> bytes:
+    """The bytes of an index: the header under key "" then every entry in bytewise key order.
+
+    An entry may be given already encoded (bytes), as clients ship most of them.
+    """
     table = TableBuilder()
     table.add(b"", encode_header(header))
     for key in sorted(entries):
-        table.add(key, encode_entry(entries[key]))
+        entry = entries[key]
+        table.add(key, entry if isinstance(entry, bytes) else encode_entry(entry))
     return table.finish()
 
 
