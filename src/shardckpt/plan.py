@@ -99,15 +99,31 @@ def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequenc
     load = [0] * len(devices_by_client)
     items: list[WriteItem] = []
     shared: list[tuple[int, int, Bounds, list[int]]] = []
+    # Holder sets repeat (every replicated tensor has the same ones): their clients, and each client's
+    # first device, are worked out once per distinct set.
+    holder_info: dict[tuple[int, ...], tuple[list[int], dict[int, int]]] = {}
+
+    def info(holders: list[int]) -> tuple[list[int], dict[int, int]]:
+        key = tuple(holders)
+        found = holder_info.get(key)
+        if found is None:
+            first: dict[int, int] = {}
+            for d in sorted(holders):
+                first.setdefault(owner[d], d)
+            found = holder_info[key] = (sorted(first), first)
+        return found
+
+    checked_meshes: set[int] = set()
     for arg, t in enumerate(tensors):
         mesh_devices = t.layout.mesh.device_ids
-        missing = [d for d in mesh_devices if d not in owner]
-        if missing:
-            raise InvalidArgumentError(f"tensor {t.name}: mesh devices {missing[:8]} belong to no client")
+        if id(t.layout.mesh) not in checked_meshes:
+            missing = [d for d in mesh_devices if d not in owner]
+            if missing:
+                raise InvalidArgumentError(f"tensor {t.name}: mesh devices {missing[:8]} belong to no client")
+            checked_meshes.add(id(t.layout.mesh))
         for box, holders in _shards(t, mesh_devices).items():
             nbytes = math.prod(hi - lo for lo, hi in box) * max(t.itemsize, 1)
-            clients = {owner[d] for d in holders}
-            if len(clients) == 1:
+            if len(info(holders)[0]) == 1:
                 client = owner[holders[0]]
                 load[client] += nbytes
                 items.append(WriteItem(arg, box, min(holders), client, nbytes))
@@ -117,27 +133,25 @@ def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequenc
     # per holder client (each piece a valid TF slice), so the replicas share its bytes.
     pieces: list[tuple[int, int, Bounds, Bounds, list[int]]] = []
     for nbytes, arg, box, holders in shared:
-        holder_clients = len({owner[d] for d in holders})
         cut = next((d for d, (lo, hi) in enumerate(box) if hi - lo >= 2), None) if split_bytes else None
-        if cut is None:
-            pieces.append((nbytes, arg, box, box, holders))
-            continue
-        lo, hi = box[cut]
-        k = min(holder_clients, -(-nbytes // split_bytes), hi - lo)
-        if k <= 1:
+        k = 1
+        if cut is not None and nbytes > split_bytes:
+            lo, hi = box[cut]
+            k = min(len(info(holders)[0]), -(-nbytes // split_bytes), hi - lo)
+        if k <= 1 or cut is None:
             pieces.append((nbytes, arg, box, box, holders))
             continue
         for i in range(k):
             a, b = lo + (hi - lo) * i // k, lo + (hi - lo) * (i + 1) // k
             sub = box[:cut] + ((a, b),) + box[cut + 1 :]
             pieces.append((nbytes * (b - a) // (hi - lo), arg, sub, box, holders))
-    # Largest first, each to the least-loaded holder client.
+    # Largest first, each to the least-loaded holder client (ties: the lowest client index).
     pieces.sort(key=lambda s: (-s[0], s[1], s[2]))
     for nbytes, arg, sub, box, holders in pieces:
-        client = min({owner[d] for d in holders}, key=lambda c: (load[c], c))
+        holder_clients, first = info(holders)
+        client = min(holder_clients, key=load.__getitem__)
         load[client] += nbytes
-        device = min(d for d in holders if owner[d] == client)
         within = None if sub == box else tuple((a - o, b - o) for (a, b), (o, _) in zip(sub, box))
-        items.append(WriteItem(arg, sub, device, client, nbytes, within))
+        items.append(WriteItem(arg, sub, first[client], client, nbytes, within))
     items.sort(key=lambda it: (it.arg, it.box))
     return items
