@@ -645,6 +645,18 @@ done
 """
 
 
+def netns_works() -> bool:
+    """Whether this machine lets us make a private network namespace (TF's servers bind every interface)."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return False
+    cmd = [unshare, "-n"] if os.geteuid() == 0 else [unshare, "-rn"]
+    try:
+        return subprocess.run([*cmd, "ip", "link", "set", "lo", "up"], capture_output=True, timeout=10).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+
+
 def launch_tf(n: int, argv: list[str], env: dict[str, str], timeout: float) -> tuple[list[int], str]:
     """n DTensor clients inside one private network namespace (``unshare -n``, root or user namespaces):
     TF's gRPC servers bind 0.0.0.0 and no setting changes that, so nothing but the namespace's loopback

@@ -42,6 +42,9 @@ from typing import Any
 import numpy as np
 import pytest
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from engine_worker import netns_works  # noqa: E402
+
 HERE = Path(__file__).resolve().parent
 SRC = HERE.parent / "src"
 TIMEOUT = 170  # seconds per program; a hang fails the tests instead of stalling the run
@@ -448,15 +451,6 @@ def multi_main(out: str) -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def _netns_works() -> bool:
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return False
-    cmd = [unshare, "-n"] if os.geteuid() == 0 else [unshare, "-rn"]
-    try:
-        return subprocess.run([*cmd, "ip", "link", "set", "lo", "up"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
 
 
 
@@ -527,7 +521,7 @@ def programs(tmp_path_factory: pytest.TempPathFactory):
     single_out = tmp_path_factory.mktemp("tf-adapter-single")
     multi_out = tmp_path_factory.mktemp("tf-adapter-multi")
     started = {"single": Program(_launch_single(single_out), single_out)}
-    if _netns_works():
+    if netns_works():
         started["multi"] = Program(_launch_multi(multi_out), multi_out)
     yield started
     for program in started.values():

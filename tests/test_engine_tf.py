@@ -11,30 +11,15 @@ Starting 4 TF clients takes most of a run, so one run covers several scenarios.
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
-
 import numpy as np
 import pytest
 
-from engine_worker import assert_nothing_left, check_committed, model_globals, run_clients
-
-
-def _netns_works() -> bool:
-    unshare = shutil.which("unshare")
-    if unshare is None:
-        return False
-    cmd = [unshare, "-n"] if os.geteuid() == 0 else [unshare, "-rn"]
-    try:
-        return subprocess.run([*cmd, "ip", "link", "set", "lo", "up"], capture_output=True, timeout=10).returncode == 0
-    except (OSError, subprocess.TimeoutExpired):
-        return False
+from engine_worker import assert_nothing_left, check_committed, model_globals, netns_works, run_clients
 
 
 def test_a_private_network_namespace_can_be_made():
     """TF's gRPC servers bind every interface, so its clients run in a namespace of their own."""
-    assert _netns_works(), "cannot make a private network namespace (unshare -n, ip): run as root on Linux"
+    assert netns_works(), "cannot make a private network namespace (unshare -n, ip): run as root on Linux"
 
 ENGINE = "tf"
 TIMEOUT = 240  # per run of 4 TF clients (about 20 s on an idle 2-core machine); a hang fails the test
