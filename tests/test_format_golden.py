@@ -267,3 +267,26 @@ def test_facade(tmp_path):
     assert shardckpt.load_checkpoint(str(tmp_path / "f") + ".index").has_tensor("s")
     (tmp_path / "checkpoint").write_text('model_checkpoint_path: "f"\nall_model_checkpoint_paths: "f"\n')
     assert shardckpt.load_checkpoint(tmp_path).has_tensor("s")
+
+
+def test_read_bounds_into_a_callers_array(tmp_path):
+    full = np.arange(48, dtype=np.float32).reshape(8, 6)
+    with BundleWriter(tmp_path / "o") as w:
+        w.add_slice("t", "8 6 0,4:-", full[:4])
+        w.add_slice("t", "8 6 4,4:-", full[4:])
+        w.add("s", np.array([b"a", b"bc"], dtype=object))
+    r = BundleReader(tmp_path / "o")
+    big = np.zeros((10, 6), np.float32)
+    got = r.read_bounds("t", ((2, 7), (1, 5)), out=big[1:6, 1:5])  # a strided view of memory we hold
+    np.testing.assert_array_equal(big[1:6, 1:5], full[2:7, 1:5])
+    assert np.shares_memory(got, big)
+    exact = np.empty((4, 6), np.float32)
+    assert r.read_bounds("t", ((4, 8), (0, 6)), out=exact) is exact  # a stored slice read straight in
+    np.testing.assert_array_equal(exact, full[4:])
+    strings = np.empty(2, dtype=object)
+    r.read_bounds("s", ((0, 2),), out=strings)
+    assert strings.tolist() == [b"a", b"bc"]
+    with pytest.raises(shardckpt.ShapeMismatchError, match="output array"):
+        r.read_bounds("t", ((0, 2), (0, 6)), out=np.empty((2, 5), np.float32))
+    with pytest.raises(shardckpt.ShapeMismatchError, match="output array"):
+        r.read_bounds("t", ((0, 2), (0, 6)), out=np.empty((2, 6), np.float64))

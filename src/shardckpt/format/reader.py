@@ -405,13 +405,26 @@ class BundleReader:
         return self._assemble(key, e, tslice.bounds(e.shape), verify)
 
     def read_bounds(self, name: str | bytes, bounds: Sequence[tuple[int, int]], *, verify: Verify = True,
-                    entry: BundleEntry | None = None) -> np.ndarray:
-        """The box ``bounds`` (half-open per dim) of a tensor (whose validated ``entry`` the caller may pass)."""
+                    entry: BundleEntry | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """The box ``bounds`` (half-open per dim) of a tensor (whose validated ``entry`` the caller may pass).
+
+        With ``out`` (an array of the box's shape and the tensor's dtype) the bytes are read into it, so
+        memory the caller already holds is filled in place and no new pages are touched; it is returned.
+        """
         key = _as_key(name)
         e = entry if entry is not None else self.entry(key)
-        return self._assemble(key, e, tuple((int(a), int(b)) for a, b in bounds), verify)
+        box = tuple((int(a), int(b)) for a, b in bounds)
+        if out is not None:
+            want = tuple(hi - lo for lo, hi in box)
+            if tuple(out.shape) != want or out.dtype != to_numpy(e.dtype):
+                raise ShapeMismatchError(
+                    f"{self.prefix}: tensor {_label(key)}: the output array is {out.dtype}{list(out.shape)}, "
+                    f"the read is {to_numpy(e.dtype)}{list(want)}"
+                )
+        return self._assemble(key, e, box, verify, out)
 
-    def _assemble(self, key: bytes, e: BundleEntry, bounds: Bounds, verify: Verify) -> np.ndarray:
+    def _assemble(self, key: bytes, e: BundleEntry, bounds: Bounds, verify: Verify,
+                  out: np.ndarray | None = None) -> np.ndarray:
         # numpy refuses more than MAXDIMS dims, and dims whose non-zero product overflows intp even
         # for 0 elements (TF accepts both).  Every array below has the shape of the request or of a
         # stored piece it reads, so those are checked, not the full shape: TF reads a small slice of a
@@ -426,7 +439,14 @@ class BundleReader:
         pieces = self.stored_slices(key, e)
         for p in pieces:
             if p.bounds == bounds:
-                return self._read_whole(p.key, p.entry, verify)
+                if out is not None and e.dtype != DataType.STRING:
+                    self._read_region(p.key, p.entry, tuple((0, d) for d in p.entry.shape), verify, out)
+                    return out
+                whole = self._read_whole(p.key, p.entry, verify)
+                if out is not None:
+                    out[...] = whole
+                    return out
+                return whole
         parts = []
         for p in pieces:
             inter = intersect_bounds(p.bounds, bounds)
@@ -440,7 +460,8 @@ class BundleReader:
                     "cannot be held in a numpy array"
                 )
             self._locate(p.key, p.entry)
-        out = np.empty(shape, to_numpy(e.dtype))
+        if out is None:
+            out = np.empty(shape, to_numpy(e.dtype))
         for p, inter in parts:
             local = tuple((lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(inter, p.bounds))
             dst = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(inter, bounds))
