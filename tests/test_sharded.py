@@ -254,3 +254,36 @@ def test_single_client_without_coordinator(tmp_path):
     got = sc.name_based_restore(mesh, tmp_path / "one", targets)
     np.testing.assert_array_equal(got["w"].to_numpy(), W)
     np.testing.assert_array_equal(got["r"].to_numpy(), R)
+
+
+def test_restore_into_arrays_the_caller_holds(saved):
+    prefix, _ = saved
+    mesh = sc.create_mesh([("a", 2)])
+    layout = sc.Layout([sc.UNSHARDED, "a"], mesh)
+
+    def client(coord):
+        local = mesh.local_devices(coord.rank, coord.size)
+        mine = {d: np.zeros([8, 3], np.float32) for d in local}
+        dest = sc.DTensor((8, 6), np.float32, layout, mine)
+        (got,) = sc.sharded_restore(mesh, prefix, ["w"], [layout], coordinator=coord, into=[dest])
+        assert all(got.shards[d] is mine[d] for d in local)  # filled in place, no new arrays
+        bad = sc.DTensor((8, 6), np.float64, layout, {d: np.full([8, 3], 7.0) for d in local})
+        with pytest.raises(sc.DTypeMismatchError):
+            sc.sharded_restore(mesh, prefix, ["u", "w"], [sc.Layout(["a", sc.UNSHARDED], mesh), layout],
+                               coordinator=coord, into=[None, bad])
+        assert all((s == 7.0).all() for s in bad.shards.values())  # checked before anything was written
+        return got
+
+    restored = sc.LocalGroup(2).run(client)
+    np.testing.assert_array_equal(_assemble([{"w": t} for t in restored])["w"], W)
+
+
+def test_restore_into_two_local_replicas(saved):
+    prefix, _ = saved
+    mesh = sc.create_mesh([("a", 2)], local_device_ids=[0, 1])
+    layout = sc.Layout.replicated(mesh, 1)
+    mine = {0: np.zeros(10, np.int64), 1: np.zeros(10, np.int64)}
+    (got,) = sc.sharded_restore(mesh, prefix, ["r"], [layout], into=[sc.DTensor((10,), np.int64, layout, mine)])
+    assert got.shards[0] is mine[0] and got.shards[1] is mine[1]
+    np.testing.assert_array_equal(mine[0], R)
+    np.testing.assert_array_equal(mine[1], R)

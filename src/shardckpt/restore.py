@@ -27,7 +27,7 @@ _POOL_BYTES = 1 << 20  # pieces this large are read by the thread pool
 
 
 def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, local: Sequence[int],
-                 verify: Verify, pool: ThreadPoolExecutor) -> _Pending:
+                 verify: Verify, pool: ThreadPoolExecutor, dest: dict[int, np.ndarray] | None = None) -> _Pending:
     entry = reader.entry(name)
     dtype = to_numpy(entry.dtype)
     if spec:
@@ -48,14 +48,16 @@ def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, loc
         )
     boxes = {device: layout.shard_bounds(shape, device) for device in local}
     reads: dict[tuple[tuple[int, int], ...], Future | _Done] = {}
+    dest = dest or {}
     for box in dict.fromkeys(boxes.values()):
         global_box = tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(box, region))
         nbytes = math.prod(hi - lo for lo, hi in box) * dtype.itemsize
+        out = next((dest[d] for d in local if boxes[d] == box and d in dest), None)
         if nbytes >= _POOL_BYTES:
-            reads[box] = pool.submit(reader.read_bounds, name, global_box, verify=verify, entry=entry)
+            reads[box] = pool.submit(reader.read_bounds, name, global_box, verify=verify, entry=entry, out=out)
         else:  # a thread hand-off costs more than reading a small piece here
-            reads[box] = _Done(reader.read_bounds(name, global_box, verify=verify, entry=entry))
-    return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()})
+            reads[box] = _Done(reader.read_bounds(name, global_box, verify=verify, entry=entry, out=out))
+    return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()}, dest)
 
 
 class _Done:
@@ -70,11 +72,19 @@ class _Pending:
     """A DTensor whose shards are still being read by the pool."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype, layout: Layout,
-                 futures: dict[int, Future | _Done]) -> None:
-        self.shape, self.dtype, self.layout, self.futures = shape, dtype, layout, futures
+                 futures: dict[int, Future | _Done], dest: dict[int, np.ndarray]) -> None:
+        self.shape, self.dtype, self.layout, self.futures, self.dest = shape, dtype, layout, futures, dest
 
     def result(self) -> DTensor:
-        return DTensor(self.shape, self.dtype, self.layout, {d: f.result() for d, f in self.futures.items()})
+        shards = {}
+        for d, f in self.futures.items():
+            got = f.result()
+            own = self.dest.get(d)
+            if own is not None and own is not got:  # another device of this client shares the box
+                own[...] = got
+                got = own
+            shards[d] = got
+        return DTensor(self.shape, self.dtype, self.layout, shards)
 
 
 def sharded_restore(
@@ -87,6 +97,7 @@ def sharded_restore(
     coordinator: Coordinator | None = None,
     verify: Verify = True,
     threads: int | None = None,
+    into: Sequence[DTensor | None] | None = None,
 ) -> list[DTensor]:
     """Read each named tensor (or the slice ``shape_and_slices[i]`` of it) into ``layouts[i]`` on this client.
 
@@ -94,6 +105,11 @@ def sharded_restore(
     TensorFlow); the stored slices are resharded on the fly.  ``verify=True``
     checks the CRC32C of every stored piece read whole; pieces read in part are
     checked when ``verify="full"``, which reads them whole.
+
+    ``into[i]``, when given, is a DTensor whose local shards receive tensor ``i``
+    in place (its shape, dtype and layout must be the target's): memory the caller
+    already holds is filled without a copy, as DCP loads.  Every shape and dtype is
+    checked against the checkpoint before any of that memory is written.
     """
     if len(tensor_names) != len(layouts):
         raise InvalidArgumentError(f"{len(tensor_names)} names but {len(layouts)} layouts")
@@ -105,11 +121,36 @@ def sharded_restore(
     else:
         coord = resolve(coordinator)
         local = mesh.local_devices(coord.rank, coord.size)
+    targets = list(into) if into is not None else [None] * len(tensor_names)
+    if len(targets) != len(tensor_names):
+        raise InvalidArgumentError(f"{len(tensor_names)} names but {len(targets)} destinations")
     workers = threads or min(4, os.cpu_count() or 1)
     with BundleReader(file_prefix) as reader, ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
-        pending = [_restore_one(reader, name, layout, spec, local, verify, pool)
-                   for name, layout, spec in zip(tensor_names, layouts, specs)]
+        for name, layout, spec, target in zip(tensor_names, layouts, specs, targets):
+            if target is not None:
+                _check_destination(reader, name, layout, spec, target)
+        pending = [_restore_one(reader, name, layout, spec, local, verify, pool,
+                                None if target is None else target.shards)
+                   for name, layout, spec, target in zip(tensor_names, layouts, specs, targets)]
         return [p.result() for p in pending]
+
+
+def _check_destination(reader: BundleReader, name: str, layout: Layout, spec: str, target: DTensor) -> None:
+    entry = reader.entry(name)
+    shape = parse_shape_and_slice(spec).slice_shape if spec else entry.shape
+    if target.shape != tuple(shape) or target.dtype != to_numpy(entry.dtype):
+        error = ShapeMismatchError if target.shape != tuple(shape) else DTypeMismatchError
+        raise error(
+            f"{reader.prefix}: tensor {name} is {to_numpy(entry.dtype)}{list(shape)} in the checkpoint, the "
+            f"destination is {target.dtype}{list(target.shape)}"
+        )
+    if target.layout.sharding_specs != layout.sharding_specs or target.layout.mesh != layout.mesh:
+        raise InvalidArgumentError(f"{reader.prefix}: tensor {name}: the destination is laid out differently "
+                                   "from the target layout")
+    for d, shard in target.shards.items():
+        if not shard.flags.writeable:
+            raise InvalidArgumentError(f"{reader.prefix}: tensor {name}: the destination of device {d} is "
+                                       "read-only")
 
 
 Target = DTensor | Layout | tuple[Sequence[int], object, Layout]

@@ -393,7 +393,28 @@ def save(state_dict: Mapping[Any, Any], prefix: str | os.PathLike[str], *, coord
 # --- load ---------------------------------------------------------------------------------------------
 
 
+def _destination(target: object, layout: Layout, rank: int, dtensor_cls: Any) -> _NpDTensor | None:
+    """A numpy DTensor over the target's own CPU memory, so `sharded_restore` reads straight into it."""
+    if not isinstance(target, torch.Tensor):
+        return None
+    local = target.to_local() if dtensor_cls is not None and isinstance(target, dtensor_cls) else target
+    if local.is_cuda or local.layout != torch.strided or rank not in layout.mesh.device_ids:
+        return None
+    try:
+        view = to_numpy(local)
+    except CheckpointError:
+        return None
+    if not view.flags.writeable:
+        return None
+    try:
+        return _NpDTensor(tuple(target.shape), view.dtype, layout, {rank: view})
+    except CheckpointError:
+        return None  # shapes that disagree are reported by the load itself
+
+
 def _copy_into(target: torch.Tensor, arr: np.ndarray, name: str) -> None:
+    if arr.size and target.device.type == "cpu" and target.data_ptr() == arr.__array_interface__["data"][0]:
+        return  # already read in place
     if tuple(target.shape) != tuple(arr.shape):
         raise ShapeMismatchError(f"{name}: the checkpoint's piece has shape {list(arr.shape)}, the target "
                                  f"{list(target.shape)}")
@@ -430,7 +451,9 @@ def load(state_dict: MutableMapping[Any, Any], prefix: str | os.PathLike[str], *
                 f"{name}: cannot load into a {type(value).__name__} (state dict leaves must be tensors, "
                 "DTensors, ints, floats, bools or numpy arrays)")
     for mesh, entries in groups.items():
-        restored = sharded_restore(mesh, prefix, [e[0] for e in entries], [e[1] for e in entries], **kwargs)
+        into = [_destination(target, layout, rank, dtensor_cls) for _name, layout, target, _where in entries]
+        restored = sharded_restore(mesh, prefix, [e[0] for e in entries], [e[1] for e in entries], into=into,
+                                   **kwargs)
         for (name, _layout, target, (parent, key)), got in zip(entries, restored):
             if isinstance(target, torch.Tensor):
                 if tuple(got.shape) != tuple(target.shape):
