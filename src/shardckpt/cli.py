@@ -55,12 +55,16 @@ def _files_cell(files: list[str]) -> str:
     return ",".join(files) if len(files) <= 2 else f"{files[0]} .. {files[-1]} ({len(files)} files)"
 
 
+def _print_json(document: object) -> None:
+    json.dump(document, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+
+
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``shardckpt inspect``: print one row per tensor (or a JSON report); exit status 0."""
     rows = describe(args.prefix)
     if args.json:
-        json.dump({"prefix": args.prefix, "tensors": rows}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json({"prefix": args.prefix, "tensors": rows})
         return 0
     header = ("name", "dtype", "shape", "slices", "bytes", "data file")
     table = [
@@ -117,9 +121,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         print(f"FAIL: {problem}")
     elapsed = time.perf_counter() - start
     if args.json:
-        json.dump({"prefix": args.prefix, "ok": not problems, "tensors": count, "bytes": nbytes,
-                   "problems": problems, "seconds": round(elapsed, 3)}, sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json({"prefix": args.prefix, "ok": not problems, "tensors": count, "bytes": nbytes,
+                     "problems": problems, "seconds": round(elapsed, 3)})
         return 1 if problems else 0
     if problems:
         print(f"{args.prefix}: {len(problems)} problem(s) in {count} tensors")
@@ -198,8 +201,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(report.to_json())
         return 0
     for name, why in report.skipped:
         print(f"skipped {name}: {why}")
@@ -250,8 +252,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if args.json:
-        json.dump(report.to_json(), sys.stdout, indent=2)
-        sys.stdout.write("\n")
+        _print_json(report.to_json())
     else:
         _diff_text(report)
     return 0 if report.identical else 1

@@ -234,7 +234,7 @@ class S3ParallelUpload:
         while len(running) >= self.concurrency:  # bound memory: at most `concurrency` parts in flight
             wait(running, return_when=FIRST_COMPLETED)
             running = [f for f in running if not f.done()]
-        body = bytes(self.buffer[: self.part_size])
+        body = bytes(memoryview(self.buffer)[: self.part_size])  # one copy: a bytearray slice would add another
         del self.buffer[: self.part_size]
         self.pending.append(self.pool.submit(self._upload, len(self.pending) + 1, body))
 
