@@ -98,6 +98,7 @@ def sharded_restore(
     verify: Verify = True,
     threads: int | None = None,
     into: Sequence[DTensor | None] | None = None,
+    mmap: bool = False,
 ) -> list[DTensor]:
     """Read each named tensor (or the slice ``shape_and_slices[i]`` of it) into ``layouts[i]`` on this client.
 
@@ -110,6 +111,13 @@ def sharded_restore(
     in place (its shape, dtype and layout must be the target's): memory the caller
     already holds is filled without a copy, as DCP loads.  Every shape and dtype is
     checked against the checkpoint before any of that memory is written.
+
+    ``mmap=True`` returns shards that are one contiguous range of a local data file
+    (the same layout as saved, or row blocks of it) of 1 MiB or more as arrays over
+    a private copy-on-write mapping of the file, like ``torch.load(mmap=True)``:
+    the restore copies nothing and touches no fresh memory; a page is copied when
+    it is first written.  See `BundleReader` for what a mapping holds on to.
+    Other shards, and destinations given by ``into``, are copied as usual.
     """
     if len(tensor_names) != len(layouts):
         raise InvalidArgumentError(f"{len(tensor_names)} names but {len(layouts)} layouts")
@@ -125,7 +133,8 @@ def sharded_restore(
     if len(targets) != len(tensor_names):
         raise InvalidArgumentError(f"{len(tensor_names)} names but {len(targets)} destinations")
     workers = threads or min(4, os.cpu_count() or 1)
-    with BundleReader(file_prefix) as reader, ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool:
+    with (BundleReader(file_prefix, mmap=mmap) as reader,
+          ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool):
         for name, layout, spec, target in zip(tensor_names, layouts, specs, targets):
             if target is not None:
                 _check_destination(reader, name, layout, spec, target)

@@ -9,6 +9,7 @@ stores have no rename, so the commit protocol takes its object-store form there
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from collections.abc import Iterator
@@ -39,6 +40,10 @@ class RandomAccess(Protocol):
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
         """Fill ``views``, which are consecutive in the file, from byte ``offset``."""
+
+    def map_private(self, offset: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
+        """A copy-on-write mapping of bytes ``[offset, offset + nbytes)`` and where they start in it,
+        or None where the store cannot map files."""
 
     def close(self) -> None:
         """Release the file."""
@@ -74,8 +79,14 @@ class LocalFile:
                     view, at = view[n:], at + n
             start = end
 
+    def map_private(self, offset: int, nbytes: int) -> tuple[mmap.mmap, int] | None:
+        """A private (copy-on-write) mapping over the page cache: reading it copies nothing, and writes
+        through it stay in this process.  The caller has checked the range against `size`."""
+        start = offset - offset % mmap.ALLOCATIONGRANULARITY
+        return mmap.mmap(self.fd, nbytes + offset - start, access=mmap.ACCESS_COPY, offset=start), offset - start
+
     def close(self) -> None:
-        """Close the file descriptor."""
+        """Close the file descriptor (mappings made from it stay valid)."""
         os.close(self.fd)
 
 
@@ -105,6 +116,10 @@ class RemoteFile:
         for v in views:
             v[:] = data[pos : pos + len(v)]
             pos += len(v)
+
+    def map_private(self, offset: int, nbytes: int) -> None:
+        """Objects cannot be mapped: reads copy."""
+        return None
 
     def close(self) -> None:
         """Nothing to release: every read is a request of its own."""

@@ -4,7 +4,7 @@ Safety argument, stated once: before anything is allocated for a tensor, its
 entry is validated (known dtype, non-negative shape whose element count fits in
 int64, ``size == count * itemsize``, shard id below the header's shard count) and
 the byte range ``[offset, offset + size)`` is checked against the data file's
-real size.  An assembled read first proves that the stored slices do not overlap
+real size (before it is read or mapped).  An assembled read first proves that the stored slices do not overlap
 and cover the request, so the output is never larger than bytes that exist.
 """
 
@@ -36,7 +36,14 @@ from .coding import crc32c, unmask_crc
 from .dtypes import DataType, to_numpy
 from .files import data_filename, index_filename, normalize_prefix
 from .protos import BIG_ENDIAN, BundleEntry, BundleHeader, decode_entry, decode_header
-from .slices import TensorSlice, box_volume, encode_slice_key, intersect_bounds, parse_shape_and_slice
+from .slices import (
+    TensorSlice,
+    box_volume,
+    decode_slice_key,
+    encode_slice_key,
+    intersect_bounds,
+    parse_shape_and_slice,
+)
 from .table import Table
 
 Bounds = tuple[tuple[int, int], ...]
@@ -47,6 +54,9 @@ _READ_CHUNK = 16 * 1024 * 1024
 _BOUNCE = 2 * 1024 * 1024  # rows shorter than _BOUNCE_ROW are read this many bytes at a time, then copied
 _BOUNCE_ROW = 256 * 1024
 _bounce = threading.local()
+# Smaller pieces are copied even with ``mmap=True``: each mapping is a kernel VMA, and a process gets
+# about 65,000 of them (vm.max_map_count), fewer than a checkpoint may have tensors.
+_MMAP_MIN = 1 << 20
 _SNAPSHOT_TRIES = 5
 _BULK_AFTER = 256
 _SNAPSHOT_MAX_FILES = 256
@@ -67,14 +77,32 @@ class StoredSlice:
 
 
 def _label(key: bytes) -> str:
+    """A key as people read it: a slice key as ``name (slice 0,512:-)``, not its ordered-code bytes."""
+    if key[:1] == b"\x00":
+        try:
+            name, tslice = decode_slice_key(key)
+        except CheckpointError:
+            pass
+        else:
+            return f"{name.decode('utf-8', 'replace')} (slice {tslice})"
     return key.decode("utf-8", "replace")
 
 
 class BundleReader:
-    """Read-only access to the bundle at ``prefix`` (the index is read once, data files lazily)."""
+    """Read-only access to the bundle at ``prefix`` (the index is read once, data files lazily).
 
-    def __init__(self, prefix: str | os.PathLike[str]) -> None:
+    With ``mmap=True``, a read that is one contiguous byte range of a local data file (a stored piece
+    whole, or a block of its leading rows) of at least 1 MiB returns an array over a private,
+    copy-on-write mapping of the file instead of a copy, as ``torch.load(mmap=True)`` does: nothing is
+    copied or zeroed until the caller writes a page.  Writes stay in the process.  The mapping keeps
+    the file's blocks allocated while the array lives, even after the file is deleted or replaced,
+    and a file truncated in place while mapped would end the process with SIGBUS (shardckpt and
+    TensorFlow never truncate a checkpoint's files; they write new ones and rename).
+    """
+
+    def __init__(self, prefix: str | os.PathLike[str], *, mmap: bool = False) -> None:
         self.prefix = normalize_prefix(prefix)
+        self._mmap = mmap
         self.index_path = index_filename(self.prefix)
         self._files: dict[int, RandomAccess] = {}
         self._values: dict[bytes, bytes] | None = None
@@ -287,12 +315,41 @@ class BundleReader:
             pos += chunk.nbytes
         return crc
 
+    def _mapped(self, key: bytes, e: BundleEntry, f: RandomAccess, first: int, shape: tuple[int, ...],
+                check: bool) -> np.ndarray | None:
+        """Bytes ``first`` onward of entry ``e``, as an array of ``shape`` over a private mapping of the file
+        (the range is checked by `_locate`), CRC-checked over the whole entry when ``check``; None when
+        this read copies instead (mmap off, a small or string or byte-swapped or misaligned piece, a remote
+        store)."""
+        dtype = to_numpy(e.dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        if (not self._mmap or nbytes < _MMAP_MIN or e.dtype == DataType.STRING
+                or (self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1)
+                or (e.offset + first) % dtype.alignment):
+            return None
+        start, size = (e.offset, e.size) if check else (e.offset + first, nbytes)
+        got = f.map_private(start, size)
+        if got is None:
+            return None
+        mapping, at = got
+        if check:
+            with memoryview(mapping) as view:
+                crc = crc32c(view[at : at + size])
+            if crc != unmask_crc(e.crc32c):
+                raise _crc_error(f"{self.prefix}: tensor {_label(key)} in {f.path}", e, crc)
+            at += first
+        return np.frombuffer(mapping, np.uint8, nbytes, at).view(dtype).reshape(shape)
+
     def _read_whole(self, key: bytes, e: BundleEntry, verify: Verify, out: np.ndarray | None = None) -> np.ndarray:
         f = self._locate(key, e)
         where = f"{self.prefix}: tensor {_label(key)} in {f.path}"
         dtype = to_numpy(e.dtype)
         if len(e.shape) > _NPY_MAXDIMS or not _numpy_can_hold(e.shape, dtype.itemsize):
             raise CorruptCheckpointError(f"{where}: shape {list(e.shape)} cannot be held in a numpy array")
+        if out is None:
+            mapped = self._mapped(key, e, f, 0, e.shape, bool(verify))
+            if mapped is not None:
+                return mapped
         count = math.prod(e.shape)
         if e.dtype == DataType.STRING:
             buf = bytearray(e.size)
@@ -305,10 +362,7 @@ class BundleReader:
             views = [target.reshape(-1).view(np.uint8).data] if count else []
         crc = self._pread_array(f, target, views, e.offset, 0 if verify else None)
         if verify and crc != unmask_crc(e.crc32c):
-            raise ChecksumMismatchError(
-                f"{where} ({e.size} bytes): checksum does not match: stored {unmask_crc(e.crc32c):#010x} "
-                f"vs. calculated on the restored bytes {crc:#010x}"
-            )
+            raise _crc_error(where, e, crc)
         if self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1:
             target.byteswap(inplace=True)
         if out is not None and target is not out:
@@ -460,6 +514,14 @@ class BundleReader:
                     "cannot be held in a numpy array"
                 )
             self._locate(p.key, p.entry)
+        if out is None and self._mmap and len(parts) == 1:  # a block of leading rows of one piece: map it
+            p, inter = parts[0]
+            first = _contiguous_start(tuple((lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(inter, p.bounds)),
+                                      p.entry.shape, itemsize)
+            if first is not None:
+                mapped = self._mapped(p.key, p.entry, self._locate(p.key, p.entry), first, shape, verify == "full")
+                if mapped is not None:
+                    return mapped
         if out is None:
             out = np.empty(shape, to_numpy(e.dtype))
         for p, inter in parts:
@@ -492,6 +554,28 @@ def _numpy_can_hold(shape: Sequence[int], itemsize: int) -> bool:
     for dim in shape:
         nbytes *= dim or 1
     return nbytes <= _INT64_MAX
+
+
+def _crc_error(where: str, e: BundleEntry, crc: int) -> ChecksumMismatchError:
+    return ChecksumMismatchError(
+        f"{where} ({e.size} bytes): checksum does not match: stored {unmask_crc(e.crc32c):#010x} "
+        f"vs. calculated on the restored bytes {crc:#010x}"
+    )
+
+
+def _contiguous_start(local: Bounds, shape: Sequence[int], itemsize: int) -> int | None:
+    """The byte offset of box ``local`` inside a C-ordered array of ``shape`` if the box is one contiguous
+    range (leading dims of extent 1, then any range of one dim, then whole dims), else None."""
+    k = 0
+    while k < len(shape) - 1 and local[k][1] - local[k][0] == 1:
+        k += 1
+    if any(local[d] != (0, shape[d]) for d in range(k + 1, len(shape))):
+        return None
+    offset, stride = 0, itemsize
+    for d in range(len(shape) - 1, -1, -1):
+        offset += local[d][0] * stride
+        stride *= shape[d]
+    return offset
 
 
 def _as_key(name: str | bytes) -> bytes:
