@@ -9,7 +9,6 @@ same agreed inputs, so no extra communication is needed.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -98,13 +97,13 @@ def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequenc
     check_disjoint_regions(tensors)
     load = [0] * len(devices_by_client)
     items: list[WriteItem] = []
-    shared: list[tuple[int, int, Bounds, list[int]]] = []
+    shared: list[tuple[int, int, Bounds, Sequence[int]]] = []
     # Holder sets repeat (every replicated tensor has the same ones): their clients, and each client's
     # first device, are worked out once per distinct set.
     holder_info: dict[tuple[int, ...], tuple[list[int], dict[int, int]]] = {}
 
-    def info(holders: list[int]) -> tuple[list[int], dict[int, int]]:
-        key = tuple(holders)
+    def info(holders: Sequence[int]) -> tuple[list[int], dict[int, int]]:
+        key = holders if isinstance(holders, tuple) else tuple(holders)
         found = holder_info.get(key)
         if found is None:
             first: dict[int, int] = {}
@@ -121,8 +120,13 @@ def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequenc
             if missing:
                 raise InvalidArgumentError(f"tensor {t.name}: mesh devices {missing[:8]} belong to no client")
             checked_meshes.add(id(t.layout.mesh))
-        for box, holders in _shards(t, mesh_devices).items():
-            nbytes = math.prod(hi - lo for lo, hi in box) * max(t.itemsize, 1)
+        # Most small tensors are replicated: one box, held by the whole mesh (a tuple, hashed once in `info`).
+        boxes: list[tuple[Bounds, Sequence[int]]] = (
+            [(t.region, mesh_devices)] if t.layout.is_fully_replicated() else list(_shards(t, mesh_devices).items()))
+        for box, holders in boxes:
+            nbytes = max(t.itemsize, 1)
+            for lo, hi in box:
+                nbytes *= hi - lo
             if len(info(holders)[0]) == 1:
                 client = owner[holders[0]]
                 load[client] += nbytes
@@ -131,11 +135,14 @@ def plan_save(tensors: Sequence[SaveTensor], devices_by_client: Sequence[Sequenc
                 shared.append((nbytes, arg, box, holders))
     # A large shard held by several clients is cut along its first dimension that can be cut, one piece
     # per holder client (each piece a valid TF slice), so the replicas share its bytes.
-    pieces: list[tuple[int, int, Bounds, Bounds, list[int]]] = []
+    pieces: list[tuple[int, int, Bounds, Bounds, Sequence[int]]] = []
     for nbytes, arg, box, holders in shared:
-        cut = next((d for d, (lo, hi) in enumerate(box) if hi - lo >= 2), None) if split_bytes else None
+        if not split_bytes or nbytes <= split_bytes:
+            pieces.append((nbytes, arg, box, box, holders))
+            continue
+        cut = next((d for d, (lo, hi) in enumerate(box) if hi - lo >= 2), None)
         k = 1
-        if cut is not None and nbytes > split_bytes:
+        if cut is not None:
             lo, hi = box[cut]
             k = min(len(info(holders)[0]), -(-nbytes // split_bytes), hi - lo)
         if k <= 1 or cut is None:

@@ -99,6 +99,7 @@ _FROM_NUMPY: dict[np.dtype, DataType] = {
     for code, dt in _TO_NUMPY.items()
     if code not in _QUANTIZED and code != DataType.STRING
 }
+_FROM_NUMPY_SEEN: dict[object, DataType] = {}  # dtypes already resolved, as given
 
 
 def datatype_name(code: int) -> str:
@@ -121,12 +122,17 @@ def to_numpy(code: int) -> np.dtype:
 
 def from_numpy(dtype: np.dtype) -> DataType:
     """The ``DataType`` for a numpy dtype; bytes/str/object arrays are DT_STRING."""
+    known = _FROM_NUMPY_SEEN.get(dtype)
+    if known is not None:  # one dict lookup per tensor in saves of many small tensors
+        return known
     dtype = np.dtype(dtype)
     if dtype.kind in "OSU":
         return DataType.STRING
     code = _FROM_NUMPY.get(dtype.newbyteorder("="))
     if code is None:
         raise UnsupportedDTypeError(f"numpy dtype {dtype} has no TensorFlow DataType")
+    if dtype.isnative:
+        _FROM_NUMPY_SEEN[dtype] = code
     return code
 
 
