@@ -72,7 +72,7 @@ class Layout:
 
     def is_fully_replicated(self) -> bool:
         """Whether no tensor dimension is sharded."""
-        return self._replicated  # type: ignore[attr-defined, no-any-return]
+        return self._replicated  # type: ignore[attr-defined]
 
     def num_shards(self, dim: int) -> int:
         """How many pieces tensor dimension ``dim`` splits into (the product of its mesh dims' sizes)."""
