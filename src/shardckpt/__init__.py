@@ -27,7 +27,7 @@ from .layout import UNSHARDED, Layout
 from .manager import CheckpointManager
 from .mesh import Mesh, create_mesh
 from .restore import name_based_restore, sharded_restore
-from .save import SaveFuture, SaveResult, name_based_save, sharded_save, wait_for_pending_save
+from .save import SaveFuture, SaveResult, name_based_save, release_staging_memory, sharded_save, wait_for_pending_save
 
 __version__ = "0.1.0"
 
@@ -45,6 +45,7 @@ __all__ = [
     "name_based_restore",
     "name_based_save",
     "pack",
+    "release_staging_memory",
     "sharded_restore",
     "sharded_save",
     "unpack",

@@ -21,6 +21,7 @@ is written last (`commit.py`); an overwrite deletes the old index before any dat
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -29,7 +30,8 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import BinaryIO, Literal, overload
@@ -226,15 +228,15 @@ class _Session:
             return data_filename(self.prefix, self.rank, self.coord.size)
         return staging_data_filename(self.prefix, self.rank, self.coord.size, self.token)
 
-    def prepared(self, items: list[WriteItem], copy: bool) -> list:
+    def prepared(self, items: list[WriteItem], snapshot: Callable[[np.ndarray], np.ndarray] | None = None) -> list:
         out = []
         for item in items:
             spec = self.specs[item.arg]
             shard = self.dtensors[item.arg].shards[item.device]
             if item.within is not None:
                 shard = np.asarray(shard)[tuple(slice(a, b) for a, b in item.within)]
-            if copy:  # a C-ordered snapshot the caller can no longer change
-                shard = np.array(shard, copy=True, order="C")
+            if snapshot is not None:  # a C-ordered copy the caller can no longer change
+                shard = snapshot(np.asarray(shard))
             out.append(prepare(shard, spec.dtype, f"{self.staging}: tensor {spec.name}", contiguous=False))
         return out
 
@@ -244,7 +246,7 @@ class _Session:
         try:
             fault_point("after_agree", self.rank)
             fault_point("after_plan", self.rank)
-            prepared = self.prepared(self.items, copy=False)
+            prepared = self.prepared(self.items)
             midway = lambda: fault_point("mid_data_write", self.rank)  # noqa: E731
             if self.remote:
                 stream = storage.open_stream(self.staging)
@@ -396,13 +398,91 @@ class SaveFuture:
         return self._future.exception(timeout)
 
 
+class _StagingPool:
+    """Snapshot buffers kept from one asynchronous save to the next, by size in bytes.
+
+    Fresh memory costs a page fault per page on first touch; periodic saves of the same shapes
+    copy into pages already touched instead.  A buffer is lent for one wave and comes back only
+    once that wave is written, so none is handed out while a write still reads it.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._left: dict[int, list[np.ndarray]] = {}  # left by the previous save, not yet taken by this one
+        self._free: dict[int, list[np.ndarray]] = {}  # given back during this save
+        self.held = 0  # bytes of every buffer the pool owns, free or lent
+        self.allocations = 0  # fresh buffers made: what reuse saves
+
+    def begin(self, sizes: Counter[int]) -> None:
+        """Start a save that snapshots arrays of ``sizes`` bytes: drop what it could never take."""
+        with self._lock:
+            for nbytes, bucket in self._free.items():
+                self._left.setdefault(nbytes, []).extend(bucket)
+            self._free = {}
+            for nbytes in list(self._left):
+                extra = len(self._left[nbytes]) - sizes[nbytes]
+                if extra > 0:
+                    del self._left[nbytes][:extra]
+                    self.held -= extra * nbytes
+                    if not self._left[nbytes]:
+                        del self._left[nbytes]
+
+    def take(self, nbytes: int, limit: int | None) -> np.ndarray:
+        """A buffer of ``nbytes`` bytes, reused if one is free; making one first drops free buffers
+        until the pool holds at most ``limit`` bytes, so a wave cap bounds what stays behind too."""
+        with self._lock:
+            # An earlier wave's buffer first: the previous save's then stay untaken if this one needs
+            # fewer at once (a smaller cap), and `end` drops them.
+            for free in (self._free, self._left):
+                bucket = free.get(nbytes)
+                if bucket:
+                    buf = bucket.pop()
+                    if not bucket:
+                        del free[nbytes]
+                    return buf
+            if limit is not None:
+                for free in (self._left, self._free):
+                    while free and self.held + nbytes > limit:
+                        size, bucket = next(iter(free.items()))
+                        bucket.pop()
+                        self.held -= size
+                        if not bucket:
+                            del free[size]
+            self.held += nbytes
+            self.allocations += 1
+            return np.empty(nbytes, np.uint8)  # untouched: its pages fault in on the first copy
+
+    def give_back(self, buffers: list[np.ndarray]) -> None:
+        with self._lock:
+            for buf in buffers:
+                self._free.setdefault(buf.nbytes, []).append(buf)
+
+    def end(self) -> None:
+        """The save is over and has given back all it took: what it left untouched goes."""
+        with self._lock:
+            self.held -= sum(n * len(b) for n, b in self._left.items())
+            self._left = {}
+
+    def clear(self) -> None:
+        with self._lock:
+            self.held -= sum(n * len(b) for free in (self._left, self._free) for n, b in free.items())
+            self._left, self._free = {}, {}
+
+    def free_buffers(self) -> list[np.ndarray]:
+        """The buffers ready to be taken (for tests)."""
+        with self._lock:
+            return [b for free in (self._left, self._free) for bucket in free.values() for b in bucket]
+
+
 @dataclass
 class _AsyncState:
-    """Per coordinator (so in-process clients do not queue behind each other): one background saver."""
+    """Per coordinator (so in-process clients do not queue behind each other): one background saver
+    and the buffers its saves snapshot into."""
 
     executor: ThreadPoolExecutor = field(
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="shardckpt-async-save"))
     pending: Future[SaveResult] | None = None
+    pool: _StagingPool = field(default_factory=_StagingPool)
 
 
 _async_lock = threading.Lock()
@@ -431,11 +511,20 @@ def wait_for_pending_save(coordinator: Coordinator | None = None) -> None:
             pass
 
 
+def release_staging_memory(coordinator: Coordinator | None = None) -> None:
+    """Wait for the last asynchronous save through this coordinator, then free the snapshot buffers it
+    kept for the next one (see ``reuse_staging`` of `sharded_save`)."""
+    coord = resolve(coordinator)
+    wait_for_pending_save(coord)
+    _async_state(coord).pool.clear()
+
+
 @overload
 def sharded_save(mesh: Mesh, file_prefix: str | os.PathLike[str], tensor_names: Sequence[str],
                  shape_and_slices: Sequence[str], tensors: Sequence[object], *,
                  coordinator: Coordinator | None = ..., timeout: float | None = ..., overwrite: bool = ...,
-                 durable: bool = ..., blocking: Literal[True] = ..., max_staging_bytes: int | None = ...) -> SaveResult:
+                 durable: bool = ..., blocking: Literal[True] = ..., max_staging_bytes: int | None = ...,
+                 reuse_staging: bool = ...) -> SaveResult:
     ...
 
 
@@ -443,7 +532,8 @@ def sharded_save(mesh: Mesh, file_prefix: str | os.PathLike[str], tensor_names: 
 def sharded_save(mesh: Mesh, file_prefix: str | os.PathLike[str], tensor_names: Sequence[str],
                  shape_and_slices: Sequence[str], tensors: Sequence[object], *,
                  coordinator: Coordinator | None = ..., timeout: float | None = ..., overwrite: bool = ...,
-                 durable: bool = ..., blocking: Literal[False], max_staging_bytes: int | None = ...) -> SaveFuture:
+                 durable: bool = ..., blocking: Literal[False], max_staging_bytes: int | None = ...,
+                 reuse_staging: bool = ...) -> SaveFuture:
     ...
 
 
@@ -460,6 +550,7 @@ def sharded_save(
     durable: bool = True,
     blocking: bool = True,
     max_staging_bytes: int | None = None,
+    reuse_staging: bool = True,
 ) -> SaveResult | SaveFuture:
     """Save DTensors (or numpy arrays, taken as replicated) from every client into one checkpoint.
 
@@ -474,6 +565,9 @@ def sharded_save(
     tensors.  Writing, the barriers and the commit run in a background thread.
     ``max_staging_bytes`` caps that copy: beyond it, copying waits for earlier
     copies to be written (in waves).  A save waits for an earlier asynchronous one.
+    ``reuse_staging`` keeps the snapshot buffers for the next asynchronous save through the same
+    coordinator: fresh memory costs a page fault per page, so periodic saves of the same shapes copy
+    into warm memory instead.  `release_staging_memory` frees them; ``reuse_staging=False`` keeps none.
     """
     coord = resolve(coordinator)
     wait_for_pending_save(coord)
@@ -483,10 +577,12 @@ def sharded_save(
     if blocking:
         return session.finish(*session.write_blocking())
     t = time.perf_counter()
-    staged = _StagedWrite(session, max_staging_bytes)
+    state = _async_state(coord)
+    if not reuse_staging:
+        state.pool.clear()  # the previous save is over, so nothing is lent
+    staged = _StagedWrite(session, max_staging_bytes, state.pool if reuse_staging else None)
     staged.copy_all()
     session.timings["blocking_copy"] = time.perf_counter() - t
-    state = _async_state(coord)
     future = state.executor.submit(lambda: session.finish(*staged.complete()))
     state.pending = future
     return SaveFuture(future, session.prefix, time.perf_counter() - session.t0)
@@ -495,9 +591,10 @@ def sharded_save(
 class _StagedWrite:
     """Copies a session's shards in waves (bounded memory) while a writer thread writes earlier waves."""
 
-    def __init__(self, session: _Session, cap: int | None) -> None:
+    def __init__(self, session: _Session, cap: int | None, pool: _StagingPool | None) -> None:
         self.session = session
         self.cap = cap
+        self.pool = pool
         self.writer = ThreadPoolExecutor(1, thread_name_prefix="shardckpt-stage")
         self.fd: int | None = None
         self.stream: BinaryIO | None = None
@@ -506,13 +603,30 @@ class _StagedWrite:
         self.futures: list[tuple[Future[None], int]] = []
         self.error: BaseException | None = None
 
-    def _write_wave(self, prepared: list) -> None:
-        if self.stream is not None:
-            written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=self.session.rank)
-        else:
-            assert self.fd is not None
-            written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=self.session.rank)
-        self.entries.extend(written)
+    def _snapshot(self, lent: list[np.ndarray], shard: np.ndarray) -> np.ndarray:
+        if self.pool is None or shard.dtype.hasobject or shard.dtype.kind in "SU" or not shard.nbytes:
+            return np.array(shard, copy=True, order="C")
+        buf = self.pool.take(shard.nbytes, self.cap)
+        lent.append(buf)
+        out = buf.view(shard.dtype).reshape(shard.shape)
+        np.copyto(out, shard, casting="no")
+        return out
+
+    def _write_wave(self, prepared: list, lent: list[np.ndarray], first: bool) -> None:
+        rank = self.session.rank
+        midway = (lambda: fault_point("mid_data_write", rank)) if first else None
+        try:
+            if self.stream is not None:
+                written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=rank, midway=midway)
+            else:
+                assert self.fd is not None
+                written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=rank, midway=midway)
+            self.entries.extend(written)
+        finally:
+            # The writers are done with the wave whether or not it failed (a stream keeps its own copy),
+            # and the copy loop waits on this future, so a later wave may take these buffers.
+            if self.pool is not None:
+                self.pool.give_back(lent)
 
     def copy_all(self) -> None:
         s = self.session
@@ -523,15 +637,23 @@ class _StagedWrite:
                 self.stream = storage.open_stream(s.staging)
             else:
                 self.fd = os.open(s.staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            if self.pool is not None:
+                self.pool.begin(Counter(it.nbytes for it in s.items if s.specs[it.arg].dtype != DataType.STRING))
             in_flight = 0
-            for wave in _waves(s.items, self.cap):
+            for i, wave in enumerate(_waves(s.items, self.cap)):
                 size = sum(it.nbytes for it in wave)
                 while self.cap is not None and self.futures and in_flight + size > self.cap:
                     done, nbytes = self.futures.pop(0)
-                    done.result()
+                    done.result()  # its buffers are back in the pool once this returns
                     in_flight -= nbytes
-                prepared = s.prepared(wave, copy=True)
-                self.futures.append((self.writer.submit(self._write_wave, prepared), size))
+                lent: list[np.ndarray] = []
+                try:
+                    prepared = s.prepared(wave, functools.partial(self._snapshot, lent))
+                except BaseException:
+                    if self.pool is not None:
+                        self.pool.give_back(lent)
+                    raise
+                self.futures.append((self.writer.submit(self._write_wave, prepared, lent, i == 0), size))
                 in_flight += size
         except (CheckpointError, OSError) as exc:
             self.error = exc
@@ -557,6 +679,8 @@ class _StagedWrite:
             if self.stream is not None:
                 self.stream.close()  # completes the upload
             self.writer.shutdown()
+            if self.pool is not None:
+                self.pool.end()
             s.timings["write"] = time.perf_counter() - t
 
 
