@@ -91,7 +91,8 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
     from tqdm import tqdm
 
     problems: list[str] = []
-    with BundleReader(prefix) as reader:
+    # Mapped, not copied: the CRC reads the page cache in place and nothing is kept.
+    with BundleReader(prefix, mmap=True) as reader:
         items = list(reader.entries())  # walks and checks every index block
         pieces = []
         for name, entry in items:
