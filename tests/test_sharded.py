@@ -207,6 +207,47 @@ def test_a_client_failing_mid_save_fails_every_client(tmp_path):
     assert _snapshot(tmp_path) == before  # nothing committed, no staging files left
 
 
+class _Exploding:
+    """A shard that passes the shape checks and fails when its bytes are taken: a bug, not an I/O error."""
+
+    shape = (4, 3)
+    dtype = np.dtype(np.float32)
+
+    def __array__(self, dtype=None, copy=None):
+        raise RuntimeError("boom while copying")
+
+
+@pytest.mark.parametrize("blocking", [True, False])
+def test_any_error_while_writing_fails_the_others_at_once(tmp_path, blocking):
+    import time
+
+    layout = sc.Layout(["x", "y"], MESH)
+
+    def client(coord):
+        local = MESH.local_devices(coord.rank, coord.size)
+        shards = {d: (_Exploding() if coord.rank == 2 else np.ones((4, 3), np.float32)) for d in local}
+        t = sc.DTensor.__new__(sc.DTensor)  # skip the constructor's checks, as an adapter's own type might
+        t.shape, t.dtype, t.layout, t.shards = (8, 6), np.dtype(np.float32), layout, shards
+        start = time.monotonic()
+        try:
+            out = sc.sharded_save(MESH, str(tmp_path / "x"), ["w"], [""], [t], coordinator=coord, timeout=60,
+                                  blocking=blocking)
+            if not blocking:
+                out.result()
+        except Exception as exc:  # noqa: BLE001 - the test looks at what each client got
+            return exc, time.monotonic() - start
+        return None, time.monotonic() - start
+
+    results = sc.LocalGroup(4).run(client)
+    errors = [e for e, _ in results]
+    assert isinstance(errors[2], RuntimeError) and "boom" in str(errors[2])
+    for rank in (0, 1, 3):
+        assert isinstance(errors[rank], sc.RemoteClientError) and "client 2" in str(errors[rank]), errors
+        assert "boom" in str(errors[rank])
+    assert max(t for _, t in results) < 20  # not the 60 s timeout
+    assert not os.path.exists(tmp_path / "x.index") and os.listdir(tmp_path) == []
+
+
 def test_a_client_that_never_arrives_times_out_naming_it(tmp_path):
     import time
 

@@ -261,7 +261,7 @@ class _Session:
                                                 midway=midway)
             fault_point("after_data_fsync", self.rank)
             return pack_entries(_entries_for(self.items, self.specs, written)), None, size
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             return b"", exc, 0
         finally:
             self.timings["write"] = time.perf_counter() - t
@@ -655,7 +655,7 @@ class _StagedWrite:
                     raise
                 self.futures.append((self.writer.submit(self._write_wave, prepared, lent, i == 0), size))
                 in_flight += size
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             self.error = exc
 
     def complete(self) -> tuple[bytes, BaseException | None, int]:
@@ -671,7 +671,7 @@ class _StagedWrite:
                 os.fsync(self.fd)
             fault_point("after_data_fsync", s.rank)
             return pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end
-        except (CheckpointError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             return b"", exc, 0
         finally:
             if self.fd is not None:
