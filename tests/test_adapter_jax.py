@@ -264,6 +264,14 @@ def scenario_single(directory: str, events: dict[str, Any]) -> None:
     w.delete()
     assert future.result(timeout=60).num_clients == 1
     _check(sj.restore(os.path.join(directory, "async"), one), one, events, "async")
+    # mmap=True passes through: 1 MiB shards come back from a mapping of the data file, with the same values.
+    big = np.arange(2048 * 1024, dtype=np.float32).reshape(2048, 1024)
+    rows = NamedSharding(main, P("x"))
+    sj.save({"big": jax.make_array_from_callback(big.shape, rows, lambda idx: big[idx])},
+            os.path.join(directory, "big"))
+    mapped = sj.restore(os.path.join(directory, "big"), {"big": jax.ShapeDtypeStruct(big.shape, np.float32,
+                                                                                     sharding=rows)}, mmap=True)
+    events["mmap_equal"] = bool(np.array_equal(np.asarray(mapped["big"]), big)) and mapped["big"].sharding == rows
     # Overwrite.
     with_error(events, "exists", lambda: sj.save({"params": {"w": arr}}, os.path.join(directory, "async")))
     sj.save({"params": {"w": arr}}, os.path.join(directory, "async"), overwrite=True)
@@ -456,6 +464,7 @@ def test_single_process_eight_devices(tmp_path: Path) -> None:
     assert ev["restore_same"] == 8 * len(TENSORS) - 7  # "step" (a Python int target): 1 device
     assert ev["restore_other_mesh"] == 8 * len(TENSORS) - 7
     assert ev["restore_gspmd"] == ev["gspmd_saved"] == ev["async"] == 8
+    assert ev["mmap_equal"] is True
     assert ev["exists"]["type"] == "CheckpointExistsError"
     assert ev["two_meshes"]["type"] == "InvalidArgumentError" and "leaf b" in ev["two_meshes"]["message"]
     assert ev["duplicate"]["type"] == "InvalidArgumentError" and "'a/b'" in ev["duplicate"]["message"]
