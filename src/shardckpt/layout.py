@@ -9,7 +9,7 @@ DTensor, uneven dims are accepted.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .errors import InvalidArgumentError
 from .mesh import Mesh
@@ -38,6 +38,8 @@ class Layout:
 
     sharding_specs: tuple[Spec, ...]
     mesh: Mesh
+    # Asked once per tensor per client by every save and restore: 100,000 tensors ask it 100,000 times.
+    _replicated: bool = field(init=False, repr=False, compare=False)
 
     def __init__(self, sharding_specs: Sequence[Spec], mesh: Mesh) -> None:
         specs: tuple[Spec, ...] = tuple(
@@ -52,7 +54,6 @@ class Layout:
             mesh.dim_size(axis)  # raises for an unknown mesh dim
         object.__setattr__(self, "sharding_specs", specs)
         object.__setattr__(self, "mesh", mesh)
-        # Asked once per tensor per client by every save and restore: 100,000 tensors ask it 100,000 times.
         object.__setattr__(self, "_replicated", not used)
 
     @classmethod
@@ -72,7 +73,7 @@ class Layout:
 
     def is_fully_replicated(self) -> bool:
         """Whether no tensor dimension is sharded."""
-        return self._replicated  # type: ignore[attr-defined]
+        return self._replicated
 
     def num_shards(self, dim: int) -> int:
         """How many pieces tensor dimension ``dim`` splits into (the product of its mesh dims' sizes)."""

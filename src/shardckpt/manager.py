@@ -53,7 +53,7 @@ from .format.files import fsync_directory, index_filename
 from .format.writer import write_file_atomically
 from .mesh import Mesh
 from .restore import Target, name_based_restore
-from .save import SaveFuture, SaveResult, name_based_save
+from .save import SaveFuture, SaveResult, name_based_save, wait_quietly
 
 log = logging.getLogger("shardckpt.manager")
 
@@ -293,12 +293,7 @@ class CheckpointManager:
 
         The save's own error stays with its future.
         """
-        pending = self._pending
-        if pending is not None:
-            try:
-                pending.result()
-            except BaseException:  # noqa: BLE001 - reported through that save's own future
-                pass
+        wait_quietly(self._pending)
 
     def close(self) -> None:
         """Wait for a pending asynchronous save, then stop the background thread."""

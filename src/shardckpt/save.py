@@ -502,8 +502,11 @@ def wait_for_pending_save(coordinator: Coordinator | None = None) -> None:
 
     Its errors stay with its own future.
     """
-    state = _async_state(resolve(coordinator))
-    pending = state.pending
+    wait_quietly(_async_state(resolve(coordinator)).pending)
+
+
+def wait_quietly(pending: Future | None) -> None:
+    """Wait for an asynchronous save, if any; its error stays with its own future."""
     if pending is not None:
         try:
             pending.result()

@@ -321,10 +321,11 @@ class BundleReader:
         (the range is checked by `_locate`), CRC-checked over the whole entry when ``check``; None when
         this read copies instead (mmap off, a small or string or byte-swapped or misaligned piece, a remote
         store)."""
+        if not self._mmap or e.dtype == DataType.STRING:
+            return None
         dtype = to_numpy(e.dtype)
         nbytes = math.prod(shape) * dtype.itemsize
-        if (not self._mmap or nbytes < _MMAP_MIN or e.dtype == DataType.STRING
-                or (self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1)
+        if (nbytes < _MMAP_MIN or (self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1)
                 or (e.offset + first) % dtype.alignment):
             return None
         start, size = (e.offset, e.size) if check else (e.offset + first, nbytes)
@@ -513,13 +514,13 @@ class BundleReader:
                     f"{self.prefix}: tensor {_label(key)}: stored piece of shape {list(p.entry.shape)} "
                     "cannot be held in a numpy array"
                 )
-            self._locate(p.key, p.entry)
+            f = self._locate(p.key, p.entry)
         if out is None and self._mmap and len(parts) == 1:  # a block of leading rows of one piece: map it
             p, inter = parts[0]
             first = _contiguous_start(tuple((lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(inter, p.bounds)),
                                       p.entry.shape, itemsize)
             if first is not None:
-                mapped = self._mapped(p.key, p.entry, self._locate(p.key, p.entry), first, shape, verify == "full")
+                mapped = self._mapped(p.key, p.entry, f, first, shape, verify == "full")
                 if mapped is not None:
                     return mapped
         if out is None:
