@@ -77,12 +77,44 @@ class RemoteClientError(CoordinationError):
     """Another client failed; this client stops too (the message carries the other client's error)."""
 
 
+class OutcomeUnknownError(CoordinationError):
+    """Client 0 passed the commit point of a save but its outcome never reached this client.
+
+    The checkpoint may or may not have been published: look at the prefix (``P.index`` present means it
+    was).  Distinct from a failure, which guarantees nothing was published.
+    """
+
+
+class EngineNotInitializedError(CoordinationError):
+    """The environment says this process is one of many, but no engine is initialised to reach the others."""
+
+
+class PrefixBusyError(CheckpointError):
+    """Another live save (or tool) holds the prefix; the message names the holder."""
+
+
+class CheckpointIOError(CheckpointError, OSError):
+    """The operating system refused a read or write (disk full, permissions, not a directory ...).
+
+    Names the prefix and the file; the original `OSError` is the ``__cause__`` and its ``errno`` is kept.
+    """
+
+
+class NotARegularFileError(CheckpointError):
+    """A checkpoint file is a FIFO, a device, a directory or another special file: it is never opened."""
+
+
 __all__ = [
     "CheckpointExistsError",
     "CoordinationError",
     "ClientTimeoutError",
     "MismatchedCallError",
     "RemoteClientError",
+    "OutcomeUnknownError",
+    "EngineNotInitializedError",
+    "PrefixBusyError",
+    "CheckpointIOError",
+    "NotARegularFileError",
     "CheckpointError",
     "InvalidArgumentError",
     "DuplicateTensorError",
