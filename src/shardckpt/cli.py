@@ -140,10 +140,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_clean(args: argparse.Namespace) -> int:
-    """``shardckpt clean``: finish or discard an interrupted save at the prefix, printing each action; exit status 0."""
-    from .commit import recover
+    """``shardckpt clean``: finish or discard an interrupted save at the prefix, printing each action; exit status 0.
 
-    actions = recover(args.prefix)
+    It takes the prefix's lease first, so it never touches a live save's files: with a save in progress it
+    fails (exit status 1) naming the save's holder.
+    """
+    from .commit import recover
+    from .lease import PrefixLease
+
+    with PrefixLease.acquire(args.prefix, what="shardckpt clean"):
+        actions = recover(args.prefix)
     for line in actions:
         print(line)
     print(f"{args.prefix}: {'nothing to clean' if not actions else f'{len(actions)} action(s)'}")

@@ -1,7 +1,8 @@
-"""The commit protocol on a POSIX directory: staging names, the commit, and recovery after a crash.
+"""The commit protocol on a POSIX directory: staging names, the commit, and
+recovery after a crash.
 
 Every file a save writes first carries ``.staging-TOKEN`` (TOKEN agreed by all
-clients).  Client 0 commits in this order, each step durable before the next:
+clients). Client 0 commits in this order, each step durable before the next:
 
 1. ``P.index.staging-TOKEN`` is written whole (through a temporary name, so it
    exists only complete);
@@ -10,25 +11,36 @@ clients).  Client 0 commits in this order, each step durable before the next:
 4. ``P.index.staging-TOKEN`` is renamed to ``P.index``; the directory is fsynced;
 5. data files of an older shard count are removed.
 
-So ``P.index`` present means the checkpoint is complete and every data file it
-names is its own.  After a crash, `recover` looks at what is left: a staged index
-with no ``P.index`` means steps 1-2 completed, so the renames are finished (roll
-forward); anything else staged belongs to a save that never reached its commit
-point and is deleted.  Nothing without ``.staging-`` or ``.tempstate`` in its
-name is ever deleted, except step 5's stale data files after a successful commit.
-The object-store form of the same protocol (no renames) writes data objects
-first and the index object last.
+Before step 1 and again before step 2, every staged data file is checked to be
+the one its client wrote (its size and inode, as the client reported them), and
+client 0 checks it still holds the prefix's lease (`lease.py`): a save never
+publishes an index over files it did not write. So ``P.index`` present means the
+checkpoint is complete and every data file it names is its own. After a crash,
+`recover` looks at what is left: a staged index with no ``P.index`` means steps
+1-2 completed, so the renames are finished (roll forward); anything else staged
+belongs to a save that never reached its commit point and is deleted. Nothing
+without ``.staging-`` or ``.tempstate`` in its name is ever deleted, except step
+5's stale data files after a successful commit. The object-store form of the
+same protocol (no renames) writes data objects first and the index object last.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from . import storage
-from .errors import CheckpointError, CheckpointExistsError
+from .errors import (
+    CheckpointError,
+    CheckpointExistsError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    PrefixBusyError,
+)
 from .format.files import data_filename, fsync_directory, index_filename
 from .format.merge import combine_entry
 from .format.protos import BundleEntry, BundleHeader, decode_entry, decode_header, unpack_raw_entries
@@ -52,30 +64,82 @@ def staging_data_filename(prefix: str, rank: int, size: int, token: str) -> str:
     return data_filename(prefix, rank, size) + STAGING + token
 
 
-def commit(prefix: str, token: str, size: int, pieces: list[bytes], *, overwrite: bool, durable: bool,
-           hook: Hook = _noop) -> None:
-    """Client 0's part: merge every client's entries and publish the checkpoint (steps 1-5 above)."""
+@dataclass(frozen=True)
+class StagedFile:
+    """What a client reports of the data file it staged: its size, and its inode where it has one (0: none)."""
+
+    size: int
+    inode: int = 0
+
+
+def verify_staged(prefix: str, token: str, files: list[StagedFile]) -> None:
+    """Check that every data file of this save is in place, as its writer left it; raise otherwise.
+
+    Run before anything is published, so a file removed or replaced meanwhile (by hand, by a tool that
+    ignored the lease) fails the save and leaves the old checkpoint intact instead of publishing an index
+    whose entries point into other bytes.
+    """
+    size = len(files)
+    for r, want in enumerate(files):
+        path = storage_name = staging_data_filename(prefix, r, size, token)
+        if storage.is_remote(prefix):
+            storage_name = data_filename(prefix, r, size)
+            got = storage.size(storage_name)
+            inode = 0
+        else:
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                got = None
+            else:
+                if not stat.S_ISREG(st.st_mode):
+                    raise CorruptCheckpointError(f"{prefix}: staged data file {path} is not a regular file")
+                got, inode = st.st_size, st.st_ino
+        if got is None:
+            raise CheckpointNotFoundError(
+                f"{prefix}: the data file of client {r}, {storage_name}, vanished before the commit; nothing "
+                "was published")
+        if got != want.size or (want.inode and inode and inode != want.inode):
+            raise CorruptCheckpointError(
+                f"{prefix}: the data file of client {r}, {storage_name}, is not the one it wrote "
+                f"({got} bytes, inode {inode}; it wrote {want.size} bytes, inode {want.inode}); nothing was published")
+
+
+def commit(prefix: str, token: str, files: list[StagedFile], pieces: list[bytes], *, overwrite: bool,
+           durable: bool, hook: Hook = _noop, still_held: Callable[[], bool] = lambda: True) -> None:
+    """Client 0's part: check the staged files, merge every client's entries and publish (steps 1-5 above)."""
+    size = len(files)
+    verify_staged(prefix, token, files)
     merged = _merge(pieces)
     index = index_filename(prefix)
     staged_index = index + STAGING + token
     write_file_atomically(staged_index, build_index(BundleHeader(num_shards=size), merged), durable=durable,
                           midway=lambda: hook("mid_index_write"))
     hook("after_index_staged")
+    verify_staged(prefix, token, files)
+    if not still_held():
+        _unlink(staged_index)
+        raise PrefixBusyError(f"{prefix}: the lease {prefix}.lease was removed or replaced during the save; "
+                              "nothing was published")
     if os.path.exists(index):
         if not overwrite:
+            _unlink(staged_index)
             raise CheckpointExistsError(f"{prefix}: a checkpoint appeared at the prefix during the save")
         os.unlink(index)
         hook("after_old_index_removed")
-    _publish(prefix, token, size, staged_index, durable, hook)
+    _publish(prefix, token, size, staged_index, durable, hook, strict=True)
 
 
-def _publish(prefix: str, token: str, size: int, staged_index: str, durable: bool, hook: Hook) -> None:
+def _publish(prefix: str, token: str, size: int, staged_index: str, durable: bool, hook: Hook,
+             strict: bool = False) -> None:
+    """Rename the staged data files, then the index.  ``strict``: every staged file must be there (a commit);
+    otherwise one already renamed by an interrupted commit is taken as done (recovery)."""
     replaced: list[int] = []
     try:
         for r in range(size):
             staged = staging_data_filename(prefix, r, size, token)
             final = data_filename(prefix, r, size)
-            if os.path.exists(staged):
+            if strict or os.path.exists(staged):
                 # Holding the file being replaced open makes the rename cheap: freeing its pages and
                 # blocks happens at the close, after the commit, instead of inside the rename.
                 try:
@@ -91,7 +155,10 @@ def _publish(prefix: str, token: str, size: int, staged_index: str, durable: boo
         hook("after_commit")
     finally:
         _close_later(replaced)
-    remove_stale_data_files(prefix, size)
+    try:
+        remove_stale_data_files(prefix, size)
+    except OSError as exc:  # the checkpoint is committed; an older one's files only take space
+        log.warning("%s: could not remove data files of an older shard count: %s", prefix, exc)
 
 
 def _close_later(fds: list[int]) -> None:
@@ -120,9 +187,11 @@ def _merge(pieces: list[bytes]) -> dict[bytes, BundleEntry | bytes]:
     return merged
 
 
-def commit_remote(prefix: str, size: int, pieces: list[bytes]) -> None:
-    """Object-store form, client 0's part: the data objects are in place; one PUT of the index publishes
-    them (an object appears whole or not at all).  An older index was removed before any data was written."""
+def commit_remote(prefix: str, files: list[StagedFile], pieces: list[bytes]) -> None:
+    """Object-store form, client 0's part: the data objects are in place (checked); one PUT of the index
+    publishes them (an object appears whole or not at all).  An older index was removed before any data."""
+    size = len(files)
+    verify_staged(prefix, "", files)
     storage.write_small(index_filename(prefix), build_index(BundleHeader(num_shards=size), _merge(pieces)))
     remove_stale_data_files(prefix, size)
 
@@ -184,7 +253,10 @@ def leftovers(prefix: str) -> dict[str, list[str]]:
 
 
 def recover(prefix: str, *, durable: bool = True) -> list[str]:
-    """Finish or discard what a crashed save left at ``prefix``; returns what was done, one line per action."""
+    """Finish or discard what a crashed save left at ``prefix``; returns what was done, one line per action.
+
+    Only call it holding the prefix's lease (`lease.PrefixLease`): then no live save owns any staged file.
+    """
     done: list[str] = []
     index = index_filename(prefix)
     found = leftovers(prefix)

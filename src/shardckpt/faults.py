@@ -1,14 +1,21 @@
 """Named fault points in the save path, for tests that kill or fail one client at a chosen moment.
 
-``SHARDCKPT_FAULT="<point>@<client>:<kill|raise>"`` (several separated by ``;``)
-makes client ``<client>`` SIGKILL itself, or raise `InjectedFault`, when it reaches
-``<point>``.  Unset (always, outside tests), a fault point costs one dictionary lookup.
+``SHARDCKPT_FAULT="<point>@<client>:<action>"`` (several separated by ``;``) makes
+client ``<client>`` act when it reaches ``<point>``: ``kill`` (SIGKILL itself), ``raise``
+(`InjectedFault`), ``stop`` (SIGSTOP itself: someone else sends SIGCONT) or
+``sleep=<seconds>`` (a client late past the timeout, deterministically).  In-process
+tests can instead register a function with `hook` (called with the point and the
+client, e.g. to delete a file at the worst moment).  Unset (always, outside
+tests), a fault point costs one dictionary lookup and one empty-list check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import time
+from collections.abc import Callable, Iterator
 
 from .errors import CheckpointError
 
@@ -30,13 +37,27 @@ POINTS = (
     "after_barrier_committed",
 )
 
+_hooks: list[Callable[[str, int], None]] = []
+
+
+@contextlib.contextmanager
+def hook(fn: Callable[[str, int], None]) -> Iterator[None]:
+    """Call ``fn(point, client)`` at every fault point while the ``with`` block runs (in-process tests)."""
+    _hooks.append(fn)
+    try:
+        yield
+    finally:
+        _hooks.remove(fn)
+
 
 class InjectedFault(CheckpointError):
     """Raised at a fault point by request of ``SHARDCKPT_FAULT``."""
 
 
 def fault_point(name: str, client: int) -> None:
-    """SIGKILL this process or raise `InjectedFault` if ``SHARDCKPT_FAULT`` asks for it at ``name`` on ``client``."""
+    """Act as ``SHARDCKPT_FAULT`` (and any `hook`) asks at ``name`` on ``client``."""
+    for fn in list(_hooks):
+        fn(name, client)
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -46,4 +67,10 @@ def fault_point(name: str, client: int) -> None:
         if point == name and who.isdigit() and int(who) == client:
             if action == "kill":
                 os.kill(os.getpid(), signal.SIGKILL)
+            if action == "stop":
+                os.kill(os.getpid(), signal.SIGSTOP)
+                continue
+            if action.startswith("sleep="):
+                time.sleep(float(action[6:]))
+                continue
             raise InjectedFault(f"fault injected at {name} on client {client}")

@@ -21,6 +21,8 @@ is written last (`commit.py`); an overwrite deletes the old index before any dat
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import hashlib
 import json
@@ -34,19 +36,22 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import BinaryIO, Literal, overload
+from typing import BinaryIO, Literal, cast, overload
 
 import numpy as np
 
-from . import storage
-from .commit import commit, commit_remote, recover, recover_remote, staging_data_filename
+from . import errors, storage
+from .commit import STAGING, StagedFile, commit, commit_remote, recover, recover_remote, staging_data_filename
 from .coordination import Coordinator, default_timeout, resolve
+from .coordination.session import Session, answer_wait
 from .dtensor import DTensor
 from .errors import (
     CheckpointError,
     CheckpointExistsError,
+    CheckpointIOError,
+    ClientTimeoutError,
     InvalidArgumentError,
-    MismatchedCallError,
+    OutcomeUnknownError,
     RemoteClientError,
     ShapeMismatchError,
 )
@@ -58,10 +63,14 @@ from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
 from .format.writer import prepare
 from .layout import Layout
+from .lease import PrefixLease
 from .mesh import Mesh
 from .plan import SaveTensor, WriteItem, plan_save
 
 log = logging.getLogger("shardckpt.save")
+
+# How long a client that gave up on a save still waits to learn client 0's decision, at most.
+_GRACE = 10.0
 
 
 @dataclass
@@ -92,7 +101,7 @@ def _describe(prefix: str, mesh: Mesh, tensors: Sequence[SaveTensor]) -> dict[st
     parts = {
         "prefix": prefix,
         "mesh": mesh.to_string().split("|", 4)[1] + "|" + ",".join(map(str, mesh.device_ids)),
-        "names": "\n".join(t.name for t in tensors),
+        "names": json.dumps([t.name for t in tensors]),  # not joined: a name may hold any character
         "shapes": repr([(t.full_shape, t.region) for t in tensors]),
         "dtypes": repr([t.dtype for t in tensors]),
         "layouts": repr([(t.layout.sharding_specs, t.layout.mesh.dim_names, t.layout.mesh.shape,
@@ -101,18 +110,23 @@ def _describe(prefix: str, mesh: Mesh, tensors: Sequence[SaveTensor]) -> dict[st
     return {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in parts.items()}
 
 
-def _gather_json(coord: Coordinator, payload: dict[str, object], name: str, timeout: float) -> list[dict]:
-    return [json.loads(b) for b in coord.all_gather(json.dumps(payload).encode(), name, timeout)]
+def _io_error(prefix: str, path: str, what: str, exc: OSError) -> CheckpointIOError:
+    """An OS refusal as a `CheckpointIOError` naming the prefix and the file (the OSError stays its cause)."""
+    err = CheckpointIOError(exc.errno or errno.EIO, f"{prefix}: {what} {path}: {exc.strerror or exc}")
+    err.filename = path
+    return err
 
 
-def _raise_remote(replies: list[dict], me: int, what: str) -> None:
-    failed = [(r, m["error"]) for r, m in enumerate(replies) if m.get("error")]
-    if not failed:
-        return
-    rank, message = failed[0]
-    if rank == me:
-        return  # the caller re-raises its own exception
-    raise RemoteClientError(f"{what}: client {rank} failed: {message}")
+def _error_json(exc: BaseException) -> dict[str, str]:
+    return {"message": str(exc), "type": type(exc).__name__}
+
+
+def _remote_error(report: dict[str, str], default: type[CheckpointError] = RemoteClientError) -> CheckpointError:
+    """Client 0's verdict as this client's exception: the same class where it is one of ours."""
+    cls = getattr(errors, report.get("type", ""), None) if report.get("type") in errors.__all__ else None
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)) or cls is CheckpointIOError:
+        cls = default
+    return cls(report["message"])
 
 
 def _normalize(
@@ -195,10 +209,21 @@ def _waves(items: list[WriteItem], cap: int | None) -> list[list[WriteItem]]:
 
 
 @dataclass
-class _Session:
+class _Written:
+    """What writing left on one client: its index entries, or its error; its data file's size and inode."""
+
+    blob: bytes = b""
+    error: BaseException | None = None
+    size: int = 0
+    inode: int = 0
+
+
+@dataclass
+class _Save:
     """One save after the agreement: everything the write and commit phases need."""
 
     coord: Coordinator
+    session: Session
     wait: float
     prefix: str
     token: str
@@ -209,6 +234,7 @@ class _Session:
     items: list[WriteItem]
     timings: dict[str, float]
     t0: float
+    lease: PrefixLease | None = None  # client 0's hold on the prefix, from the agreement to the outcome
 
     @property
     def rank(self) -> int:
@@ -240,7 +266,12 @@ class _Session:
             out.append(prepare(shard, spec.dtype, f"{self.staging}: tensor {spec.name}", contiguous=False))
         return out
 
-    def write_blocking(self) -> tuple[bytes, BaseException | None, int]:
+    def failed_write(self, exc: Exception) -> _Written:
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            exc = _io_error(self.prefix, self.staging, "cannot write", exc)
+        return _Written(error=exc)
+
+    def write_blocking(self) -> _Written:
         """Write every item straight from the caller's arrays."""
         t = time.perf_counter()
         try:
@@ -248,6 +279,7 @@ class _Session:
             fault_point("after_plan", self.rank)
             prepared = self.prepared(self.items)
             midway = lambda: fault_point("mid_data_write", self.rank)  # noqa: E731
+            inode = 0
             if self.remote:
                 stream = storage.open_stream(self.staging)
                 try:
@@ -259,69 +291,198 @@ class _Session:
             else:
                 written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
                                                 midway=midway)
+                inode = os.stat(self.staging).st_ino
             fault_point("after_data_fsync", self.rank)
-            return pack_entries(_entries_for(self.items, self.specs, written)), None, size
+            return _Written(pack_entries(_entries_for(self.items, self.specs, written)), None, size, inode)
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
-            return b"", exc, 0
+            return self.failed_write(exc)
         finally:
             self.timings["write"] = time.perf_counter() - t
 
-    def finish(self, blob: bytes, error: BaseException | None, written: int) -> SaveResult:
-        """Tell every client how the writes went, commit on client 0, and agree on the outcome."""
-        coord, wait, prefix, rank, size = self.coord, self.wait, self.prefix, self.rank, self.coord.size
+    def _give_up(self) -> None:
+        """This client's part of a failed save: its staged file goes, and client 0 lets the prefix go."""
+        _discard(self.staging)
+        self._release()
+
+    def _release(self) -> None:
+        if self.lease is not None:
+            self.lease.release()
+            self.lease = None
+
+    def finish(self, w: _Written) -> SaveResult:
+        """Report how the writes went, decide and commit on client 0, and learn the one outcome."""
         t = time.perf_counter()
-        fault_point("before_barrier_written", rank)
+        fault_point("before_barrier_written", self.rank)
+        header = json.dumps({"error": _error_json(w.error) if w.error else None, "size": w.size,
+                             "inode": w.inode}).encode()
+        mine = len(header).to_bytes(4, "little") + header + w.blob
         try:
-            header = json.dumps({"error": str(error) if error else None}).encode()
-            pieces = coord.all_gather(len(header).to_bytes(4, "little") + header + blob, "written", wait)
-        except BaseException:
-            _discard(self.staging)
-            raise
-        statuses = [json.loads(p[4 : 4 + int.from_bytes(p[:4], "little")]) for p in pieces]
-        if error is not None or any(st["error"] for st in statuses):
-            _discard(self.staging)
+            if self.rank == 0:
+                return self._finish_root(mine, w.error, w.size, t)
+            return self._finish_other(mine, w.error, w.size, t)
+        finally:
+            self.session.close()
+
+    def _finish_other(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
+        s, prefix, wait = self.session, self.prefix, self.wait
+        s.gather("written", mine, wait)
+        if error is not None:
+            _discard(self.staging)  # client 0 sees the error and never commits
+            raise error
+        self.timings["barrier_written"] = time.perf_counter() - t
+        fault_point("after_barrier_written", self.rank)
+        t = time.perf_counter()
+        try:
+            outcome = json.loads(s.broadcast("outcome", None, answer_wait(wait)))
+        except ClientTimeoutError as exc:
+            # Abandon the save, unless client 0 already decided to commit: then its outcome is all that counts.
+            won = s.decide(f"abort: client {self.rank}: {exc}".encode(), min(wait, _GRACE))
+            if won is not None and won.startswith(b"abort"):
+                _discard(self.staging)
+                raise ClientTimeoutError(f"{prefix}: sharded_save abandoned, nothing was published: {exc}") from None
+            try:
+                outcome = json.loads(s.broadcast("outcome", None, min(wait, _GRACE)))
+            except ClientTimeoutError:
+                raise OutcomeUnknownError(
+                    f"{prefix}: client 0 {'decided to commit' if won else 'may have committed'} the save but its "
+                    f"outcome did not arrive within {wait:g} s; look at {prefix}.index to know") from None
+        self.timings["barrier_committed"] = time.perf_counter() - t
+        fault_point("after_barrier_committed", self.rank)
+        s.gather("done", b"", wait)
+        if outcome["error"]:
+            if outcome.get("discard"):
+                _discard(self.staging)
+            raise _remote_error(outcome["error"])
+        return self._result(written)
+
+    def _finish_root(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
+        s, prefix, wait = self.session, self.prefix, self.wait
+        try:
+            pieces = s.gather("written", mine, wait)
+            assert pieces is not None
+            statuses = [json.loads(p[4 : 4 + int.from_bytes(p[:4], "little")]) for p in pieces]
+            failed = [(r, st["error"]) for r, st in enumerate(statuses) if st["error"]]
             if error is not None:
                 raise error
-            _raise_remote(statuses, rank, f"{prefix}: sharded_save")
-        self.timings["barrier_written"] = time.perf_counter() - t
-        fault_point("after_barrier_written", rank)
+            if failed:
+                r, report = failed[0]
+                raise RemoteClientError(f"{prefix}: sharded_save: client {r} failed: {report['message']}")
+            self.timings["barrier_written"] = time.perf_counter() - t
+            fault_point("after_barrier_written", 0)
+            won = s.decide(b"commit", wait)
+            if won != b"commit":
+                raise ClientTimeoutError(f"{prefix}: sharded_save abandoned before the commit, nothing was "
+                                         f"published: {(won or b'').decode(errors='replace')}")
+        except BaseException as exc:
+            s.decide(f"abort: client 0: {exc}".encode(), wait)
+            self._give_up()
+            report = _error_json(exc if isinstance(exc, CheckpointError) else RemoteClientError(
+                f"{prefix}: sharded_save: client 0 failed: {exc}"))
+            with contextlib.suppress(CheckpointError):
+                s.broadcast("outcome", json.dumps({"error": report, "discard": True}).encode(), wait)
+            raise
 
         t = time.perf_counter()
-        commit_error: str | None = None
-        if rank == 0:
-            try:
-                bodies = [p[4 + int.from_bytes(p[:4], "little") :] for p in pieces]
-                if self.remote:
-                    commit_remote(prefix, size, bodies)
-                else:
-                    commit(prefix, self.token, size, bodies, overwrite=self.overwrite, durable=self.durable,
-                           hook=lambda point: fault_point(point, rank))
-            except (CheckpointError, OSError) as exc:
-                commit_error = f"{type(exc).__name__}: {exc}"
-                log.error("%s: commit failed: %s", prefix, exc)
+        commit_error: CheckpointError | None = None
+        try:
+            bodies = [p[4 + int.from_bytes(p[:4], "little") :] for p in pieces]
+            files = [StagedFile(st["size"], st["inode"]) for st in statuses]
+            if self.remote:
+                commit_remote(prefix, files, bodies)
+            else:
+                lease = self.lease
+                commit(prefix, self.token, files, bodies, overwrite=self.overwrite, durable=self.durable,
+                       hook=lambda point: fault_point(point, 0),
+                       still_held=lease.still_held if lease is not None else lambda: True)
+        except CheckpointError as exc:
+            commit_error = exc
+        except OSError as exc:
+            commit_error = _io_error(prefix, prefix + ".index", "commit failed writing", exc)
+        # A commit that failed before its commit point leaves no staged index: the staged data files go.  One
+        # that failed after it (the old index already removed) is rolled forward by the next recovery, which
+        # needs them.
+        discard = commit_error is not None and (self.remote or not os.path.exists(
+            index_filename(prefix) + STAGING + self.token))
+        if commit_error is not None:
+            log.error("%s: commit failed: %s", prefix, commit_error)
+            if discard:
+                _discard(self.staging)
+        self._release()
         self.timings["commit"] = time.perf_counter() - t
         t = time.perf_counter()
-        fault_point("before_barrier_committed", rank)
-        outcome = _gather_json(coord, {"error": commit_error}, "committed", wait)
+        fault_point("before_barrier_committed", 0)
+        outcome = {"error": _error_json(commit_error) if commit_error else None, "discard": discard}
+        s.broadcast("outcome", json.dumps(outcome).encode(), wait)
         self.timings["barrier_committed"] = time.perf_counter() - t
-        fault_point("after_barrier_committed", rank)
+        fault_point("after_barrier_committed", 0)
         try:
-            coord.release("done", wait)
+            s.gather("done", b"", wait)  # the others have read the outcome: this process may exit now
+            s.succeeded = True
         except CheckpointError as exc:  # the checkpoint is committed; a client vanished after learning it
             log.warning("%s: %s", prefix, exc)
-        if outcome[0]["error"]:
-            _discard(self.staging)
-            raise RemoteClientError(f"{prefix}: commit on client 0 failed: {outcome[0]['error']}")
+        if commit_error is not None:
+            raise commit_error
+        return self._result(written)
+
+    def _result(self, written: int) -> SaveResult:
+        size = self.coord.size
         self.timings["total"] = time.perf_counter() - self.t0
-        return SaveResult(prefix, [data_filename(prefix, rank, size)], written, size, self.timings)
+        return SaveResult(self.prefix, [data_filename(self.prefix, self.rank, size)], written, size, self.timings)
+
+
+def _verdict(prefix: str, mesh: Mesh, replies: list[dict], overwrite: bool, durable: bool,
+             lease_box: list[PrefixLease]) -> dict[str, object]:
+    """Client 0: may the save go ahead?  Checks every client's arguments, takes the prefix's lease, and cleans
+    up after an earlier save that did not finish (only ever with the lease held: no live save is touched)."""
+    failed = [(r, m["error"]) for r, m in enumerate(replies) if m.get("error")]
+    if failed:
+        r, report = failed[0]
+        return {"error": {"message": f"{prefix}: sharded_save: client {r} failed: {report['message']}",
+                          "type": "RemoteClientError"}}
+    mine = replies[0]["digest"]
+    for r, reply in enumerate(replies):
+        if reply["digest"] != mine:
+            aspects = sorted(k for k in mine if reply["digest"].get(k) != mine[k])
+            return {"error": {"message": f"{prefix}: sharded_save called with different {', '.join(aspects)} on "
+                              f"client {r} than on client 0; nothing was written", "type": "MismatchedCallError"}}
+    devices = [list(r["devices"]) for r in replies]
+    size = len(replies)
+    claimed: dict[int, int] = {}
+    for r, own in enumerate(devices):
+        for d in own:
+            if claimed.setdefault(d, r) != r:
+                return {"error": {"message": f"{prefix}: sharded_save: device {d} is claimed by clients "
+                                  f"{claimed[d]} and {r}", "type": "InvalidArgumentError"}}
+    # The usual layout (each client its contiguous block of the mesh) travels as a flag, not N lists.
+    blocks = all(own == list(mesh.client_devices(r, size)) for r, own in enumerate(devices))
+    token = secrets.token_hex(8)
+    remote = storage.is_remote(prefix)
+    try:
+        lease_box.append(PrefixLease.acquire(prefix, what="sharded_save", token=token))
+        actions = recover_remote(prefix) if remote else recover(prefix, durable=durable)
+        for action in actions:
+            log.warning("%s: %s (left by an earlier save that did not finish)", prefix, action)
+        exists = storage.exists(index_filename(prefix))
+        if exists and not overwrite:
+            raise CheckpointExistsError(f"{prefix}: a checkpoint already exists (pass overwrite=True to replace it)")
+        if exists and remote:
+            # No renames on an object store: the old index goes before any data object is replaced, so it
+            # never describes new data.
+            storage.delete(index_filename(prefix))
+    except CheckpointError as exc:
+        return {"error": _error_json(exc)}
+    except OSError as exc:
+        return {"error": _error_json(_io_error(prefix, prefix, "cleaning up an earlier save failed at", exc))}
+    return {"error": None, "token": token, "devices": None if blocks else devices}
 
 
 def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slices: Sequence[str],
-           tensors: Sequence[object], coord: Coordinator, wait: float, overwrite: bool, durable: bool) -> _Session:
-    """Check every client called alike, clean up after an earlier crash, and compute the plan."""
+           tensors: Sequence[object], coord: Coordinator, wait: float, overwrite: bool, durable: bool) -> _Save:
+    """Open the save's session: check every client called alike, take the prefix, compute this client's plan."""
     rank, size = coord.rank, coord.size
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
+    session = coord.session("save")
     local = mesh.local_devices(rank, size)
     directory = os.path.dirname(prefix)
     local_error: BaseException | None = None
@@ -330,51 +491,56 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     try:
         specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
         if directory and not storage.is_remote(prefix):
-            os.makedirs(directory, exist_ok=True)
+            try:
+                os.makedirs(directory, exist_ok=True)
+            except OSError as exc:
+                raise _io_error(prefix, directory, "cannot create the directory", exc) from exc
     except CheckpointError as exc:
         local_error = exc
-    payload: dict[str, object] = {
-        "digest": _describe(prefix, mesh, specs) if local_error is None else {},
-        "devices": list(local),
-        "error": str(local_error) if local_error else None,
-    }
-    remote = storage.is_remote(prefix)
-    if rank == 0:
-        if local_error is None:
-            try:
-                actions = recover_remote(prefix) if remote else recover(prefix, durable=durable)
-                for action in actions:
-                    log.warning("%s: %s (left by an earlier save that did not finish)", prefix, action)
-            except OSError as exc:
-                payload["error"] = f"cleaning up an earlier save failed: {exc}"
-        payload["token"] = secrets.token_hex(8)
-        payload["exists"] = storage.exists(index_filename(prefix))
-    replies = _gather_json(coord, payload, "agree", wait)
-    timings["agree"] = time.perf_counter() - t0
-    if local_error is not None:
-        raise local_error
-    _raise_remote(replies, rank, f"{prefix}: sharded_save")
-    mine = replies[rank]["digest"]
-    for r, reply in enumerate(replies):
-        if reply["digest"] != mine:
-            aspects = sorted(k for k in mine if reply["digest"].get(k) != mine[k])
-            raise MismatchedCallError(
-                f"{prefix}: sharded_save called with different {', '.join(aspects)} on client {r} "
-                f"than on client {rank}; nothing was written"
-            )
-    if replies[0]["exists"] and not overwrite:
-        raise CheckpointExistsError(f"{prefix}: a checkpoint already exists (pass overwrite=True to replace it)")
-    if replies[0]["exists"] and remote:
-        # No renames on an object store: the old index goes before any data object is replaced, so it
-        # never describes new data.  Everyone waits for that.
+    payload = {"digest": _describe(prefix, mesh, specs) if local_error is None else {},
+               "devices": list(local), "error": _error_json(local_error) if local_error else None}
+    lease_box: list[PrefixLease] = []
+    try:
         if rank == 0:
-            storage.delete(index_filename(prefix))
-        coord.barrier("cleared", wait)
+            try:
+                replies = session.gather("agree", json.dumps(payload).encode(), wait)
+                assert replies is not None
+                verdict = _verdict(prefix, mesh, [json.loads(b) for b in replies], overwrite, durable, lease_box)
+            except ClientTimeoutError as exc:
+                verdict = {"error": _error_json(ClientTimeoutError(f"{prefix}: sharded_save: {exc}"))}
+            session.broadcast("go", json.dumps(verdict).encode(), wait)
+        else:
+            session.gather("agree", json.dumps(payload).encode(), wait)
+            try:
+                verdict = json.loads(session.broadcast("go", None, answer_wait(wait)))
+            except ClientTimeoutError as exc:
+                # Tell client 0, should it come late, that this client is gone: it fails at once, not at its
+                # own timeout, and never commits (it needs this client's entries).
+                session.gather("written", _abandoned(exc), wait)
+                raise ClientTimeoutError(f"{prefix}: sharded_save: {exc}") from None
+        timings["agree"] = time.perf_counter() - t0
+        if local_error is not None:
+            raise local_error
+        if verdict["error"]:
+            raise _remote_error(verdict["error"])  # type: ignore[arg-type]
+    except BaseException:
+        for lease in lease_box:
+            lease.release()
+        session.close()
+        raise
     t = time.perf_counter()
-    items = [it for it in plan_save(specs, [r["devices"] for r in replies]) if it.client == rank]
+    devices = cast("list[Sequence[int]] | None", verdict["devices"]) or [mesh.client_devices(r, size)
+                                                                           for r in range(size)]
+    items = [it for it in plan_save(specs, devices) if it.client == rank]
     timings["plan"] = time.perf_counter() - t
-    return _Session(coord, wait, prefix, str(replies[0]["token"]), overwrite, durable, specs, dtensors, items,
-                    timings, t0)
+    return _Save(coord, session, wait, prefix, str(verdict["token"]), overwrite, durable, specs, dtensors, items,
+                 timings, t0, lease_box[0] if lease_box else None)
+
+
+def _abandoned(exc: BaseException) -> bytes:
+    header = json.dumps({"error": {"message": f"gave up: {exc}", "type": "ClientTimeoutError"}, "size": 0,
+                         "inode": 0}).encode()
+    return len(header).to_bytes(4, "little") + header
 
 
 class SaveFuture:
@@ -578,7 +744,7 @@ def sharded_save(
     session = _agree(mesh, os.fspath(file_prefix), tensor_names, shape_and_slices, tensors, coord, wait,
                      overwrite, durable)
     if blocking:
-        return session.finish(*session.write_blocking())
+        return session.finish(session.write_blocking())
     t = time.perf_counter()
     state = _async_state(coord)
     if not reuse_staging:
@@ -586,7 +752,7 @@ def sharded_save(
     staged = _StagedWrite(session, max_staging_bytes, state.pool if reuse_staging else None)
     staged.copy_all()
     session.timings["blocking_copy"] = time.perf_counter() - t
-    future = state.executor.submit(lambda: session.finish(*staged.complete()))
+    future = state.executor.submit(lambda: session.finish(staged.complete()))
     state.pending = future
     return SaveFuture(future, session.prefix, time.perf_counter() - session.t0)
 
@@ -594,7 +760,7 @@ def sharded_save(
 class _StagedWrite:
     """Copies a session's shards in waves (bounded memory) while a writer thread writes earlier waves."""
 
-    def __init__(self, session: _Session, cap: int | None, pool: _StagingPool | None) -> None:
+    def __init__(self, session: _Save, cap: int | None, pool: _StagingPool | None) -> None:
         self.session = session
         self.cap = cap
         self.pool = pool
@@ -661,8 +827,8 @@ class _StagedWrite:
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             self.error = exc
 
-    def complete(self) -> tuple[bytes, BaseException | None, int]:
-        """In the background: finish the writes, fsync, and hand the entries to `_Session.finish`."""
+    def complete(self) -> _Written:
+        """In the background: finish the writes, fsync, and hand the entries to `_Save.finish`."""
         s = self.session
         t = time.perf_counter()
         try:
@@ -673,9 +839,10 @@ class _StagedWrite:
             if self.fd is not None and s.durable:
                 os.fsync(self.fd)
             fault_point("after_data_fsync", s.rank)
-            return pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end
+            inode = os.fstat(self.fd).st_ino if self.fd is not None else 0
+            return _Written(pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end, inode)
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
-            return b"", exc, 0
+            return s.failed_write(exc)
         finally:
             if self.fd is not None:
                 os.close(self.fd)

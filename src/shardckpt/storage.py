@@ -286,3 +286,14 @@ class S3ParallelUpload:
             except Exception:  # noqa: BLE001 - best effort; the object never appeared
                 pass
             self.upload_id = None
+
+
+def size(path: str) -> int | None:
+    """The size in bytes of the file or object at ``path``, or None when there is none."""
+    try:
+        if is_remote(path):
+            fs, key = _fs(path)
+            return int(fs.info(key)["size"])
+        return os.stat(path).st_size
+    except FileNotFoundError:
+        return None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import sys
 
+from ..errors import EngineNotInitializedError
 from .base import Coordinator, KeyValueCoordinator, SingleClient, default_timeout
 from .launcher import ENV_ADDRESS, KVServer, LauncherCoordinator
 from .local import LocalCoordinator, LocalGroup
@@ -53,7 +54,31 @@ def _detect() -> Coordinator:
         from .mpi import MPICoordinator
 
         return MPICoordinator()
+    _refuse_split_job()
     return SingleClient()
+
+
+# Variables that launchers set when they start many processes of one job, and what to initialise then.
+_JOB_VARIABLES = (
+    ("WORLD_SIZE", "torch.distributed (torchrun)", "call torch.distributed.init_process_group() first"),
+    ("OMPI_COMM_WORLD_SIZE", "MPI (Open MPI)", "import mpi4py.MPI first (it initialises MPI)"),
+    ("PMI_SIZE", "MPI (MPICH/Hydra)", "import mpi4py.MPI first (it initialises MPI)"),
+    ("PMIX_SIZE", "MPI (PMIx)", "import mpi4py.MPI first (it initialises MPI)"),
+    ("JAX_NUM_PROCESSES", "JAX", "call jax.distributed.initialize() first"),
+    ("DTENSOR_NUM_CLIENTS", "TensorFlow DTensor", "import tensorflow and call dtensor.initialize_accelerator_system()"),
+)
+
+
+def _refuse_split_job() -> None:
+    """Several processes that each became "the only client" would each write a whole checkpoint to one prefix."""
+    for var, what, fix in _JOB_VARIABLES:
+        value = os.environ.get(var, "")
+        if value.strip().isdigit() and int(value) > 1:
+            raise EngineNotInitializedError(
+                f"this process is one of {int(value)} ({var}={value}, set by {what}) but no engine is initialised "
+                f"to reach the others: {fix}, or pass coordinator= explicitly "
+                "(shardckpt.coordination.SingleClient() if each process really saves on its own)"
+            )
 
 
 def resolve(coordinator: Coordinator | None) -> Coordinator:

@@ -1,58 +1,72 @@
 """The one small protocol every engine implements, and a generic version over a key-value store.
 
 A coordinator knows its client index (``rank``) and the client count (``size``)
-and offers one collective, `all_gather` of small byte strings, with a timeout;
-barriers are gathers of nothing.  Every collective is named and numbered, and
-all clients call them in the same order, so keys never collide.
+and opens `Session`s: the collectives of one operation, scoped so that nothing
+posted in one session is ever read in another (see `session.py`).  The plain
+`all_gather` and `barrier` are one-step sessions.
 """
 
 from __future__ import annotations
 
+import itertools
+import math
 import os
 import time
 from abc import ABC, abstractmethod
 
-from ..errors import ClientTimeoutError, CoordinationError
+from ..errors import ClientTimeoutError, InvalidArgumentError
+from .session import Session, TrivialSession
 
 DEFAULT_TIMEOUT = 300.0
 
 
+# The engines take a C int of milliseconds; longer waits (and ``inf``) are this long: about 24.8 days.
+MAX_TIMEOUT = (2**31 - 1) / 1000
+
+
 def default_timeout(timeout: float | None = None) -> float:
-    """``timeout`` if given, else ``SHARDCKPT_TIMEOUT`` from the environment, else 300 seconds."""
-    if timeout is not None:
-        return float(timeout)
-    env = os.environ.get("SHARDCKPT_TIMEOUT")
-    if env:
-        try:
-            return float(env)
-        except ValueError:
-            raise CoordinationError(f"SHARDCKPT_TIMEOUT={env!r} is not a number of seconds") from None
-    return DEFAULT_TIMEOUT
+    """``timeout`` if given, else ``SHARDCKPT_TIMEOUT`` from the environment, else 300 seconds.
+
+    ``inf`` and anything longer than `MAX_TIMEOUT` mean `MAX_TIMEOUT`; a negative or NaN timeout, or one that
+    is not a number, raises `InvalidArgumentError`.
+    """
+    source = "timeout"
+    if timeout is None:
+        env = os.environ.get("SHARDCKPT_TIMEOUT")
+        if not env:
+            return DEFAULT_TIMEOUT
+        source, timeout = "SHARDCKPT_TIMEOUT", env  # type: ignore[assignment]
+    try:
+        value = float(timeout)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise InvalidArgumentError(f"{source}={timeout!r} is not a number of seconds") from None
+    if math.isnan(value) or value < 0:
+        raise InvalidArgumentError(f"{source}={timeout!r}: a timeout is a number of seconds >= 0")
+    return min(value, MAX_TIMEOUT)
 
 
 class Coordinator(ABC):
-    """What a collective save needs from a cluster: who am I, how many are we, and gather bytes."""
+    """What a collective save needs from a cluster: who am I, how many are we, and sessions of collectives."""
 
     rank: int
     size: int
     engine: str = "?"
 
     @abstractmethod
+    def session(self, kind: str) -> Session:
+        """Open this client's next session; every client opens its sessions in the same order."""
+
     def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
-        """Every client's ``data``, by rank; raises `ClientTimeoutError` naming the missing clients."""
+        """Every client's ``data``, by rank; raises `ClientTimeoutError` naming the missing clients.
+
+        A session of its own: whatever happened to earlier ones, it pairs only with the same call elsewhere.
+        """
+        with self.session(name) as s:
+            return s.all_gather(data, timeout)
 
     def barrier(self, name: str, timeout: float) -> None:
         """Wait until every client reaches ``name`` (``timeout`` in seconds); raises `ClientTimeoutError` otherwise."""
         self.all_gather(b"", name, timeout)
-
-    def release(self, name: str, timeout: float) -> None:
-        """The last step of a collective operation: client 0 returns only after every other client has.
-
-        Engines whose store lives in client 0's process need this so client 0 does not exit while
-        others still read from it; the others do not wait.  A client that does not arrive is only
-        reported as a missing name in the raised `ClientTimeoutError` on client 0.
-        """
-        self.barrier(name, timeout)
 
     def close(self) -> None:  # noqa: B027 - most engines own nothing to release
         """Release what the coordinator created (never the user's own process group)."""
@@ -65,25 +79,39 @@ class SingleClient(Coordinator):
 
     def __init__(self) -> None:
         self.rank, self.size = 0, 1
+        self._sessions = itertools.count()
 
-    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
-        """``[data]``: there is no one else to wait for."""
-        return [data]
+    def session(self, kind: str) -> Session:
+        return TrivialSession(next(self._sessions), kind)
+
+
+def _missing_error(engine: str, missing: list[int], size: int, what: str, timeout: float, rank: int) -> str:
+    kind, _, step = what.rpartition("/")
+    where = f"'{step}' of {kind}" if kind else f"'{step}'"
+    return (f"{engine}: clients {missing} of {size} did not reach {where} within {timeout:g} s "
+            f"(this is client {rank})")
 
 
 class KeyValueCoordinator(Coordinator):
-    """All-gather over a key-value store with blocking gets: each client sets one key, reads the others.
+    """Sessions over a key-value store with blocking gets and an atomic create.
 
-    A client that does not post within the timeout is named in the error.  A
-    client deletes its key of collective *k-2* when it enters collective *k*: by
-    then every client has posted *k-1*, so every client has finished reading *k-2*.
+    Keys: ``<ns>/<session>/<step>/<rank>`` for a client's part of a gather (read and
+    then deleted by client 0), ``<ns>/<session>/<step>`` for client 0's broadcasts and
+    ``<ns>/<session>/decision`` for the decision.  Client 0 deletes a session's
+    broadcasts and decision once every client is known to be past it: when the
+    session itself says so (a save's last gather), or when a later session's gather
+    hears from every client.  Until then they stay (for at most `KEPT` sessions), so
+    a client that comes late reads at once how each session it missed ended and
+    catches up, instead of waiting out a timeout in every one.
     """
+
+    KEPT = 64
 
     def __init__(self, rank: int, size: int, namespace: str = "shardckpt") -> None:
         self.rank, self.size = rank, size
         self._namespace = namespace
-        self._seq = 0
-        self._posted: list[str] = []
+        self._sessions = 0
+        self._pending: list[tuple[int, list[str]]] = []  # client 0: broadcasts not known read by all, by session
 
     @abstractmethod
     def _set(self, key: str, value: bytes) -> None: ...
@@ -92,53 +120,80 @@ class KeyValueCoordinator(Coordinator):
     def _get(self, key: str, timeout: float) -> bytes | None:
         """The value, or None once ``timeout`` seconds pass without one."""
 
+    @abstractmethod
+    def _create(self, key: str, value: bytes) -> bytes:
+        """Store ``value`` under ``key`` unless the key exists, atomically; the value stored afterwards."""
+
+    def _get_many(self, keys: list[str], timeout: float) -> list[bytes | None]:
+        """Each key's value, waiting for all until one deadline; engines with a batched wait override this."""
+        deadline = time.monotonic() + timeout
+        return [self._get(k, max(0.0, deadline - time.monotonic())) for k in keys]
+
     def _delete(self, key: str) -> None:  # noqa: B027 - optional for stores that cannot delete
         pass
 
-    def release(self, name: str, timeout: float) -> None:
-        """Client 0 returns once every other client has arrived (or raises `ClientTimeoutError`); the others at once."""
-        seq = self._seq
-        self._seq += 1
-        base = f"{self._namespace}/{seq}/{name}"
-        if self.rank != 0:
-            self._set(f"{base}/{self.rank}", b"")  # client 0, its only reader, deletes it
-            return
-        deadline = time.monotonic() + timeout
-        missing = []
-        for r in range(1, self.size):
-            if self._get(f"{base}/{r}", max(0.0, deadline - time.monotonic())) is None:
-                missing.append(r)
-            else:
-                self._delete(f"{base}/{r}")
-        if missing:
-            raise ClientTimeoutError(
-                f"{self.engine}: clients {missing} of {self.size} did not reach '{name}' within {timeout:g} s"
-            )
+    def session(self, kind: str) -> Session:
+        number = self._sessions
+        self._sessions += 1
+        return _KVSession(self, number, kind)
 
-    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
-        """Every client's ``data``, by rank; raises `ClientTimeoutError` naming clients absent after ``timeout`` s."""
-        seq = self._seq
-        self._seq += 1
-        base = f"{self._namespace}/{seq}/{name}"
-        mine = f"{base}/{self.rank}"
-        self._set(mine, data)
-        self._posted.append(mine)
-        if len(self._posted) > 2:
-            self._delete(self._posted.pop(0))
-        deadline = time.monotonic() + timeout
-        out: list[bytes | None] = [None] * self.size
-        out[self.rank] = data
-        missing = []
-        for r in range(self.size):
-            if r == self.rank:
-                continue
-            value = self._get(f"{base}/{r}", max(0.0, deadline - time.monotonic()))
-            if value is None:
-                missing.append(r)
-            out[r] = value
+
+class _KVSession(Session):
+    def __init__(self, coord: KeyValueCoordinator, number: int, kind: str) -> None:
+        self._c = coord
+        self.rank, self.size, self.number, self.kind = coord.rank, coord.size, number, kind
+        self._base = f"{coord._namespace}/{number}"
+        self._broadcasts: list[str] = []
+        self.succeeded = False  # set by the operation once every client has its outcome
+
+    def gather(self, step: str, data: bytes, timeout: float) -> list[bytes] | None:
+        c = self._c
+        if self.rank != 0:
+            c._set(f"{self._base}/{step}/{self.rank}", data)
+            return None
+        others = [f"{self._base}/{step}/{r}" for r in range(1, self.size)]
+        values = c._get_many(others, timeout) if others else []
+        for key, value in zip(others, values):
+            if value is not None:
+                c._delete(key)
+        missing = [r for r, v in enumerate(values, start=1) if v is None]
         if missing:
-            raise ClientTimeoutError(
-                f"{self.engine}: clients {missing} of {self.size} did not reach '{name}' within {timeout:g} s "
-                f"(this is client {self.rank})"
-            )
-        return [v if v is not None else b"" for v in out]
+            raise ClientTimeoutError(_missing_error(c.engine, missing, self.size, f"{self.kind}/{step}", timeout, 0))
+        # Every client posted in this session, so every client is done with the earlier ones.
+        while c._pending and c._pending[0][0] < self.number:
+            for key in c._pending.pop(0)[1]:
+                c._delete(key)
+        return [data] + [v for v in values if v is not None]
+
+    def broadcast(self, step: str, data: bytes | None, timeout: float) -> bytes:
+        c = self._c
+        key = f"{self._base}/{step}"
+        if self.rank == 0:
+            assert data is not None
+            c._set(key, data)
+            self._broadcasts.append(key)
+            return data
+        value = c._get(key, timeout)
+        if value is None:
+            raise ClientTimeoutError(_missing_error(c.engine, [0], self.size, f"{self.kind}/{step}", timeout,
+                                                    self.rank))
+        return value
+
+    def decide(self, value: bytes, timeout: float) -> bytes | None:
+        key = f"{self._base}/decision"
+        if self.rank == 0:
+            self._broadcasts.append(key)
+        return self._c._create(key, value)
+
+    def close(self) -> None:
+        if self.rank != 0:
+            return
+        c = self._c
+        if self.succeeded:
+            for key in self._broadcasts:
+                c._delete(key)
+            return
+        c._pending.append((self.number, self._broadcasts))
+        while len(c._pending) > c.KEPT:
+            for key in c._pending.pop(0)[1]:
+                c._delete(key)

@@ -61,6 +61,19 @@ class JaxCoordinator(KeyValueCoordinator):
                 exc) == "ALREADY_EXISTS" else ""
             raise CoordinationError(f"{self.engine}: cannot set key {key!r}: {exc}{hint}") from None
 
+    def _create(self, key: str, value: bytes) -> bytes:
+        # The service refuses to overwrite (allow_overwrite=False): setting is an atomic create.
+        try:
+            self._client.key_value_set_bytes(key, value)
+            return value
+        except RuntimeError as exc:
+            if _status(exc) != "ALREADY_EXISTS":
+                raise CoordinationError(f"{self.engine}: cannot create key {key!r}: {exc}") from None
+        try:
+            return bytes(self._client.key_value_try_get_bytes(key))
+        except RuntimeError as exc:
+            raise CoordinationError(f"{self.engine}: cannot get key {key!r}: {exc}") from None
+
     def _get(self, key: str, timeout: float) -> bytes | None:
         ms = min(int(timeout * 1000), _MAX_MS)
         try:

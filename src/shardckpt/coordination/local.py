@@ -20,10 +20,15 @@ class LocalGroup:
         self.size = size
         self._data: dict[str, bytes] = {}
         self._cond = threading.Condition()
+        self._clients: dict[int, LocalCoordinator] = {}
 
     def coordinator(self, rank: int) -> LocalCoordinator:
-        """Client ``rank``'s coordinator."""
-        return LocalCoordinator(self, rank)
+        """Client ``rank``'s coordinator: the same one each time, as a process keeps one per engine (it numbers
+        the client's sessions, so a second one would reuse the first one's session numbers)."""
+        with self._cond:
+            if rank not in self._clients:
+                self._clients[rank] = LocalCoordinator(self, rank)
+            return self._clients[rank]
 
     def set(self, key: str, value: bytes) -> None:
         """Store ``value`` under ``key`` and wake every client waiting for it."""
@@ -42,6 +47,13 @@ class LocalGroup:
                 self._cond.wait(left)
             return self._data[key]
 
+    def create(self, key: str, value: bytes) -> bytes:
+        """Store ``value`` under ``key`` unless it is there; the value stored afterwards."""
+        with self._cond:
+            stored = self._data.setdefault(key, value)
+            self._cond.notify_all()
+            return stored
+
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
         with self._cond:
@@ -56,6 +68,7 @@ class LocalGroup:
 
 class LocalCoordinator(KeyValueCoordinator):
     """Client ``rank`` of a `LocalGroup`: a key-value coordinator over its shared dictionary."""
+
     engine = "in-process"
 
     def __init__(self, group: LocalGroup, rank: int) -> None:
@@ -67,6 +80,9 @@ class LocalCoordinator(KeyValueCoordinator):
 
     def _get(self, key: str, timeout: float) -> bytes | None:
         return self._group.get(key, timeout)
+
+    def _create(self, key: str, value: bytes) -> bytes:
+        return self._group.create(key, value)
 
     def _delete(self, key: str) -> None:
         self._group.delete(key)

@@ -1,15 +1,15 @@
-"""MPI (mpi4py) as an engine: all-gathers from nonblocking point-to-point messages, no pickle.
+"""MPI (mpi4py) as an engine: session collectives from nonblocking point-to-point messages, no pickle.
 
-Every collective sends each other rank one message, ``instance | seq | payload``, with
-``Isend`` from a numpy uint8 buffer, and receives the others' by polling
-``Improbe`` (then ``Imrecv`` into a buffer of the probed size) until the deadline.
-Ranks whose message has not arrived by then are named in a `ClientTimeoutError`.
-The tag cycles with the collective's sequence number and the receiver checks the
-header (which coordinator, which collective), so a late message of an abandoned
-collective is recognised and dropped, never taken for a newer one.  Sends still pending when a collective
-ends (a timeout, or a slow peer) stay posted, as a key stays in a key-value
-store: a late rank still receives them; their buffers are kept alive until they
-complete, and `close` cancels what is left.
+Each step of a session (`MessageSession`: gather to client 0, broadcast from it,
+client 0's decision) sends one message, ``instance | seq | payload``, with ``Isend``
+from a numpy uint8 buffer, and receives by polling ``Improbe`` (then ``Irecv`` into a
+buffer of the probed size) until the deadline.  Ranks whose message has not
+arrived by then are named in a `ClientTimeoutError`.  ``seq`` numbers the session
+and the step; the tag cycles with it and the receiver checks the header (which
+coordinator, which session and step), so a late message of an abandoned session
+is recognised and dropped, never taken for a newer one.  Sends are never waited
+for: they stay posted, as a key stays in a key-value store, their buffers kept
+alive until they complete, and `close` cancels what is left.
 
 MPI collectives are not used: they cannot time out, so one absent rank would
 hang every other one.
@@ -22,9 +22,10 @@ import time
 from typing import Any
 
 from ..errors import ClientTimeoutError, CoordinationError
-from .base import Coordinator
+from .base import Coordinator, _missing_error
+from .session import MessageSession, Session
 
-_HEADER = struct.Struct("<QQ")  # (coordinator instance on this communicator, collective seq)
+_HEADER = struct.Struct("<QQ")  # (coordinator instance on this communicator, session * steps + step)
 _TAG_SPAN = 1 << 14  # distinct tags cycled through; the seq header disambiguates the wrap-around
 _MIN_LOOK = 0.01  # even a timeout of 0 polls this long: MPI moves a message only while it is polled
 _instances: dict[int, int] = {}  # coordinators made so far, by communicator handle
@@ -57,7 +58,7 @@ class MPICoordinator(Coordinator):
         tag_ub = int(tag_ub) if tag_ub else 32767
         self._tag_top = tag_ub
         self._tag_span = min(_TAG_SPAN, tag_ub // 2)
-        self._seq = 0
+        self._sessions = 0
         # Every rank makes its coordinators on a communicator in the same order, so they number them alike;
         # the number goes into each message, so a coordinator never takes another's late message.
         key = self._comm.py2f()
@@ -79,33 +80,33 @@ class MPICoordinator(Coordinator):
                 alive.append((req, buf))
         self._orphans = alive
 
-    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
-        """Every rank's ``data``, by rank.
+    def session(self, kind: str) -> Session:
+        """This rank's next session; its steps travel as messages numbered by session and step."""
+        self._sessions += 1
+        return MessageSession(self, self.rank, self.size, self._sessions - 1, kind)
 
-        Raises `ClientTimeoutError` naming the ranks not heard from within ``timeout`` seconds, and
-        `CoordinationError` when MPI itself fails.
+    def _exchange(self, send_to: list[int], data: bytes | None, sources: list[int], seq: int, name: str,
+                  timeout: float, partial: bool = False) -> dict[int, bytes]:
+        """Send ``data`` to ``send_to`` (not waiting for delivery) and receive collective ``seq`` from ``sources``.
+
+        Raises `ClientTimeoutError` naming the sources not heard from within ``timeout`` seconds (unless
+        ``partial``), and `CoordinationError` when MPI itself fails.
         """
         MPI, np, comm = self._MPI, self._np, self._comm
-        seq = self._seq
-        self._seq += 1
         self._reap_orphans()
-        if self.size == 1:
-            return [data]
         tag = self._tag(seq)
         start = time.monotonic()
         deadline = start + timeout
         grace = max(timeout, 30.0)
-        out: list[bytes | None] = [None] * self.size
-        out[self.rank] = data
-        message = np.frombuffer(_HEADER.pack(self._instance, seq) + data, dtype=np.uint8)
-        sends: list[tuple[int, Any]] = []
+        out: dict[int, bytes] = {}
+        message = np.frombuffer(_HEADER.pack(self._instance, seq) + (data or b""), dtype=np.uint8)
         receiving: dict[int, tuple[Any, Any]] = {}  # rank -> (request, buffer) of a matched message
-        waiting = [r for r in range(self.size) if r != self.rank]
+        waiting = list(sources)
         try:
-            for r in waiting:
-                sends.append((r, comm.Isend([message, MPI.BYTE], dest=r, tag=tag)))
+            # Sends complete in the background (kept alive until then): the receiver may come later.
+            self._keep([(r, comm.Isend([message, MPI.BYTE], dest=r, tag=tag)) for r in send_to], message)
             pause, idle = 0.0002, 0
-            while True:
+            while waiting:
                 progressed = False
                 for r in waiting:
                     if r in receiving:
@@ -123,13 +124,10 @@ class MPICoordinator(Coordinator):
                     progressed = True
                     raw = buf.tobytes()
                     if len(raw) < _HEADER.size or _HEADER.unpack_from(raw) != (self._instance, seq):
-                        continue  # a late message of an older collective that shared this tag: drop it
+                        continue  # a message of a long-gone session that shared this tag: drop it
                     out[r] = raw[_HEADER.size :]
                     waiting.remove(r)
-                sends = [(r, req) for r, req in sends if not req.Test()]
-                # Done when every message is in and ours are delivered (a large one needs our progress).
-                if not waiting and not sends:
-                    break
+                self._reap_orphans()
                 now = time.monotonic()
                 # Past the deadline, stop once a few passes bring nothing new (MPI moves messages only while
                 # polled, so even a timeout of 0 takes what has arrived), but finish receiving a matched
@@ -144,18 +142,13 @@ class MPICoordinator(Coordinator):
                     time.sleep(pause if now < deadline else 0.001)
                     pause = min(pause * 2, 0.005)
         except MPI.Exception as exc:
-            self._keep(sends, message, receiving)
+            self._keep([], message, receiving)
             raise CoordinationError(f"{self.engine}: '{name}' failed on client {self.rank}: {exc}") from None
         if waiting:
-            self._keep(sends, message, receiving)
-            raise ClientTimeoutError(
-                f"{self.engine}: clients {waiting} of {self.size} did not reach '{name}' within {timeout:g} s "
-                f"(this is client {self.rank})"
-            )
-        # Every peer's message arrived, so every peer is in this collective and will receive ours:
-        # sends still pending (a large message, a slow peer) finish in the background.
-        self._keep(sends, message)
-        return [v if v is not None else b"" for v in out]
+            self._keep([], message, receiving)
+            if not partial:
+                raise ClientTimeoutError(_missing_error(self.engine, waiting, self.size, name, timeout, self.rank))
+        return out
 
     def _keep(self, sends: list[tuple[int, Any]], buffer: Any,
               receiving: dict[int, tuple[Any, Any]] | None = None) -> None:

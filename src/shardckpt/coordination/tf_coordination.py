@@ -53,6 +53,20 @@ class TFCoordinator(KeyValueCoordinator):
                     if isinstance(exc, self._errors.AlreadyExistsError) else "")
             raise CoordinationError(f"{self.engine}: cannot set key {key!r}: {exc.message}{hint}") from None
 
+    def _create(self, key: str, value: bytes) -> bytes:
+        # The service refuses to set an existing key: setting is an atomic create.
+        try:
+            self._ctx.set_config_key_value(key, _MARK + base64.b64encode(value).decode("ascii"))
+            return value
+        except self._errors.AlreadyExistsError:
+            pass
+        except self._errors.OpError as exc:
+            raise CoordinationError(f"{self.engine}: cannot create key {key!r}: {exc.message}") from None
+        got = self._get(key, 1.0)
+        if got is None:
+            raise CoordinationError(f"{self.engine}: key {key!r} exists but cannot be read")
+        return got
+
     def _get(self, key: str, timeout: float) -> bytes | None:
         ms = min(max(1, int(timeout * 1000)), _MAX_MS)
         try:

@@ -21,7 +21,8 @@ from datetime import timedelta
 from typing import Any
 
 from ..errors import ClientTimeoutError, CoordinationError
-from .base import Coordinator, KeyValueCoordinator
+from .base import Coordinator, KeyValueCoordinator, _missing_error
+from .session import MessageSession, Session
 
 
 def _dist() -> Any:
@@ -77,9 +78,9 @@ class TorchCoordinator(Coordinator):
         )
         self.transport = "store" if store is not None else "tensor"
 
-    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
-        """Every rank's ``data``, by rank, over the chosen transport; raises `ClientTimeoutError` naming the absent."""
-        return self._impl.all_gather(data, name, timeout)
+    def session(self, kind: str) -> Session:
+        """This rank's next session over the chosen transport."""
+        return self._impl.session(kind)
 
     def close(self) -> None:
         """Delete the keys left in the store, or destroy the gloo group made here; never the user's own group."""
@@ -123,16 +124,28 @@ class _StoreCoordinator(KeyValueCoordinator):
             raise CoordinationError(f"torch.distributed: c10d store failed waiting for {key}: {exc}") from None
         return bytes(self._call(lambda: self._store.get(key), f"get {key}"))
 
+    def _create(self, key: str, value: bytes) -> bytes:
+        # compare_set with an empty expected value creates the key only if it is absent, atomically in the
+        # store's server, and returns what the key holds afterwards.
+        return bytes(self._call(lambda: self._store.compare_set(key, "", value), f"create {key}"))
+
+    def _get_many(self, keys: list[str], timeout: float) -> list[bytes | None]:
+        # One wait for all keys and one multi_get when they are all there (the usual case): 2 round trips
+        # instead of 2 per key.  On a timeout, fall back to finding out which are missing.
+        if timeout >= 0.001:
+            try:
+                self._store.wait(keys, timedelta(seconds=timeout))
+            except self._dist.DistNetworkError as exc:
+                raise CoordinationError(f"torch.distributed: lost the c10d store waiting: {exc}") from None
+            except RuntimeError as exc:
+                if "timeout" not in str(exc).lower() and "timed out" not in str(exc).lower():
+                    raise CoordinationError(f"torch.distributed: c10d store failed waiting: {exc}") from None
+            else:
+                return [bytes(v) for v in self._call(lambda: self._store.multi_get(keys), "multi_get")]
+        return [self._get(k, 0) for k in keys]
+
     def _delete(self, key: str) -> None:
         self._call(lambda: self._store.delete_key(key), f"delete {key}")
-
-    def close(self) -> None:
-        for key in self._posted:
-            try:
-                self._store.delete_key(key)
-            except RuntimeError:
-                pass
-        self._posted.clear()
 
 
 _TAG_BASE = 1 << 20
@@ -142,7 +155,8 @@ _TAG_SPAN = 1 << 26
 class _TensorCoordinator(Coordinator):
     """The fallback: point-to-point gloo messages, lengths then payloads, each receive waited with a deadline.
 
-    A receive that does not complete by the deadline names its sender.  After a
+    A receive that does not complete by the deadline names its sender.  Sessions are `MessageSession`s;
+    their decision lives with client 0.  After a
     timeout gloo closes the pairs of the late ranks, so the group should be
     re-initialised (as after any failed gloo collective).
     """
@@ -155,7 +169,8 @@ class _TensorCoordinator(Coordinator):
         self._torch = torch
         self._dist = dist
         self.rank, self.size = rank, size
-        self._seq = 0
+        self._sessions = 0
+        self._sends: list[tuple[Any, Any]] = []  # (work, tensor) of sends not yet delivered
         if str(dist.get_backend(group)).lower() == "gloo":
             self._gloo, self._own = group, False
         else:
@@ -164,11 +179,11 @@ class _TensorCoordinator(Coordinator):
         whole = self._gloo is None or self._gloo is dist.GroupMember.WORLD
         self._global = list(range(size)) if whole else [dist.get_global_rank(self._gloo, r) for r in range(size)]
 
-    def _exchange(self, tensors: dict[int, Any], mine: Any, tag: int, deadline: float) -> list[int]:
-        """Send ``mine`` to every other rank and receive into ``tensors``; the ranks not heard from by the deadline."""
-        dist, group = self._dist, self._gloo
-        sends = [dist.isend(mine, dst=self._global[r], group=group, tag=tag) for r in tensors]
-        recvs = {r: dist.irecv(t, src=self._global[r], group=group, tag=tag) for r, t in tensors.items()}
+    def session(self, kind: str) -> Session:
+        self._sessions += 1
+        return MessageSession(self, self.rank, self.size, self._sessions - 1, kind)
+
+    def _wait(self, recvs: dict[int, Any], deadline: float) -> list[int]:
         missing = []
         for r, work in recvs.items():
             try:
@@ -177,43 +192,42 @@ class _TensorCoordinator(Coordinator):
                 if "timed out" not in str(exc).lower() and "timeout" not in str(exc).lower():
                     raise
                 missing.append(r)
-        if not missing:
-            for work in sends:
-                work.wait(timeout=timedelta(seconds=max(0.001, deadline - time.monotonic())))
         return missing
 
-    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
-        torch = self._torch
-        seq = self._seq
-        self._seq += 1
-        if self.size == 1:
-            return [data]
+    def _exchange(self, send_to: list[int], data: bytes | None, sources: list[int], seq: int, name: str,
+                  timeout: float, partial: bool = False) -> dict[int, bytes]:
+        """Lengths, then payloads (at least one byte: gloo sends no empty tensors); sends are not waited for."""
+        torch, dist, group = self._torch, self._dist, self._gloo
         tag = _TAG_BASE + (2 * seq) % _TAG_SPAN
         deadline = time.monotonic() + timeout
-        others = [r for r in range(self.size) if r != self.rank]
         try:
-            lengths = {r: torch.zeros(1, dtype=torch.int64) for r in others}
-            missing = self._exchange(lengths, torch.tensor([len(data)], dtype=torch.int64), tag, deadline)
-            if missing:
-                raise ClientTimeoutError(
-                    f"{self.engine}: clients {missing} of {self.size} did not reach '{name}' within {timeout:g} s "
-                    f"(this is client {self.rank})"
-                )
-            # Every peer is here: the payloads (at least one byte: gloo sends no empty tensors).
-            mine = torch.frombuffer(bytearray(data or b"\0"), dtype=torch.uint8)
-            bodies = {r: torch.empty(max(int(lengths[r].item()), 1), dtype=torch.uint8) for r in others}
-            missing = self._exchange(bodies, mine, tag + 1, max(deadline, time.monotonic() + 30))
-            if missing:
+            if send_to:
+                payload = data or b""
+                length = torch.tensor([len(payload)], dtype=torch.int64)
+                body = torch.frombuffer(bytearray(payload or b"\0"), dtype=torch.uint8)
+                for r in send_to:
+                    self._sends.append((dist.isend(length, dst=self._global[r], group=group, tag=tag), length))
+                    self._sends.append((dist.isend(body, dst=self._global[r], group=group, tag=tag + 1), body))
+                self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
+            if not sources:
+                return {}
+            lengths = {r: torch.zeros(1, dtype=torch.int64) for r in sources}
+            recvs = {r: dist.irecv(t, src=self._global[r], group=group, tag=tag) for r, t in lengths.items()}
+            missing = self._wait(recvs, deadline)
+            if missing and not partial:
+                raise ClientTimeoutError(_missing_error(self.engine, missing, self.size, name, timeout, self.rank))
+            here = [r for r in sources if r not in missing]
+            bodies = {r: torch.empty(max(int(lengths[r].item()), 1), dtype=torch.uint8) for r in here}
+            recvs = {r: dist.irecv(t, src=self._global[r], group=group, tag=tag + 1) for r, t in bodies.items()}
+            stalled = self._wait(recvs, max(deadline, time.monotonic() + 30))
+            if stalled:
                 raise CoordinationError(
-                    f"{self.engine}: clients {missing} stopped sending in the middle of '{name}' (this is client "
+                    f"{self.engine}: clients {stalled} stopped sending in the middle of '{name}' (this is client "
                     f"{self.rank})"
                 )
         except RuntimeError as exc:
             raise CoordinationError(f"{self.engine}: '{name}' failed on client {self.rank}: {exc}") from None
-        out = [data] * self.size
-        for r in others:
-            out[r] = bodies[r].numpy().tobytes()[: int(lengths[r].item())]
-        return out
+        return {r: bodies[r].numpy().tobytes()[: int(lengths[r].item())] for r in here}
 
     def close(self) -> None:
         if self._own:
