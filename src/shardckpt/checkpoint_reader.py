@@ -16,6 +16,7 @@ import numpy as np
 from .errors import CheckpointNotFoundError
 from .format.dtypes import to_numpy
 from .format.reader import BundleReader
+from .storage import read_regular
 
 _STATE_LINE = re.compile(r'^model_checkpoint_path:\s*"((?:[^"\\]|\\.)*)"\s*$', re.MULTILINE)
 
@@ -30,9 +31,9 @@ def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:
     """The prefix named by ``directory/checkpoint`` (TensorFlow's state file), or None."""
     path = os.path.join(os.fspath(directory), "checkpoint")
     try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
+        # A regular file only, read up to its size: a FIFO there must not hang the caller.
+        text = read_regular(path)[0].decode("utf-8")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, UnicodeDecodeError):
         return None
     match = _STATE_LINE.search(text)
     if match is None:

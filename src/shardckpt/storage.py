@@ -5,17 +5,22 @@ reads into caller buffers (data files: ``preadv`` locally, ranged GETs remotely)
 write a whole small file atomically, stream a large file, list, delete.  Remote
 stores have no rename, so the commit protocol takes its object-store form there
 (`commit.py`).  fsspec is imported only for URLs.
+
+Local files are read only if they are regular files (symlinks to them are fine):
+a FIFO, device or socket is refused with `NotARegularFileError` before any open
+that could block, and no read goes past the size ``fstat`` reports.
 """
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import stat
 from collections.abc import Iterator
 from typing import Any, Protocol
 
-from .errors import CheckpointNotFoundError, TruncatedFileError
+from .errors import CheckpointNotFoundError, NotARegularFileError, TruncatedFileError
 
 Identity = tuple[object, ...]
 
@@ -49,17 +54,68 @@ class RandomAccess(Protocol):
         """Release the file."""
 
 
+_KINDS = ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+          (stat.S_ISSOCK, "a socket"))
+
+
+def _check_regular(path: str, st: os.stat_result) -> None:
+    """Raise unless ``st`` is a regular file: `IsADirectoryError` for a directory (callers treat it as no
+    file), `NotARegularFileError` for anything else."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return
+    if stat.S_ISDIR(mode):
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), path)
+    kind = next((name for test, name in _KINDS if test(mode)), f"a special file (mode {mode:o})")
+    raise NotARegularFileError(f"{path} is {kind}, not a regular file; it is not read")
+
+
+def open_regular(path: str) -> tuple[int, os.stat_result]:
+    """A read-only descriptor of the regular local file at ``path`` and its ``fstat``.
+
+    The type is checked before opening (a FIFO's open would wait for a writer, a device's has effects)
+    and again on the descriptor, opened non-blocking, in case the name was replaced in between.
+    Raises `NotARegularFileError`, `IsADirectoryError`, or the `OSError` of ``stat``/``open``.
+    """
+    _check_regular(path, os.stat(path))
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    try:
+        st = os.fstat(fd)
+        _check_regular(path, st)
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, st
+
+
+def read_regular(path: str) -> tuple[bytes, os.stat_result]:
+    """The bytes of the regular local file at ``path``: exactly the ``st_size`` bytes ``fstat`` reports,
+    never "until end of file" (`TruncatedFileError` if it ends sooner), and its ``fstat``."""
+    fd, st = open_regular(path)
+    try:
+        parts, pos = [], 0
+        while pos < st.st_size:
+            part = os.pread(fd, min(st.st_size - pos, 1 << 30), pos)
+            if not part:
+                raise TruncatedFileError(f"{path}: ended at {pos} of its {st.st_size} bytes while reading")
+            parts.append(part)
+            pos += len(part)
+    finally:
+        os.close(fd)
+    return (parts[0] if len(parts) == 1 else b"".join(parts)), st
+
+
 class LocalFile:
-    """A local data file read with ``preadv``; raises `CheckpointNotFoundError` if missing or not a regular file."""
+    """A local data file read with ``preadv``; raises `CheckpointNotFoundError` if missing or a directory,
+    `NotARegularFileError` if it is a FIFO, device or socket."""
     def __init__(self, path: str) -> None:
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            fd, st = open_regular(path)
         except (FileNotFoundError, NotADirectoryError):
             raise CheckpointNotFoundError(f"data file {path} is missing") from None
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            raise CheckpointNotFoundError(f"data file {path} is not a regular file")
+        except IsADirectoryError:
+            raise CheckpointNotFoundError(f"data file {path} is a directory, not a regular file") from None
         self.fd, self.size, self.path = fd, st.st_size, path
 
     def read_into(self, views: list[memoryview], offset: int) -> None:
@@ -132,7 +188,8 @@ def open_random(path: str) -> RandomAccess:
 
 
 def read_small(path: str) -> tuple[bytes, Identity]:
-    """A whole (small) file and an identity that changes when the file is replaced."""
+    """A whole (small) file and an identity that changes when the file is replaced (local: a regular file,
+    read up to its ``fstat`` size; see `read_regular`)."""
     if is_remote(path):
         fs, key = _fs(path)
         try:
@@ -141,9 +198,7 @@ def read_small(path: str) -> tuple[bytes, Identity]:
         except FileNotFoundError:
             raise FileNotFoundError(path) from None
         return data, (info.get("ETag") or info.get("etag"), info.get("size"))
-    with open(path, "rb") as f:
-        data = f.read()
-        st = os.fstat(f.fileno())
+    data, st = read_regular(path)
     return data, (st.st_dev, st.st_ino, st.st_mtime_ns)
 
 

@@ -8,6 +8,12 @@ Layout (every block kind: data, index, metaindex)::
 Invariant: every ``restart_interval``-th entry (counted from 0 in the block) stores
 its whole key (``shared == 0``) and is listed in the restart array, so a reader can
 binary-search the restarts and then scan at most ``restart_interval`` entries.
+
+A parsed `Block` has been walked once, whole: keys strictly increasing, restart
+offsets exactly at entries that share nothing, and at most `MAX_RESTART_INTERVAL`
+entries per restart.  The last rule bounds the key bytes a block expands to (each
+key is at most the bytes of its run) at 16 times its size; without it one restart
+and n one-byte suffixes make n keys of up to n bytes each.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ from collections.abc import Iterator
 
 from ..errors import CorruptCheckpointError
 from .coding import decode_varint, encode_varint
+
+# TF writes data blocks with a restart every 16 entries and index blocks with one at every entry.
+MAX_RESTART_INTERVAL = 16
 
 
 def common_prefix_length(a: bytes, b: bytes) -> int:
@@ -92,7 +101,7 @@ class BlockBuilder:
 class Block:
     """A parsed view over one block's bytes (already checksum-verified by the table)."""
 
-    __slots__ = ("_data", "_restarts_at", "_num_restarts", "_where")
+    __slots__ = ("_data", "_restarts_at", "_num_restarts", "_where", "first_key", "last_key")
 
     def __init__(self, data: bytes, where: str) -> None:
         self._data = data
@@ -105,6 +114,54 @@ class Block:
             raise CorruptCheckpointError(f"{where}: bad restart count {n} in a block of {size} bytes")
         self._num_restarts = n
         self._restarts_at = size - 4 * (n + 1)
+        self.first_key: bytes | None = None
+        self.last_key: bytes | None = None
+        self._check()
+
+    def _check(self) -> None:
+        """Walk every entry once (see the module docstring for the rules); sets `first_key` and `last_key`."""
+        n, limit, where = self._num_restarts, self._restarts_at, self._where
+        restarts = struct.unpack_from(f"<{n}I", self._data, limit)
+        if restarts[0] != 0:
+            raise CorruptCheckpointError(f"{where}: first restart offset is {restarts[0]}, not 0")
+        if limit == 0:  # the empty block: no entry, one restart at 0
+            if n != 1:
+                raise CorruptCheckpointError(f"{where}: {n} restarts in a block without entries")
+            return
+        data = self._data
+        pos, key, r, run, due = 0, b"", 0, 0, 0  # due: offset of the next restart not yet reached
+        while pos < limit:
+            if pos == due:
+                r, run, prev = r + 1, 1, b""  # a restart entry shares nothing
+                due = restarts[r] if r < n else limit
+            else:
+                if due < pos:
+                    raise CorruptCheckpointError(f"{where}: restart offset {due} is not at an entry")
+                run += 1
+                if run > MAX_RESTART_INTERVAL:
+                    raise CorruptCheckpointError(
+                        f"{where}: more than {MAX_RESTART_INTERVAL} entries after the restart at offset "
+                        f"{restarts[r - 1]}")
+                prev = key
+            # The common one-byte header inline (this walk is most of the cost of loading a block).
+            if pos + 3 <= limit and data[pos] < 0x80 and data[pos + 1] < 0x80 and data[pos + 2] < 0x80:
+                shared, start = data[pos], pos + 3
+                stop = start + data[pos + 1]
+                if shared <= len(prev) and stop + data[pos + 2] <= limit:
+                    new = prev[:shared] + data[start:stop] if shared else data[start:stop]
+                    pos = stop + data[pos + 2]
+                else:
+                    new, _, _, pos = self._entry(pos, prev)  # raises, naming the fault
+            else:
+                new, _, _, pos = self._entry(pos, prev)
+            if self.first_key is None:
+                self.first_key = new
+            elif new <= key:
+                raise CorruptCheckpointError(f"{where}: keys out of order: {new[:64]!r} after {key[:64]!r}")
+            key = new
+        if r != n:
+            raise CorruptCheckpointError(f"{where}: restart offset {restarts[r]} is not at an entry")
+        self.last_key = key
 
     def _restart(self, i: int) -> int:
         (off,) = struct.unpack_from("<I", self._data, self._restarts_at + 4 * i)
@@ -122,7 +179,11 @@ class Block:
             shared, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
             non_shared, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
             value_len, pos = decode_varint(data, pos, limit, f"{self._where}: entry header")
-        if shared > len(prev_key) or non_shared + value_len > limit - pos:
+        if shared > len(prev_key):
+            raise CorruptCheckpointError(
+                f"{self._where}: entry at offset {pos} shares {shared} bytes with a key of {len(prev_key)}"
+            )
+        if non_shared + value_len > limit - pos:
             raise CorruptCheckpointError(f"{self._where}: entry at offset {pos} runs past the block")
         key_end = pos + non_shared
         key = prev_key[:shared] + data[pos:key_end] if shared else data[pos:key_end]

@@ -8,6 +8,8 @@ and byte-exactness with TensorFlow needs the difference.
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -131,6 +133,71 @@ def intersect_bounds(
             return None
         out.append((lo, hi))
     return tuple(out)
+
+
+Box = tuple[tuple[int, int], ...]
+
+
+def find_overlap(boxes: Sequence[Box]) -> tuple[Box, Box] | None:
+    """Two of ``boxes`` (half-open, one rank) that share an element, or None when they are pairwise disjoint.
+
+    Dims on which every box has the same extent cannot tell any two apart, so only the others count.
+    With one such dim, sorted neighbours are the only candidates; with two, a sweep along one keeps the
+    boxes crossing the sweep line ordered along the other (they must be disjoint there) and checks a new
+    box against its two neighbours only: O(n log n) either way, the layouts checkpoints use (row, column
+    or 2-D grid partitions of any rank).  With more, each box is compared with every box crossing the
+    sweep line of the dim with the most distinct starts: O(n * k) for k such boxes.
+    """
+    live = [tuple(b) for b in boxes if all(lo < hi for lo, hi in b)]  # an empty box holds no element
+    if len(live) < 2:
+        return None
+    first = live[0]
+    dims = [d for d in range(len(first)) if any(b[d] != first[d] for b in live)]
+    if not dims:  # identical boxes (or scalars): the same elements
+        return first, live[1]
+    if len(dims) == 1:
+        d = dims[0]
+        ordered = sorted(live, key=lambda b: b[d])
+        for a, b in zip(ordered, ordered[1:]):
+            if intersect_bounds(a, b) is not None:
+                return a, b
+        return None
+    if len(dims) == 2:
+        return _sweep_2d(live, dims[0], dims[1])
+    return _sweep_any(live, max(dims, key=lambda d: len({b[d][0] for b in live})))
+
+
+def _sweep_2d(boxes: list[Box], a: int, b: int) -> tuple[Box, Box] | None:
+    starts: list[int] = []  # dim-b starts of the boxes crossing the sweep line, sorted (they are disjoint in b)
+    crossing: list[Box] = []
+    ends: list[tuple[int, int]] = []  # heap of (dim-a end, dim-b start) of those boxes
+    for box in sorted(boxes, key=lambda x: x[a][0]):
+        while ends and ends[0][0] <= box[a][0]:
+            _, start = heapq.heappop(ends)
+            i = bisect.bisect_left(starts, start)
+            del starts[i], crossing[i]
+        i = bisect.bisect_right(starts, box[b][0])
+        for j in (i - 1, i):
+            if 0 <= j < len(crossing) and intersect_bounds(crossing[j], box) is not None:
+                return crossing[j], box
+        starts.insert(i, box[b][0])
+        crossing.insert(i, box)
+        heapq.heappush(ends, (box[a][1], box[b][0]))
+    return None
+
+
+def _sweep_any(boxes: list[Box], a: int) -> tuple[Box, Box] | None:
+    crossing: dict[int, Box] = {}
+    ends: list[tuple[int, int]] = []
+    for n, box in enumerate(sorted(boxes, key=lambda x: x[a][0])):
+        while ends and ends[0][0] <= box[a][0]:
+            del crossing[heapq.heappop(ends)[1]]
+        for other in crossing.values():
+            if intersect_bounds(other, box) is not None:
+                return other, box
+        crossing[n] = box
+        heapq.heappush(ends, (box[a][1], n))
+    return None
 
 
 def box_volume(bounds: Sequence[tuple[int, int]]) -> int:

@@ -12,10 +12,17 @@ Data blocks restart every 16 keys and are cut once their estimated size reaches
 256 KiB; the index block restarts at every key and maps a separator key >= every
 key of block *i* and < every key of block *i+1* to block *i*'s handle.  The reader
 verifies the trailer CRC of every block it loads.
+
+The reader trusts no handle: on opening, the index block's handles must be strictly
+increasing, must not overlap and must lie before the footer, so the data blocks
+together hold at most the file's bytes and each is read at most once.  A data block,
+when first loaded, must hold keys above the previous block's separator and up to
+its own (with `Block`'s rules, keys strictly increase across the whole table).
 """
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -158,16 +165,35 @@ class Table:
         self.metaindex_handle = BlockHandle(meta_off, meta_size)
         # TF never reads the (always empty) metaindex; its CRC is still checked so a flip there is not silent.
         self._read_block(self.metaindex_handle)
-        self._index = Block(self._read_block(BlockHandle(idx_off, idx_size)), f"{path}: index block")
-        self._blocks: dict[bytes, Block] = {}
+        where = f"{path}: index block"
+        self._index = index = Block(self._read_block(BlockHandle(idx_off, idx_size)), where)
+        self._separators: list[bytes] = []
+        self._handles: list[BlockHandle] = []
+        end = 0
+        for separator, value in index:
+            handle = self._handle(value)
+            if handle.offset < end:
+                raise CorruptCheckpointError(
+                    f"{where}: handle {len(self._handles)} (offset {handle.offset}, {handle.size} bytes) does not "
+                    f"start after the previous block, which ends at {end}: handles must increase without overlap"
+                )
+            self._check_extent(handle)
+            end = handle.offset + handle.size + TRAILER_SIZE
+            self._separators.append(separator)
+            self._handles.append(handle)
+        self._blocks: dict[int, Block] = {}
+
+    def _check_extent(self, handle: BlockHandle) -> None:
+        if handle.offset + handle.size + TRAILER_SIZE > self._limit:
+            raise TruncatedFileError(
+                f"{self._path}: block at offset {handle.offset}: {handle.size} bytes + trailer run past the end "
+                f"of the table ({self._limit} bytes)"
+            )
 
     def _read_block(self, handle: BlockHandle) -> bytes:
         where = f"{self._path}: block at offset {handle.offset}"
         end = handle.offset + handle.size
-        if end + TRAILER_SIZE > self._limit:
-            raise TruncatedFileError(
-                f"{where}: {handle.size} bytes + trailer run past the end of the table ({self._limit} bytes)"
-            )
+        self._check_extent(handle)
         block = self._data[handle.offset : end]
         kind = self._data[end]
         (stored,) = struct.unpack_from("<I", self._data, end + 1)
@@ -185,26 +211,41 @@ class Table:
         size, _ = decode_varint(value, pos, len(value), f"{self._path}: block handle")
         return BlockHandle(off, size)
 
-    def _data_block(self, handle_value: bytes) -> Block:
-        """A verified data block; kept, since lookups of many tensors revisit the same few blocks and the
-        whole table is in memory anyway (its CRC is checked once, not once per lookup)."""
-        block = self._blocks.get(handle_value)
+    def _data_block(self, i: int) -> Block:
+        """Data block ``i``, verified; kept, since lookups of many tensors revisit the same few blocks and the
+        whole table is in memory anyway (its CRC and keys are checked once, not once per lookup)."""
+        block = self._blocks.get(i)
         if block is None:
-            block = Block(self._read_block(self._handle(handle_value)), f"{self._path}: data block")
-            self._blocks[handle_value] = block
+            handle = self._handles[i]
+            where = f"{self._path}: data block {i} at offset {handle.offset}"
+            block = Block(self._read_block(handle), where)
+            if block.first_key is not None:
+                assert block.last_key is not None
+                if i and block.first_key <= self._separators[i - 1]:
+                    raise CorruptCheckpointError(
+                        f"{where}: first key {block.first_key[:64]!r} does not sort after the previous block's "
+                        f"separator {self._separators[i - 1][:64]!r}"
+                    )
+                if block.last_key > self._separators[i]:
+                    raise CorruptCheckpointError(
+                        f"{where}: last key {block.last_key[:64]!r} sorts after its separator "
+                        f"{self._separators[i][:64]!r}"
+                    )
+            self._blocks[i] = block
         return block
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        for _, handle in self._index:
-            yield from self._data_block(handle)
+        for i in range(len(self._handles)):
+            yield from self._data_block(i)
 
     def seek(self, target: bytes) -> Iterator[tuple[bytes, bytes]]:
         """Entries from the first key >= ``target`` on; reads only the blocks it walks through."""
-        first = True
-        for _, handle in self._index.seek(target):
-            block = self._data_block(handle)
-            yield from (block.seek(target) if first else block)
-            first = False
+        # Block i holds the keys in (separator i-1, separator i]: the first that can hold target is the
+        # first whose separator is >= target.
+        first = bisect.bisect_left(self._separators, target)
+        for i in range(first, len(self._handles)):
+            block = self._data_block(i)
+            yield from (block.seek(target) if i == first else block)
 
     def get(self, key: bytes) -> bytes | None:
         """The value stored under ``key``, or None; raises `CorruptCheckpointError` for a damaged block it reads."""
