@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fs_helpers import fill_to, free_bytes, full_filesystem, read_only
 from safetensors.numpy import save_file
 
 import shardckpt as sc
+from fs_helpers import fill_to, free_bytes, full_filesystem, read_only
 from shardckpt.cli import main
 from shardckpt.commit import recover
 from shardckpt.convert import checkpoint_to_safetensors, open_source, safetensors_to_checkpoint

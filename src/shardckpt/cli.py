@@ -184,7 +184,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     Exit status 0 converted, 1 unreadable input or failed write, 2 when not exactly one side is ``.safetensors``.
     """
-    from .convert import checkpoint_to_safetensors, is_safetensors_path, safetensors_to_checkpoint
+    from .convert import checkpoint_to_safetensors, display_name, is_safetensors_path, safetensors_to_checkpoint
 
     from_st, to_st = is_safetensors_path(args.source), is_safetensors_path(args.destination)
     if from_st == to_st:
@@ -205,18 +205,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _print_json(report.to_json())
         return 0
     for name, why in report.skipped:
-        print(f"skipped {name}: {why}")
+        print(f"skipped {display_name(name)}: {why}")
     print(f"{report.source} -> {report.destination}: {report.tensors} tensors, {_human(report.bytes)}")
     return 0
 
 
 def _diff_text(report: Any) -> None:
+    from .convert import display_name
+
     print(f"A: {report.a}")
     print(f"B: {report.b}")
     for name in report.only_in_a:
-        print(f"only in A: {name}")
+        print(f"only in A: {display_name(name)}")
     for name in report.only_in_b:
-        print(f"only in B: {name}")
+        print(f"only in B: {display_name(name)}")
     if report.tensors:
         header = ("name", "dtype", "shape", "max |a-b|", "status")
         rows = []
@@ -228,7 +230,7 @@ def _diff_text(report: Any) -> None:
             status = "same" if t.equal and not t.note else ("same, " + t.note if t.equal else "DIFFERENT")
             if not t.equal and t.note:
                 status += ": " + t.note
-            rows.append((t.name, dtype, shape, diff, status))
+            rows.append((display_name(t.name), dtype, shape, diff, status))
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
         for row in [header, tuple("-" * w for w in widths), *rows]:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())

@@ -29,7 +29,7 @@ from collections.abc import Callable
 
 from . import storage
 from .errors import CheckpointError, CheckpointExistsError
-from .format.files import data_filename, fsync_directory, index_filename
+from .format.files import STAGING, TEMPSTATE, data_filename, fsync_directory, index_filename, staging_data_filename
 from .format.merge import combine_entry
 from .format.protos import BundleEntry, BundleHeader, decode_entry, decode_header, unpack_raw_entries
 from .format.table import Table
@@ -37,19 +37,11 @@ from .format.writer import build_index, write_file_atomically
 
 log = logging.getLogger("shardckpt.commit")
 
-STAGING = ".staging-"
-TEMPSTATE = ".tempstate"
-
 Hook = Callable[[str], None]
 
 
 def _noop(_: str) -> None:
     pass
-
-
-def staging_data_filename(prefix: str, rank: int, size: int, token: str) -> str:
-    """The name client ``rank`` of ``size`` writes its data file under until the commit renames it."""
-    return data_filename(prefix, rank, size) + STAGING + token
 
 
 def commit(prefix: str, token: str, size: int, pieces: list[bytes], *, overwrite: bool, durable: bool,
