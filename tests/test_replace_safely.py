@@ -389,6 +389,11 @@ def test_read_only_directory(tmp_path, capsys):
         assert rc == 1 and str(d / "ckpt") in err and "Read-only file system" in err
         rc = main(["clean", str(d / "ckpt")])
         assert rc == 0  # nothing to clean, nothing written
+    (d / "ckpt.data-00000-of-00001.staging-0123").write_bytes(b"left by a crashed save")
+    with read_only(d):
+        rc = main(["clean", str(d / "ckpt")])
+        err = capsys.readouterr().err
+        assert rc == 1 and str(d / "ckpt") in err and "Read-only file system" in err and "Traceback" not in err
     assert_holds(d / "ckpt", OLD)
 
 

@@ -196,8 +196,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         convert = safetensors_to_checkpoint if from_st else checkpoint_to_safetensors
         report = convert(args.source, args.destination, skip_unsupported=args.skip_unsupported,
                          overwrite=args.overwrite, progress=bar)
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # CheckpointIOError names the prefix and file; a bare OSError may not
+        where = "" if isinstance(exc, CheckpointError) else f"{args.source} -> {args.destination}: "
+        print(f"error: {where}{exc}", file=sys.stderr)
         return 1
     finally:
         bar.close()
@@ -361,7 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    A `CheckpointError` is printed and gives 1; a bad command line exits with 2 (argparse's `SystemExit`).
+    A `CheckpointError`, or an `OSError` (named by the command's prefix), is printed and gives 1; a bad
+    command line exits with 2 (argparse's `SystemExit`).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -370,6 +372,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. `clean` in a read-only directory: no traceback, and say where
+        where = getattr(args, "prefix", None)
+        print(f"error: {where}: {exc}" if where else f"error: {exc}", file=sys.stderr)
         return 1
 
 
