@@ -414,3 +414,12 @@ def test_disk_full_while_adding_tensors(tmp_path):
             checkpoint_to_safetensors(tmp_path / "big", d / "big.safetensors")
         _assert_io_error(info, errno.ENOSPC, d / "big.safetensors")
         assert files(d) == []
+
+
+def test_merge_across_file_systems_copies_where_it_cannot_link(tmp_path):
+    a, b = _two_inputs(tmp_path)
+    with full_filesystem(tmp_path, 1 << 20) as d:
+        merge_bundles([a, b], d / "m")  # os.link gives EXDEV here
+        assert_holds(d / "m", {"a": np.arange(3.0), "b": np.arange(4.0)})
+        assert files(d) == ["m.data-00000-of-00002", "m.data-00001-of-00002", "m.index"]
+    assert not (tmp_path / "in").exists()
