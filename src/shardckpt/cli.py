@@ -145,11 +145,13 @@ def cmd_clean(args: argparse.Namespace) -> int:
     It takes the prefix's lease first, so it never touches a live save's files: with a save in progress it
     fails (exit status 1) naming the save's holder.
     """
-    from .commit import recover
+    from .commit import leftovers, recover
     from .lease import PrefixLease
 
-    with PrefixLease.acquire(args.prefix, what="shardckpt clean"):
-        actions = recover(args.prefix)
+    actions: list[str] = []
+    if leftovers(args.prefix):  # (nothing left over: no lease needed, so a read-only directory is fine)
+        with PrefixLease.acquire(args.prefix, what="shardckpt clean"):
+            actions = recover(args.prefix)
     for line in actions:
         print(line)
     print(f"{args.prefix}: {'nothing to clean' if not actions else f'{len(actions)} action(s)'}")
@@ -190,7 +192,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     Exit status 0 converted, 1 unreadable input or failed write, 2 when not exactly one side is ``.safetensors``.
     """
-    from .convert import checkpoint_to_safetensors, is_safetensors_path, safetensors_to_checkpoint
+    from .convert import checkpoint_to_safetensors, display_name, is_safetensors_path, safetensors_to_checkpoint
 
     from_st, to_st = is_safetensors_path(args.source), is_safetensors_path(args.destination)
     if from_st == to_st:
@@ -202,8 +204,9 @@ def cmd_convert(args: argparse.Namespace) -> int:
         convert = safetensors_to_checkpoint if from_st else checkpoint_to_safetensors
         report = convert(args.source, args.destination, skip_unsupported=args.skip_unsupported,
                          overwrite=args.overwrite, progress=bar)
-    except OSError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except OSError as exc:  # CheckpointIOError names the prefix and file; a bare OSError may not
+        where = "" if isinstance(exc, CheckpointError) else f"{args.source} -> {args.destination}: "
+        print(f"error: {where}{exc}", file=sys.stderr)
         return 1
     finally:
         bar.close()
@@ -211,18 +214,20 @@ def cmd_convert(args: argparse.Namespace) -> int:
         _print_json(report.to_json())
         return 0
     for name, why in report.skipped:
-        print(f"skipped {name}: {why}")
+        print(f"skipped {display_name(name)}: {why}")
     print(f"{report.source} -> {report.destination}: {report.tensors} tensors, {_human(report.bytes)}")
     return 0
 
 
 def _diff_text(report: Any) -> None:
+    from .convert import display_name
+
     print(f"A: {report.a}")
     print(f"B: {report.b}")
     for name in report.only_in_a:
-        print(f"only in A: {name}")
+        print(f"only in A: {display_name(name)}")
     for name in report.only_in_b:
-        print(f"only in B: {name}")
+        print(f"only in B: {display_name(name)}")
     if report.tensors:
         header = ("name", "dtype", "shape", "max |a-b|", "status")
         rows = []
@@ -234,7 +239,7 @@ def _diff_text(report: Any) -> None:
             status = "same" if t.equal and not t.note else ("same, " + t.note if t.equal else "DIFFERENT")
             if not t.equal and t.note:
                 status += ": " + t.note
-            rows.append((t.name, dtype, shape, diff, status))
+            rows.append((display_name(t.name), dtype, shape, diff, status))
         widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(header)]
         for row in [header, tuple("-" * w for w in widths), *rows]:
             print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
@@ -365,7 +370,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    A `CheckpointError` is printed and gives 1; a bad command line exits with 2 (argparse's `SystemExit`).
+    A `CheckpointError`, or an `OSError` (named by the command's prefix), is printed and gives 1; a bad
+    command line exits with 2 (argparse's `SystemExit`).
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -374,6 +380,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # e.g. `clean` in a read-only directory: no traceback, and say where
+        where = getattr(args, "prefix", None)
+        print(f"error: {where}: {exc}" if where else f"error: {exc}", file=sys.stderr)
         return 1
 
 

@@ -41,7 +41,7 @@ from .errors import (
     CorruptCheckpointError,
     PrefixBusyError,
 )
-from .format.files import data_filename, fsync_directory, index_filename
+from .format.files import STAGING, TEMPSTATE, data_filename, fsync_directory, index_filename, staging_data_filename
 from .format.merge import combine_entry
 from .format.protos import BundleEntry, BundleHeader, decode_entry, decode_header, unpack_raw_entries
 from .format.table import Table
@@ -49,19 +49,11 @@ from .format.writer import build_index, write_file_atomically
 
 log = logging.getLogger("shardckpt.commit")
 
-STAGING = ".staging-"
-TEMPSTATE = ".tempstate"
-
 Hook = Callable[[str], None]
 
 
 def _noop(_: str) -> None:
     pass
-
-
-def staging_data_filename(prefix: str, rank: int, size: int, token: str) -> str:
-    """The name client ``rank`` of ``size`` writes its data file under until the commit renames it."""
-    return data_filename(prefix, rank, size) + STAGING + token
 
 
 @dataclass(frozen=True)
@@ -286,8 +278,7 @@ def recover(prefix: str, *, durable: bool = True) -> list[str]:
 
 
 def _num_shards(staged_index: str) -> int:
-    with open(staged_index, "rb") as f:
-        table = Table(f.read(), staged_index)
+    table = Table(storage.read_regular(staged_index)[0], staged_index)
     for key, value in table.seek(b""):
         if key == b"":
             return decode_header(value).num_shards

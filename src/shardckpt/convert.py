@@ -27,6 +27,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
+from . import storage
 from .checkpoint_reader import CheckpointReader
 from .commit import remove_stale_data_files
 from .errors import (
@@ -39,7 +40,8 @@ from .errors import (
     UnsupportedDTypeError,
 )
 from .format.dtypes import DataType, to_numpy
-from .format.files import index_filename
+from .format.files import index_filename, io_error
+from .format.slices import encode_slice_key
 from .format.writer import BundleWriter
 
 log = logging.getLogger("shardckpt.convert")
@@ -88,6 +90,8 @@ def safetensors_code(dtype: np.dtype) -> str | None:
 class TensorInfo:
     """What a source says about one tensor before reading it.
 
+    ``name`` is the stored name; a checkpoint name that is not UTF-8 is decoded with ``surrogateescape``, so
+    every distinct byte string stays a distinct name (`name_bytes` gives the bytes back).
     ``dtype`` is a label common to both formats: numpy's name (``float32``,
     ``bfloat16``, ``float8_e4m3fn``), ``string`` for DT_STRING, ``qint8`` & co. for
     quantized types, the raw code for types shardckpt cannot read.  ``numpy_dtype``
@@ -100,6 +104,28 @@ class TensorInfo:
     nbytes: int
     numpy_dtype: np.dtype | None
     tf_dtype: int | None = None
+
+
+def name_bytes(name: str) -> bytes:
+    """The stored bytes of a `TensorInfo` name (the inverse of its ``surrogateescape`` decoding)."""
+    return name.encode("utf-8", "surrogateescape")
+
+
+def display_name(name: str) -> str:
+    """A name as a terminal can show it: printable text as is, else quoted with escapes (``'\\x00x'``), and a
+    name that is not UTF-8 as the bytes literal of its stored bytes (``b'\\xff'``)."""
+    if not is_utf8_name(name):
+        return repr(name_bytes(name))
+    return name if name.isprintable() else repr(name)
+
+
+def is_utf8_name(name: str) -> bool:
+    """Whether a name is valid UTF-8 text (safetensors names must be)."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class TensorSource:
@@ -159,10 +185,14 @@ class CheckpointSource(TensorSource):
         if self._infos is None:
             bundle = self._reader.bundle
             infos: dict[str, TensorInfo] = {}
-            for key, raw in bundle.raw_entries():
-                if key[:1] == b"\x00":  # the stored slices of a partitioned tensor
+            raws = list(bundle.raw_entries())
+            # The stored slices of partitioned tensors are the keys their entries list; any other key, even one
+            # starting with NUL as slice keys do, is a tensor of that exact name.
+            slice_keys = {encode_slice_key(key, s) for key, raw in raws for s in raw.slices}
+            for key, raw in raws:
+                if key in slice_keys:
                     continue
-                name = key.decode("utf-8", "replace")
+                name = key.decode("utf-8", "surrogateescape")
                 try:
                     entry = bundle.entry(key)
                     np_dtype: np.dtype | None = to_numpy(entry.dtype)
@@ -176,7 +206,7 @@ class CheckpointSource(TensorSource):
 
     def read(self, name: str) -> np.ndarray:
         """One whole tensor (partitioned ones assembled); raises `TensorNotFoundError` for an unknown name."""
-        return self._reader.get_tensor(name)
+        return self._reader.bundle.read(name_bytes(name))
 
     def close(self) -> None:
         """Close the checkpoint's data files."""
@@ -185,7 +215,8 @@ class CheckpointSource(TensorSource):
 
 def _read_safetensors_header(path: str) -> tuple[dict[str, Any], int]:
     """The JSON header of a safetensors file and where its data starts."""
-    with open(path, "rb") as f:
+    fd, _ = storage.open_regular(path)  # a FIFO or device is refused, never waited on
+    with os.fdopen(fd, "rb") as f:
         head = f.read(8)
         if len(head) != 8:
             raise CorruptCheckpointError(f"{path}: too short for a safetensors file")
@@ -267,7 +298,8 @@ class SafetensorsSource(TensorSource):
         begin, end = header[name]["data_offsets"]
         if end - begin != info.nbytes:
             raise CorruptCheckpointError(f"{self.path}: tensor {name}: {end - begin} bytes for {info.nbytes}")
-        with open(self.path, "rb") as f:
+        fd, _ = storage.open_regular(self.path)
+        with os.fdopen(fd, "rb") as f:
             f.seek(start + begin)
             data = f.read(end - begin)
         if len(data) != end - begin:
@@ -323,6 +355,8 @@ def _partition(infos: dict[str, TensorInfo], reason: Callable[[TensorInfo], str 
 
 
 def _to_safetensors_reason(info: TensorInfo) -> str | None:
+    if not is_utf8_name(info.name):
+        return "the name is not UTF-8 text, which safetensors names must be"
     if info.dtype == "string":
         return "DT_STRING tensors have no safetensors dtype"
     if info.tf_dtype in _QUANTIZED:
@@ -356,6 +390,8 @@ def checkpoint_to_safetensors(
     from safetensors.numpy import save_file
 
     out = os.fspath(path)
+    from safetensors import SafetensorError
+
     with CheckpointSource(prefix) as source:
         report = ConvertReport(source.path, out, "checkpoint-to-safetensors")
         _check_destination(out, os.path.exists(out), overwrite)
@@ -370,9 +406,13 @@ def checkpoint_to_safetensors(
     try:
         save_file(arrays, tmp, metadata=metadata)
         os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as exc:
+        try:
             os.unlink(tmp)
+        except OSError:
+            pass
+        if isinstance(exc, (OSError, SafetensorError)) and not isinstance(exc, CheckpointError):
+            raise io_error(exc, out, tmp, "write the safetensors file") from exc
         raise
     report.tensors, report.bytes = len(arrays), sum(a.nbytes for a in arrays.values())
     log.info("%s: wrote %d tensors (%d bytes) to %s", report.source, report.tensors, report.bytes, out)
@@ -411,7 +451,10 @@ def safetensors_to_checkpoint(
                 writer.add(info.name, source.read(info.name))
                 if progress is not None:
                     progress(info.nbytes, total)
-        remove_stale_data_files(out, 1)  # an overwritten checkpoint's data files of another shard count
+        try:
+            remove_stale_data_files(out, 1)  # an overwritten checkpoint's data files of another shard count
+        except OSError as exc:  # the new checkpoint is complete; only an older one's files are left over
+            log.warning("%s: could not remove data files of the checkpoint it replaced: %s", out, exc)
         report.tensors, report.bytes = len(infos), total
     log.info("%s: wrote %d tensors (%d bytes) to %s", report.source, report.tensors, report.bytes, out)
     return report

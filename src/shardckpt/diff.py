@@ -1,11 +1,15 @@
 """Compare two sets of tensors (checkpoints or safetensors files): names, dtypes, shapes and values.
 
 Two tensors are equal when they have the same dtype and shape and every element
-is equal by value (NaN equals NaN at the same position; ``-0.0`` equals ``0.0``),
+is equal by value (NaN equals NaN at the same position; ``-0.0`` equals ``0.0``;
+complex numbers compare their real and imaginary parts each that way, as
+``np.array_equal(..., equal_nan=True)`` on ``.real`` and on ``.imag``),
 or, with ``atol``, when no element differs by more than ``atol``.  The maximum
 absolute difference is computed for every pair of common tensors of the same
 shape whose values are numbers, even across dtypes (in float64, complex128 or,
-for integers, exactly); it is ``nan`` where one side has a NaN the other lacks.
+for integers, exactly); it is ``nan`` where one side has a NaN the other lacks
+(in the same component, for complex numbers).  Names are compared as the exact
+bytes stored: ``"\\x00x"`` and ``"x"`` are two names.
 Values are compared in chunks, so memory stays near the size of the two tensors.
 """
 
@@ -94,16 +98,32 @@ def _compare_chunk(a: np.ndarray, b: np.ndarray) -> tuple[float | int | None, in
     if a.dtype.kind in "iub" and b.dtype.kind in "iub":
         d = _int_absdiff(a, b)
         return (int(d.max()) if d.size else 0), int(np.count_nonzero(d))
-    wide = np.complex128 if a.dtype.kind == "c" or b.dtype.kind == "c" else np.float64
-    x, y = a.astype(wide), b.astype(wide)
+    if a.dtype.kind == "c" or b.dtype.kind == "c":
+        # np.isnan of a complex number is true if either part is NaN, so nan+1j would equal nan+2j:
+        # compare the parts separately.
+        x, y = a.astype(np.complex128), b.astype(np.complex128)
+        (same_re, gap_re, lone_re), (same_im, gap_im, lone_im) = _parts(x.real, y.real), _parts(x.imag, y.imag)
+        same = same_re & same_im
+        unequal = int(np.count_nonzero(~same))
+        if lone_re or lone_im:
+            return math.nan, unequal
+        d = np.hypot(gap_re, gap_im)
+        return (float(d.max()) if d.size else 0.0), unequal
+    same, gap, lone = _parts(a.astype(np.float64), b.astype(np.float64))
+    unequal = int(np.count_nonzero(~same))
+    if lone:
+        return math.nan, unequal
+    return (float(gap.max()) if gap.size else 0.0), unequal
+
+
+def _parts(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool]:
+    """For real arrays: where they are equal (NaN equal to NaN), |x-y| elsewhere (0 where equal), and
+    whether one side has a NaN where the other has none."""
     nan_x, nan_y = np.isnan(x), np.isnan(y)
     same = (x == y) | (nan_x & nan_y)
-    unequal = int(np.count_nonzero(~same))
-    if np.any(nan_x != nan_y):
-        return math.nan, unequal
     with np.errstate(invalid="ignore", over="ignore"):
-        d = np.where(same, 0.0, np.abs(x - y))
-    return (float(d.max()) if d.size else 0.0), unequal
+        gap = np.where(same, 0.0, np.abs(x - y))
+    return same, gap, bool(np.any(nan_x != nan_y))
 
 
 def _compare(a: np.ndarray, b: np.ndarray) -> tuple[float | int | None, int]:

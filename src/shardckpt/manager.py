@@ -44,6 +44,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from types import TracebackType
 from typing import Any
 
+from . import storage
 from .checkpoint_reader import unescape_text_proto
 from .commit import STAGING, TEMPSTATE
 from .coordination import Coordinator, default_timeout, resolve
@@ -85,9 +86,8 @@ def read_state_paths(directory: str | os.PathLike[str]) -> list[str]:
     """
     directory = os.fspath(directory)
     try:
-        with open(os.path.join(directory, STATE_FILENAME), encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError):
+        text = storage.read_regular(os.path.join(directory, STATE_FILENAME))[0].decode("utf-8")
+    except (OSError, UnicodeDecodeError, CheckpointError):
         return []
     paths = []
     for _, value in _STATE_FIELD.findall(text):

@@ -156,7 +156,20 @@ def _check_destination(reader: BundleReader, name: str, layout: Layout, spec: st
     if target.layout.sharding_specs != layout.sharding_specs or target.layout.mesh != layout.mesh:
         raise InvalidArgumentError(f"{reader.prefix}: tensor {name}: the destination is laid out differently "
                                    "from the target layout")
+    # Each shard on its own: a DTensor's dtype and the shapes its constructor checked say nothing about an
+    # array swapped in later, and one found wrong midway would leave earlier destinations overwritten.
+    dtype = to_numpy(entry.dtype)
     for d, shard in target.shards.items():
+        if not isinstance(shard, np.ndarray):
+            raise InvalidArgumentError(f"{reader.prefix}: tensor {name}: the destination of device {d} is a "
+                                       f"{type(shard).__name__}, not a numpy array")
+        want = tuple(hi - lo for lo, hi in layout.shard_bounds(tuple(shape), d))
+        if tuple(shard.shape) != want:
+            raise ShapeMismatchError(f"{reader.prefix}: tensor {name}: the destination of device {d} has shape "
+                                     f"{list(shard.shape)}, the layout gives it {list(want)}")
+        if shard.dtype != dtype:
+            raise DTypeMismatchError(f"{reader.prefix}: tensor {name}: the destination of device {d} is "
+                                     f"{shard.dtype}, the checkpoint holds {dtype}")
         if not shard.flags.writeable:
             raise InvalidArgumentError(f"{reader.prefix}: tensor {name}: the destination of device {d} is "
                                        "read-only")

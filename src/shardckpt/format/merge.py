@@ -1,22 +1,42 @@
 """Merging bundles into one, with ``MergeV2Checkpoints`` semantics.
 
 Entries of every input are gathered in input order; data files are renumbered in
-the order they are first referenced and renamed to the destination's names; the
-destination index is written last.  Two TensorFlow bugs are not copied: the
+the order they are first referenced and take the destination's names; the
+destination index is published last, as a save publishes (see `merge_bundles`).  Two TensorFlow bugs are not copied: the
 destination's own index is never deleted when it is also an input, and the
 header's ``num_shards`` always equals the ``-of-`` count of the data files.
 """
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
+import re
+import secrets
+import shutil
+import stat
 from collections.abc import Sequence
 
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError, DuplicateTensorError
-from .files import data_filename, fsync_directory, index_filename
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DuplicateTensorError
+from .files import (
+    data_filename,
+    index_filename,
+    io_error,
+    make_parent_directory,
+    publish,
+    staging_data_filename,
+    staging_index_filename,
+)
 from .protos import BundleEntry, BundleHeader
 from .reader import BundleReader
 from .writer import build_index, write_file_atomically
+
+log = logging.getLogger("shardckpt.merge")
+
+# Where a hard link is impossible the data file is copied instead, so an input is never moved before the
+# merged bundle is published.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EMLINK, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS}
 
 
 def merge_bundles(
@@ -27,11 +47,15 @@ def merge_bundles(
     delete_old_dirs: bool = True,
     durable: bool = True,
 ) -> BundleHeader:
-    """Merge the bundles at ``prefixes`` into one bundle at ``destination``; returns its header."""
+    """Merge the bundles at ``prefixes`` into one bundle at ``destination``; returns its header.
+
+    Every input is read and every data file it needs is checked before anything is written.  The merged
+    bundle is staged beside ``destination`` (each input data file hard-linked, or copied where links are
+    impossible, to its ``.staging-TOKEN`` name) and published like a save; only then are the inputs removed.
+    A failure leaves the inputs and an older checkpoint at ``destination`` as they were.
+    """
     dest = os.fspath(destination)
     dest_dir = os.path.dirname(dest)
-    if dest_dir:
-        os.makedirs(dest_dir, exist_ok=True)
     merged: dict[bytes, BundleEntry] = {}
     renames: dict[str, int] = {}  # old data path -> new shard id, in first-reference order
     first: BundleHeader | None = None
@@ -53,23 +77,51 @@ def merge_bundles(
             for key, entry in reader.raw_entries():
                 if not entry.slices and key not in merged:
                     old = data_filename(p, entry.shard_id, header.num_shards)
+                    if old not in renames:
+                        _check_data_file(p, old, dest)
                     entry.shard_id = renames.setdefault(old, len(renames))
                 combine_entry(merged, key, entry, f"prefix: {p}")
 
     if first is None:
         raise CheckpointNotFoundError("At least one prefix checkpoint file must exist, but none existed.")
     count = len(renames)
-    _rename_all({old: data_filename(dest, new, count) for old, new in renames.items()})
     header = BundleHeader(num_shards=count, endianness=first.endianness, version=first.version)
-    write_file_atomically(index_filename(dest), build_index(header, merged), durable=durable)
-    if durable:
-        fsync_directory(dest_dir)
+    make_parent_directory(dest)
+    token = secrets.token_hex(8)
+    staged_index = staging_index_filename(dest, token)
+    moves = [(old, staging_data_filename(dest, new, count, token), data_filename(dest, new, count))
+             for old, new in renames.items()]
+    doing, path = "stage the data file", dest
+    try:
+        for old, staged, _ in moves:
+            path = staged
+            _link_or_copy(old, staged, durable)
+        doing, path = "write the index", staged_index
+        write_file_atomically(staged_index, build_index(header, merged), durable=durable)
+        doing, path = "publish the index", index_filename(dest)
+        publish(dest, staged_index, [(staged, final) for _, staged, final in moves], durable=durable)
+    except BaseException as exc:
+        # Past the commit point (staged index complete, old index gone) the staged files are the checkpoint
+        # and are left for `commit.recover`; before it, they are only links or copies, so dropping them
+        # loses nothing.
+        if os.path.lexists(index_filename(dest)) or not os.path.lexists(staged_index):
+            for _, staged, _ in moves:
+                _unlink_quietly(staged)
+            _unlink_quietly(staged_index)
+        if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+            raise io_error(exc, dest, path, doing) from exc
+        raise
+
+    # By real path: the same file may be named differently ("x/a", "./x/a"), and a hard link and its
+    # source are the same inode, so only the name tells an input's file from the merged bundle's.
+    finals = {os.path.realpath(f) for f in [*(final for _, _, final in moves), index_filename(dest)]}
     for p in inputs:
-        if os.path.abspath(p) != os.path.abspath(dest):
-            try:
-                os.unlink(index_filename(p))
-            except OSError:
-                pass
+        if os.path.realpath(index_filename(p)) not in finals:
+            _unlink_quietly(index_filename(p))  # before its data files: a left-over index stays complete
+    for old, _, _ in moves:
+        if os.path.realpath(old) not in finals:
+            _unlink_quietly(old)
+    _remove_other_shard_counts(dest, count, finals)
     if delete_old_dirs:
         for d in {os.path.dirname(p) for p in inputs}:
             if os.path.abspath(d or ".") != os.path.abspath(dest_dir or "."):
@@ -78,6 +130,58 @@ def merge_bundles(
                 except OSError:
                     pass
     return header
+
+
+def _check_data_file(prefix: str, path: str, dest: str) -> None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(
+            f"merging {prefix} into {dest}: data file {path} is missing; nothing was merged") from None
+    except OSError as exc:
+        raise io_error(exc, prefix, path, "read the data file") from exc
+    if not stat.S_ISREG(st.st_mode):
+        raise CorruptCheckpointError(f"merging {prefix} into {dest}: data file {path} is not a regular file")
+
+
+def _link_or_copy(source: str, target: str, durable: bool) -> None:
+    try:
+        os.link(source, target)
+        return
+    except OSError as exc:
+        if exc.errno not in _NO_LINK:
+            raise
+    shutil.copyfile(source, target)
+    if durable:
+        fd = os.open(target, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:  # the merged bundle is complete; this file is only left over
+        log.warning("could not remove %s: %s", path, exc)
+
+
+def _remove_other_shard_counts(dest: str, count: int, keep: set[str]) -> None:
+    """Data files of an older checkpoint at ``dest`` with another shard count, now that it is replaced."""
+    directory, base = os.path.split(dest)
+    pattern = re.compile(re.escape(base) + r"\.data-\d{5,}-of-(\d{5,})")
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return
+    for name in names:
+        found = pattern.fullmatch(name)
+        path = os.path.join(directory, name)
+        if found and int(found.group(1)) != count and os.path.realpath(path) not in keep:
+            _unlink_quietly(path)
 
 
 def combine_entry(merged: dict[bytes, BundleEntry], key: bytes, entry: BundleEntry, source: str) -> None:
@@ -94,21 +198,3 @@ def combine_entry(merged: dict[bytes, BundleEntry], key: bytes, entry: BundleEnt
             f"merging {source}: partitioned tensor {label} has another dtype, shape or an unpartitioned entry"
         )
     seen.slices.extend(entry.slices)
-
-
-def _rename_all(moves: dict[str, str]) -> None:
-    """Rename many files where a target may be another move's source: go through unique temps then."""
-    moves = {a: b for a, b in moves.items() if a != b}
-    sources = set(moves)
-    if any(b in sources for b in moves.values()):
-        staged = {}
-        for i, (a, b) in enumerate(moves.items()):
-            tmp = f"{b}.merging{i}"
-            os.replace(a, tmp)
-            staged[tmp] = b
-        moves = staged
-    for a, b in moves.items():
-        try:
-            os.replace(a, b)
-        except FileNotFoundError:
-            raise CheckpointNotFoundError(f"data file {a} is missing; cannot merge it into {b}") from None

@@ -28,7 +28,16 @@ from ..errors import (
 from . import strings
 from .coding import crc32c, mask_crc
 from .dtypes import DataType, datatype_name, from_numpy, to_numpy
-from .files import data_filename, fsync_directory, index_filename
+from .files import (
+    TEMPSTATE,
+    data_filename,
+    index_filename,
+    io_error,
+    make_parent_directory,
+    publish,
+    staging_data_filename,
+    staging_index_filename,
+)
 from .protos import BundleEntry, BundleHeader, encode_entry, encode_header
 from .slices import ShapeAndSlice, encode_slice_key, parse_shape_and_slice
 from .table import TableBuilder
@@ -178,7 +187,7 @@ def write_file_atomically(path: str, data: bytes, *, durable: bool, midway: Call
 
     ``midway`` runs when half the bytes are written (a fault-injection point for tests).
     """
-    tmp = f"{path}.tempstate{secrets.randbits(64)}"
+    tmp = f"{path}{TEMPSTATE}{secrets.randbits(64)}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         view = memoryview(data)
@@ -199,6 +208,13 @@ def write_file_atomically(path: str, data: bytes, *, durable: bool, midway: Call
     os.replace(tmp, path)
 
 
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
 def _key(name: str | bytes) -> bytes:
     key = name.encode("utf-8") if isinstance(name, str) else bytes(name)
     if not key:
@@ -210,8 +226,13 @@ class BundleWriter:
     """Writes one single-writer bundle at ``prefix``, as ``SaveV2`` does.
 
     Call `add` / `add_slice` once per SaveV2 argument, in order, then `finish`.
-    Nothing appears under the final names until `finish` succeeds; used as a
-    context manager, an exception discards the temporary files.
+    Files are written under the commit protocol's staging names
+    (``<final>.staging-TOKEN``) and published as a multi-client save is: an older
+    checkpoint at the prefix is replaced only once the new data and index are
+    complete and durable, so a full disk or a crash never loses it, and
+    ``commit.recover`` (``shardckpt clean``) finishes or discards what a killed
+    writer left.  Used as a context manager, an exception discards the staged files.
+    An operating-system failure raises `CheckpointIOError` and discards the bundle.
     """
 
     def __init__(self, prefix: str | os.PathLike[str], *, data_alignment: int = 1, durable: bool = True) -> None:
@@ -220,16 +241,27 @@ class BundleWriter:
             raise InvalidArgumentError(f"data_alignment must be >= 1, got {data_alignment}")
         self._durable = durable
         self._entries: dict[bytes, BundleEntry] = {}
-        directory = os.path.dirname(self.prefix)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
+        self._token = secrets.token_hex(8)
+        make_parent_directory(self.prefix)
         self._data_path = data_filename(self.prefix, 0, 1)
-        self._data = DataFileWriter(f"{self._data_path}.tempstate{secrets.randbits(64)}", alignment=data_alignment)
+        staged = staging_data_filename(self.prefix, 0, 1, self._token)
+        try:
+            self._data = DataFileWriter(staged, alignment=data_alignment)
+        except OSError as exc:
+            raise io_error(exc, self.prefix, staged, "create the data file") from exc
         self._done = False
 
     def _check_open(self) -> None:
         if self._done:
             raise CheckpointError(f"{self.prefix}: bundle writer already finished or aborted")
+
+    def _write(self, tensor: PreparedTensor, label: str) -> BundleEntry:
+        try:
+            return self._data.write(tensor)
+        except OSError as exc:
+            # Part of the tensor may be in the file: the offsets of later ones would be wrong.
+            self.abort()
+            raise io_error(exc, self.prefix, self._data.path, f"write {label} to") from exc
 
     def add(self, name: str | bytes, array: object, *, dtype: int | None = None) -> BundleEntry:
         """Store a whole tensor under ``name`` (SaveV2 with an empty shape_and_slice)."""
@@ -237,8 +269,9 @@ class BundleWriter:
         key = _key(name)
         if key in self._entries:
             raise DuplicateTensorError(f"{self.prefix}: adding duplicate key: {key.decode('utf-8', 'replace')}")
-        tensor = prepare(array, dtype, f"{self.prefix}: tensor {key.decode('utf-8', 'replace')}")
-        entry = self._data.write(tensor)
+        label = f"tensor {key.decode('utf-8', 'replace')}"
+        tensor = prepare(array, dtype, f"{self.prefix}: {label}")
+        entry = self._write(tensor, label)
         self._entries[key] = entry
         return entry
 
@@ -280,31 +313,37 @@ class BundleWriter:
         slice_key = encode_slice_key(key, spec.slice)
         if slice_key in self._entries:
             raise DuplicateTensorError(f"{label}: slice {spec.slice} added twice")
-        self._entries[slice_key] = self._data.write(tensor)
+        self._entries[slice_key] = self._write(tensor, f"tensor {key.decode('utf-8', 'replace')} slice {spec.slice}")
         if full is None:
             full = self._entries[key] = BundleEntry(dtype=tensor.dtype, shape=spec.shape)
         full.slices.append(spec.slice)
         return full
 
     def finish(self) -> None:
-        """Close the data file and publish data then index under their final names."""
+        """Complete the staged data file and index, then publish them under their final names.
+
+        On failure before the old index is removed, the staged files are deleted and an older checkpoint at
+        the prefix is untouched.
+        """
         self._check_open()
         self._done = True
+        index_path = index_filename(self.prefix)
+        staged_index = staging_index_filename(self.prefix, self._token)
+        doing, path = "write the data file", self._data.path
         try:
             self._data.close(durable=self._durable)
-            index = build_index(BundleHeader(), self._entries)
-            index_path = index_filename(self.prefix)
-            # Drop an older index first so no reader ever pairs it with the new data file.
-            try:
-                os.unlink(index_path)
-            except FileNotFoundError:
-                pass
-            os.replace(self._data.path, self._data_path)
-            write_file_atomically(index_path, index, durable=self._durable)
-            if self._durable:
-                fsync_directory(os.path.dirname(self.prefix))
-        except BaseException:
-            self._data.discard()
+            doing, path = "write the index", staged_index
+            write_file_atomically(staged_index, build_index(BundleHeader(), self._entries), durable=self._durable)
+            doing, path = "publish the index", index_path
+            publish(self.prefix, staged_index, [(self._data.path, self._data_path)], durable=self._durable)
+        except BaseException as exc:
+            # Past the commit point (staged index complete, old index gone) the staged files are the
+            # checkpoint: they are left for `commit.recover` to roll forward.
+            if os.path.lexists(index_path) or not os.path.lexists(staged_index):
+                self._data.discard()
+                _unlink(staged_index)
+            if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
+                raise io_error(exc, self.prefix, path, doing) from exc
             raise
 
     def abort(self) -> None:
