@@ -113,7 +113,9 @@ def test_absent_client_is_named_and_nothing_changes(saved, engine: str, tmp_path
     for rank in range(3):
         ev = run.results[rank]["events"]["timeout"]
         assert ev["type"] == "ClientTimeoutError" and "[3]" in ev["message"], ev
-        assert ew.ABSENT_TIMEOUT <= ev["elapsed"] < ew.ABSENT_TIMEOUT + 5, ev
+        # Client 0 names the absent client to everyone once its own wait ends; the others started theirs a
+        # moment later, so they may hear it a moment before their own timeout.
+        assert ew.ABSENT_TIMEOUT - 1 <= ev["elapsed"] < ew.ABSENT_TIMEOUT + 5, ev
     assert ew.snapshot(tmp_path) == before  # the committed checkpoint byte for byte, and nothing new
 
 

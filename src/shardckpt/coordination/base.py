@@ -14,7 +14,7 @@ import os
 import time
 from abc import ABC, abstractmethod
 
-from ..errors import ClientTimeoutError, InvalidArgumentError
+from ..errors import ClientTimeoutError, CoordinationError, InvalidArgumentError
 from .session import Session, TrivialSession
 
 DEFAULT_TIMEOUT = 300.0
@@ -106,6 +106,7 @@ class KeyValueCoordinator(Coordinator):
     """
 
     KEPT = 64
+    MAX_VALUE = 4 << 20  # bytes per stored value; larger ones travel in parts
 
     def __init__(self, rank: int, size: int, namespace: str = "shardckpt") -> None:
         self.rank, self.size = rank, size
@@ -138,7 +139,40 @@ class KeyValueCoordinator(Coordinator):
         return _KVSession(self, number, kind)
 
 
+def _part_key(key: str, i: int) -> str:
+    # Part i of a large value: the last component (a client's rank, for its posts) stays last, so a store
+    # that lets a client write only keys ending in its own rank accepts the parts too.
+    head, last = key.rsplit("/", 1)
+    return f"{head}~{i}/{last}"
+
+
 class _KVSession(Session):
+    def _put(self, key: str, data: bytes) -> list[str]:
+        """Store ``data`` under ``key``: one value, or parts of at most ``MAX_VALUE`` bytes first and a head
+        naming their count last (stores cap a value: torch's TCPStore at 8 MiB); every key written."""
+        c, cap = self._c, self._c.MAX_VALUE
+        if len(data) < cap:
+            c._set(key, b"\x00" + data)
+            return [key]
+        parts = [_part_key(key, i) for i in range(-(-len(data) // cap))]
+        view = memoryview(data)
+        for i, part in enumerate(parts):
+            c._set(part, bytes(view[i * cap : (i + 1) * cap]))
+        c._set(key, b"\x01" + len(parts).to_bytes(4, "little"))
+        return [key, *parts]
+
+    def _whole(self, key: str, head: bytes, timeout: float) -> tuple[bytes, list[str]]:
+        """The value whose head is ``head`` (its parts are in the store before it) and its part keys."""
+        if head[:1] == b"\x00":
+            return head[1:], []
+        if head[:1] != b"\x01" or len(head) != 5:
+            raise CoordinationError(f"{self._c.engine}: key {key!r} holds a value shardckpt did not write")
+        parts = [_part_key(key, i) for i in range(int.from_bytes(head[1:], "little"))]
+        values = self._c._get_many(parts, max(timeout, 1.0))
+        if any(v is None for v in values):
+            raise CoordinationError(f"{self._c.engine}: parts of {key!r} are missing from the store")
+        return b"".join(v for v in values if v is not None), parts
+
     def __init__(self, coord: KeyValueCoordinator, number: int, kind: str) -> None:
         self._c = coord
         self.rank, self.size, self.number, self.kind = coord.rank, coord.size, number, kind
@@ -149,13 +183,19 @@ class _KVSession(Session):
     def gather(self, step: str, data: bytes, timeout: float) -> list[bytes] | None:
         c = self._c
         if self.rank != 0:
-            c._set(f"{self._base}/{step}/{self.rank}", data)
+            self._put(f"{self._base}/{step}/{self.rank}", data)
             return None
         others = [f"{self._base}/{step}/{r}" for r in range(1, self.size)]
-        values = c._get_many(others, timeout) if others else []
-        for key, value in zip(others, values):
-            if value is not None:
-                c._delete(key)
+        heads = c._get_many(others, timeout) if others else []
+        values: list[bytes | None] = []
+        for key, head in zip(others, heads):
+            if head is None:
+                values.append(None)
+                continue
+            value, parts = self._whole(key, head, timeout)
+            values.append(value)
+            for k in (key, *parts):
+                c._delete(k)
         missing = [r for r, v in enumerate(values, start=1) if v is None]
         if missing:
             raise ClientTimeoutError(_missing_error(c.engine, missing, self.size, f"{self.kind}/{step}", timeout, 0))
@@ -170,14 +210,13 @@ class _KVSession(Session):
         key = f"{self._base}/{step}"
         if self.rank == 0:
             assert data is not None
-            c._set(key, data)
-            self._broadcasts.append(key)
+            self._broadcasts.extend(self._put(key, data))
             return data
-        value = c._get(key, timeout)
-        if value is None:
+        head = c._get(key, timeout)
+        if head is None:
             raise ClientTimeoutError(_missing_error(c.engine, [0], self.size, f"{self.kind}/{step}", timeout,
                                                     self.rank))
-        return value
+        return self._whole(key, head, timeout)[0]
 
     def decide(self, value: bytes, timeout: float) -> bytes | None:
         key = f"{self._base}/decision"

@@ -145,7 +145,8 @@ class MessageSession(Session):
     `ClientTimeoutError` for the absent unless ``partial``).  A decision lives with
     client 0: it takes the first proposal that reached it (its own unless another came
     first) and sends the winner to everyone; a client whose proposal gets no answer
-    from client 0 learns nothing (None).
+    from client 0 learns nothing (None).  An engine with ``can_poll = False`` cannot
+    look for proposals without waiting: client 0 decides alone, the others learn None.
     """
 
     def __init__(self, engine: object, rank: int, size: int, number: int, kind: str) -> None:
@@ -178,6 +179,11 @@ class MessageSession(Session):
 
     def decide(self, value: bytes, timeout: float) -> bytes | None:
         if self._decided is not None:
+            return self._decided
+        if not getattr(self._e, "can_poll", True):
+            # A transport whose receives cannot be polled (gloo closes a pair whose receive times out): client 0
+            # decides alone, and a client that gives up cannot know the decision.
+            self._decided = value if self.rank == 0 else None
             return self._decided
         if self.rank == 0:
             asked = self._x([], None, list(range(1, self.size)), "decide?", 0, partial=True)

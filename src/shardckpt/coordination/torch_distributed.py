@@ -162,6 +162,7 @@ class _TensorCoordinator(Coordinator):
     """
 
     engine = "torch.distributed"
+    can_poll = False  # a gloo receive that times out closes its pair
 
     def __init__(self, dist: Any, group: Any, rank: int, size: int) -> None:
         import torch
