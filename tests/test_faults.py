@@ -18,7 +18,6 @@ import pytest
 
 import shardckpt as sc
 from shardckpt.coordination import KVServer
-from shardckpt.coordination.launcher import ENV_ADDRESS, ENV_RANK, ENV_SIZE
 from shardckpt.faults import ENV as FAULT_ENV
 from shardckpt.faults import POINTS
 
@@ -31,15 +30,15 @@ TIMEOUT = 1.5
 
 
 def run_clients(prefix: str, version: int, fault: str | None = None) -> list[tuple[int, str]]:
-    server = KVServer().start()
+    server = KVServer(size=CLIENTS).start()
     try:
-        env = {**os.environ, ENV_ADDRESS: server.address, ENV_SIZE: str(CLIENTS)}
+        env = dict(os.environ)
         env.pop(FAULT_ENV, None)
         if fault:
             env[FAULT_ENV] = fault
         procs = [
             subprocess.Popen([sys.executable, os.path.join(HERE, "fault_worker.py"), prefix, str(version),
-                              str(TIMEOUT)], env={**env, ENV_RANK: str(r)}, stdout=subprocess.PIPE,
+                              str(TIMEOUT)], env={**env, **server.env(r)}, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True)
             for r in range(CLIENTS)
         ]

@@ -164,7 +164,11 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
     if not args.command_line:
         raise SystemExit("shardckpt launch: name a script or command to run")
-    return launch(args.nproc, args.command_line, host=args.host, port=args.port)
+    for flag, value in (("--max-frame-bytes", args.max_frame_bytes), ("--max-client-bytes", args.max_client_bytes)):
+        if value is not None and not 0 < value < 1 << 32:
+            raise SystemExit(f"shardckpt launch: {flag} must be between 1 and 2^32-1, not {value}")
+    return launch(args.nproc, args.command_line, host=args.host, port=args.port,
+                  max_frame_bytes=args.max_frame_bytes, max_client_bytes=args.max_client_bytes)
 
 
 class _Bar:
@@ -307,12 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("launch", help="run a script as N local clients with a coordinator (like torchrun)",
                        description="Start N copies of a script (or command) on this machine. Each gets "
-                       "SHARDCKPT_RANK, SHARDCKPT_WORLD_SIZE and SHARDCKPT_COORDINATOR, so shardckpt calls in it "
-                       "coordinate with no further setup. If one client fails, the others are stopped and the "
-                       "launcher exits non-zero.")
+                       "SHARDCKPT_RANK, SHARDCKPT_WORLD_SIZE, SHARDCKPT_COORDINATOR and its own "
+                       "SHARDCKPT_COORDINATOR_KEY (the coordinator admits only connections that prove they hold "
+                       "such a key), so shardckpt calls in it coordinate with no further setup. If one client "
+                       "fails, the others are stopped and the launcher exits non-zero.")
     p.add_argument("-n", "--nproc", type=int, required=True, help="number of clients")
     p.add_argument("--host", default="127.0.0.1", help="address the coordinator binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="coordinator port (default: any free port)")
+    p.add_argument("--max-frame-bytes", type=int, default=None, metavar="N",
+                   help="largest value one client may send the coordinator in one collective "
+                   "(default: SHARDCKPT_MAX_FRAME_BYTES or 256 MiB)")
+    p.add_argument("--max-client-bytes", type=int, default=None, metavar="N",
+                   help="most bytes one client may hold in the coordinator's store (default: 4 frames)")
     p.add_argument("command_line", nargs=argparse.REMAINDER, help="script.py [args...], -m module, or a command")
     p.set_defaults(func=cmd_launch)
 
