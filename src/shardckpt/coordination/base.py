@@ -8,11 +8,13 @@ posted in one session is ever read in another (see `session.py`).  The plain
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 
 from ..errors import ClientTimeoutError, CoordinationError, InvalidArgumentError
 from .session import Session, TrivialSession
@@ -133,6 +135,12 @@ class KeyValueCoordinator(Coordinator):
     def _delete(self, key: str) -> None:  # noqa: B027 - optional for stores that cannot delete
         pass
 
+    @contextlib.contextmanager
+    def _within(self, timeout: float) -> Iterator[None]:
+        """A session step of ``timeout`` seconds runs inside this: stores whose calls take no timeout of their
+        own (a set, a create) bound them by it."""
+        yield
+
     def session(self, kind: str) -> Session:
         number = self._sessions
         self._sessions += 1
@@ -181,6 +189,10 @@ class _KVSession(Session):
         self.succeeded = False  # set by the operation once every client has its outcome
 
     def gather(self, step: str, data: bytes, timeout: float) -> list[bytes] | None:
+        with self._c._within(timeout):
+            return self._gather(step, data, timeout)
+
+    def _gather(self, step: str, data: bytes, timeout: float) -> list[bytes] | None:
         c = self._c
         if self.rank != 0:
             self._put(f"{self._base}/{step}/{self.rank}", data)
@@ -206,6 +218,10 @@ class _KVSession(Session):
         return [data] + [v for v in values if v is not None]
 
     def broadcast(self, step: str, data: bytes | None, timeout: float) -> bytes:
+        with self._c._within(timeout):
+            return self._broadcast(step, data, timeout)
+
+    def _broadcast(self, step: str, data: bytes | None, timeout: float) -> bytes:
         c = self._c
         key = f"{self._base}/{step}"
         if self.rank == 0:
@@ -222,7 +238,8 @@ class _KVSession(Session):
         key = f"{self._base}/decision"
         if self.rank == 0:
             self._broadcasts.append(key)
-        return self._c._create(key, value)
+        with self._c._within(timeout):
+            return self._c._create(key, value)
 
     def close(self) -> None:
         if self.rank != 0:

@@ -495,25 +495,15 @@ class LauncherCoordinator(KeyValueCoordinator):
         except (KeyError, ValueError) as exc:
             raise CoordinationError(f"incomplete shardckpt launch environment: {type(exc).__name__} {exc}") from None
 
-    # The base class gives _set no deadline, so each collective records its own for the calls it makes.
+    # _set and _create take no timeout, so each session step records its deadline for the calls it makes.
     @contextmanager
-    def _collective(self, timeout: float) -> Iterator[None]:
+    def _within(self, timeout: float) -> Iterator[None]:
         outer = getattr(self._local, "deadline", None)
         self._local.deadline = time.monotonic() + timeout
         try:
             yield
         finally:
             self._local.deadline = outer
-
-    def all_gather(self, data: bytes, name: str, timeout: float) -> list[bytes]:
-        """Every client's ``data``, by rank; raises `ClientTimeoutError` after ``timeout`` s (+ grace, if mute)."""
-        with self._collective(timeout):
-            return super().all_gather(data, name, timeout)
-
-    def release(self, name: str, timeout: float) -> None:
-        """Client 0 returns once every other client has arrived (or raises `ClientTimeoutError`); the others at once."""
-        with self._collective(timeout):
-            super().release(name, timeout)
 
     def _call(self, op: bytes, key: str, value: bytes, wait: float, answers: int = 1) -> list[bytes | None]:
         k = key.encode()
