@@ -39,7 +39,7 @@ from typing import BinaryIO, Literal, overload
 import numpy as np
 
 from . import storage
-from .commit import commit, commit_remote, recover, recover_remote, staging_data_filename
+from .commit import commit, commit_remote, recover, recover_remote, sidecar_path, staging_data_filename
 from .coordination import Coordinator, default_timeout, resolve
 from .dtensor import DTensor
 from .errors import (
@@ -51,6 +51,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .faults import fault_point
+from .format.chunks import ChunkSums
 from .format.dtypes import DataType, from_numpy
 from .format.files import data_filename, index_filename
 from .format.parallel_writer import write_at, write_data_file, write_stream
@@ -250,15 +251,18 @@ class _Session:
             midway = lambda: fault_point("mid_data_write", self.rank)  # noqa: E731
             if self.remote:
                 stream = storage.open_stream(self.staging)
+                sums = ChunkSums()  # chunk checksums: the sidecar
                 try:
-                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway)
+                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway, sums=sums)
                 except BaseException:
                     stream.discard()  # abort the upload: no partial object
                     raise
                 stream.close()
+                sums.save(sidecar_path(self.staging), size)  # chunk checksums: the sidecar
             else:
                 written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
-                                                midway=midway)
+                                                midway=midway,
+                                                sidecar=sidecar_path(self.staging))  # chunk checksums: the sidecar
             fault_point("after_data_fsync", self.rank)
             return pack_entries(_entries_for(self.items, self.specs, written)), None, size
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
@@ -605,6 +609,7 @@ class _StagedWrite:
         self.entries: list[BundleEntry] = []
         self.futures: list[tuple[Future[None], int]] = []
         self.error: BaseException | None = None
+        self.sums = ChunkSums()  # chunk checksums: the sidecar
 
     def _snapshot(self, lent: list[np.ndarray], shard: np.ndarray) -> np.ndarray:
         if self.pool is None or shard.dtype.hasobject or shard.dtype.kind in "SU" or not shard.nbytes:
@@ -620,10 +625,12 @@ class _StagedWrite:
         midway = (lambda: fault_point("mid_data_write", rank)) if first else None
         try:
             if self.stream is not None:
-                written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=rank, midway=midway)
+                written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=rank, midway=midway,
+                                                 sums=self.sums)  # chunk checksums: the sidecar
             else:
                 assert self.fd is not None
-                written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=rank, midway=midway)
+                written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=rank, midway=midway,
+                                             sums=self.sums)  # chunk checksums: the sidecar
             self.entries.extend(written)
         finally:
             # The writers are done with the wave whether or not it failed (a stream keeps its own copy),
@@ -672,6 +679,7 @@ class _StagedWrite:
                 raise self.error
             if self.fd is not None and s.durable:
                 os.fsync(self.fd)
+            self.sums.save(sidecar_path(s.staging), self.end, s.durable)  # chunk checksums: the sidecar
             fault_point("after_data_fsync", s.rank)
             return pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
@@ -689,6 +697,7 @@ class _StagedWrite:
 
 def _discard(path: str) -> None:
     storage.delete(path)
+    storage.delete(sidecar_path(path))  # chunk checksums: the sidecar
 
 
 def name_based_save(mesh: Mesh, file_prefix: str | os.PathLike[str], name_tensor_map: dict[str, object],
