@@ -241,12 +241,18 @@ def load(path: str, data_size: int) -> ChunkTable | None:
         f.close()
 
 
+def _largest(data_size: int) -> int:
+    """The most bytes a well-formed sidecar of a ``data_size``-byte file can have (smallest chunks)."""
+    pieces = data_size // (MIN_CHUNK + 1)
+    return _HEADER.size + pieces * _PIECE.itemsize + 4 * (pieces + data_size // MIN_CHUNK) + _TRAILER.size
+
+
 def _parse(f: storage.RandomAccess, path: str, data_size: int) -> ChunkTable | None:
-    if f.size < _HEADER.size + _TRAILER.size:
-        raise ValueError(f"{f.size} bytes is too short for a sidecar")
-    head = bytearray(_HEADER.size)
-    f.read_into([memoryview(head)], 0)
-    magic, version, chunk_size, size, npieces, nchunks = _HEADER.unpack(head)
+    if not _HEADER.size + _TRAILER.size <= f.size <= _largest(data_size):
+        raise ValueError(f"{f.size} bytes cannot be a sidecar of a {data_size}-byte file")
+    data = bytearray(f.size)  # one read (one GET on an object store); bounded by the data file's size
+    f.read_into([memoryview(data)], 0)
+    magic, version, chunk_size, size, npieces, nchunks = _HEADER.unpack_from(data)
     if magic != MAGIC or version != VERSION:
         raise ValueError(f"not a version {VERSION} sidecar")
     if size != data_size:
@@ -260,8 +266,6 @@ def _parse(f: storage.RandomAccess, path: str, data_size: int) -> ChunkTable | N
     want = _HEADER.size + npieces * _PIECE.itemsize + 4 * nchunks + _TRAILER.size
     if f.size != want:
         raise ValueError(f"{f.size} bytes, expected {want}")
-    data = bytearray(want)
-    f.read_into([memoryview(data)], 0)
     (stored,) = _TRAILER.unpack_from(data, want - _TRAILER.size)
     if crc32c(memoryview(data)[: want - _TRAILER.size]) != unmask_crc(stored):
         raise ValueError("its own checksum does not match")
