@@ -714,7 +714,8 @@ def run_clients(engine: str, n: int, scenario: str, directory: str | os.PathLike
 def check_committed(directory: str | os.PathLike[str], base: str, num_clients: int) -> None:
     """``directory/base`` is a complete checkpoint of `model_globals` written by num_clients, with no staging left."""
     names = sorted(n for n in os.listdir(directory) if n.startswith(base + "."))
-    want = [f"{base}.data-{r:05d}-of-{num_clients:05d}" for r in range(num_clients)] + [f"{base}.index"]
+    want = [f"{base}.data-{r:05d}-of-{num_clients:05d}{side}" for r in range(num_clients)
+            for side in ("", ".crc32c")] + [f"{base}.index"]
     assert names == sorted(want), names
     g = model_globals()
     with shardckpt.load_checkpoint(os.path.join(directory, base)) as reader:

@@ -41,7 +41,16 @@ from typing import BinaryIO, Literal, cast, overload
 import numpy as np
 
 from . import errors, storage
-from .commit import STAGING, StagedFile, commit, commit_remote, recover, recover_remote, staging_data_filename
+from .commit import (
+    STAGING,
+    StagedFile,
+    commit,
+    commit_remote,
+    recover,
+    recover_remote,
+    sidecar_path,
+    staging_data_filename,
+)
 from .coordination import Coordinator, default_timeout, resolve
 from .coordination.session import Session, answer_wait
 from .dtensor import DTensor
@@ -56,6 +65,7 @@ from .errors import (
     ShapeMismatchError,
 )
 from .faults import fault_point
+from .format.chunks import ChunkSums
 from .format.dtypes import DataType, from_numpy
 from .format.files import data_filename, index_filename
 from .format.parallel_writer import write_at, write_data_file, write_stream
@@ -282,15 +292,17 @@ class _Save:
             inode = 0
             if self.remote:
                 stream = storage.open_stream(self.staging)
+                sums = ChunkSums()  # chunk checksums: the sidecar
                 try:
-                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway)
+                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway, sums=sums)
                 except BaseException:
                     stream.discard()  # abort the upload: no partial object
                     raise
                 stream.close()
+                sums.save(sidecar_path(self.staging), size)
             else:
                 written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
-                                                midway=midway)
+                                                midway=midway, sidecar=sidecar_path(self.staging))
                 inode = os.stat(self.staging).st_ino
             fault_point("after_data_fsync", self.rank)
             return _Written(pack_entries(_entries_for(self.items, self.specs, written)), None, size, inode)
@@ -771,6 +783,7 @@ class _StagedWrite:
         self.entries: list[BundleEntry] = []
         self.futures: list[tuple[Future[None], int]] = []
         self.error: BaseException | None = None
+        self.sums = ChunkSums()  # chunk checksums: the sidecar
 
     def _snapshot(self, lent: list[np.ndarray], shard: np.ndarray) -> np.ndarray:
         if self.pool is None or shard.dtype.hasobject or shard.dtype.kind in "SU" or not shard.nbytes:
@@ -786,10 +799,12 @@ class _StagedWrite:
         midway = (lambda: fault_point("mid_data_write", rank)) if first else None
         try:
             if self.stream is not None:
-                written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=rank, midway=midway)
+                written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=rank, midway=midway,
+                                                 sums=self.sums)
             else:
                 assert self.fd is not None
-                written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=rank, midway=midway)
+                written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=rank, midway=midway,
+                                             sums=self.sums)
             self.entries.extend(written)
         finally:
             # The writers are done with the wave whether or not it failed (a stream keeps its own copy),
@@ -838,6 +853,7 @@ class _StagedWrite:
                 raise self.error
             if self.fd is not None and s.durable:
                 os.fsync(self.fd)
+            self.sums.save(sidecar_path(s.staging), self.end, s.durable)
             fault_point("after_data_fsync", s.rank)
             inode = os.fstat(self.fd).st_ino if self.fd is not None else 0
             return _Written(pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end, inode)
@@ -856,6 +872,7 @@ class _StagedWrite:
 
 def _discard(path: str) -> None:
     storage.delete(path)
+    storage.delete(sidecar_path(path))
 
 
 def name_based_save(mesh: Mesh, file_prefix: str | os.PathLike[str], name_tensor_map: dict[str, object],
