@@ -59,6 +59,7 @@ from .errors import (
     CheckpointExistsError,
     CheckpointIOError,
     ClientTimeoutError,
+    CoordinationError,
     InvalidArgumentError,
     OutcomeUnknownError,
     RemoteClientError,
@@ -360,7 +361,7 @@ class _Save:
                     f"outcome did not arrive within {wait:g} s; look at {prefix}.index to know") from None
         self.timings["barrier_committed"] = time.perf_counter() - t
         fault_point("after_barrier_committed", self.rank)
-        s.gather("done", b"", wait)
+        s.confirm("done", wait)
         if outcome["error"]:
             if outcome.get("discard"):
                 _discard(self.staging)
@@ -428,7 +429,7 @@ class _Save:
         self.timings["barrier_committed"] = time.perf_counter() - t
         fault_point("after_barrier_committed", 0)
         try:
-            s.gather("done", b"", wait)  # the others have read the outcome: this process may exit now
+            s.confirm("done", wait)  # the others have read the outcome: this process may exit now
             s.succeeded = True
         except CheckpointError as exc:  # the checkpoint is committed; a client vanished after learning it
             log.warning("%s: %s", prefix, exc)
@@ -520,7 +521,12 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
                 verdict = _verdict(prefix, mesh, [json.loads(b) for b in replies], overwrite, durable, lease_box)
             except ClientTimeoutError as exc:
                 verdict = {"error": _error_json(ClientTimeoutError(f"{prefix}: sharded_save: {exc}"))}
-            session.broadcast("go", json.dumps(verdict).encode(), wait)
+            try:
+                session.broadcast("go", json.dumps(verdict).encode(), wait)
+            except CoordinationError:
+                if not verdict["error"]:
+                    raise
+                # Telling the others failed too (gloo after a timeout): they learn by their own timeout.
         else:
             session.gather("agree", json.dumps(payload).encode(), wait)
             try:
