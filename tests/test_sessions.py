@@ -331,3 +331,46 @@ def test_os_errors_name_the_prefix(tmp_path):
     with pytest.raises(sc.CheckpointIOError) as info:
         sc.sharded_save(MESH, prefix, ["w"], [""], [np.zeros(2)], coordinator=SingleClient())
     assert prefix in str(info.value) and isinstance(info.value, OSError) and info.value.errno is not None
+
+
+def _sized_save(coord, prefix: str, step: int, rows: int, *, overwrite: bool = False) -> None:
+    local = MESH.local_devices(coord.rank, coord.size)
+    w = sc.DTensor.from_global(np.full((rows, 256), step, np.float32), sc.Layout(["x", sc.UNSHARDED], MESH), local)
+    sc.sharded_save(MESH, prefix, ["w"], [""], [w], coordinator=coord, timeout=30, overwrite=overwrite)
+
+
+def test_a_full_disk_fails_the_save_on_every_client_and_keeps_the_old_checkpoint(tmp_path):
+    """Finding 7: disk full raised a raw OSError naming no prefix.  Now every client raises CheckpointIOError
+    (errno ENOSPC kept) naming the prefix and the file, and the old checkpoint stays whole."""
+    import errno
+
+    from fs_helpers import full_filesystem
+
+    with full_filesystem(tmp_path, 4 << 20) as d:
+        prefix = str(d / "p")
+        group = LocalGroup(2)
+        group.run(lambda c: _sized_save(c, prefix, 1, 256))  # 256 KiB
+        errors: list[BaseException | None] = [None, None]
+
+        def client(c):
+            try:
+                _sized_save(c, prefix, 2, 8192, overwrite=True)  # 8 MiB: more than the disk holds
+            except sc.CheckpointError as exc:
+                errors[c.rank] = exc
+
+        group.run(client)
+        local = [e for e in errors if isinstance(e, sc.CheckpointIOError)]
+        assert local and all(e is not None for e in errors), errors
+        assert all(e.errno == errno.ENOSPC and prefix in str(e) for e in local), local
+        w = sc.load_checkpoint(prefix).get_tensor("w")
+        assert w.shape == (256, 256) and (w == 1).all()
+        assert not [n for n in os.listdir(d) if ".staging-" in n]
+
+
+def test_a_read_only_directory_fails_the_save_naming_the_prefix(tmp_path):
+    from fs_helpers import read_only
+
+    prefix = str(tmp_path / "p")
+    with read_only(tmp_path), pytest.raises(sc.CheckpointIOError) as info:
+        sc.sharded_save(MESH, prefix, ["w"], [""], [np.zeros(2)], coordinator=SingleClient())
+    assert prefix in str(info.value)

@@ -128,16 +128,22 @@ def _io_error(prefix: str, path: str, what: str, exc: OSError) -> CheckpointIOEr
     return err
 
 
-def _error_json(exc: BaseException) -> dict[str, str]:
-    return {"message": str(exc), "type": type(exc).__name__}
+def _error_json(exc: BaseException) -> dict[str, object]:
+    report: dict[str, object] = {"message": str(exc), "type": type(exc).__name__}
+    if isinstance(exc, OSError) and exc.errno is not None:
+        report["errno"] = exc.errno
+    return report
 
 
-def _remote_error(report: dict[str, str], default: type[CheckpointError] = RemoteClientError) -> CheckpointError:
+def _remote_error(report: dict[str, object], default: type[CheckpointError] = RemoteClientError) -> CheckpointError:
     """Client 0's verdict as this client's exception: the same class where it is one of ours."""
-    cls = getattr(errors, report.get("type", ""), None) if report.get("type") in errors.__all__ else None
-    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)) or cls is CheckpointIOError:
+    name = str(report.get("type", ""))
+    cls = getattr(errors, name, None) if name in errors.__all__ else None
+    if cls is CheckpointIOError:
+        return CheckpointIOError(int(report.get("errno") or errno.EIO), str(report["message"]))  # type: ignore[call-overload]
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
         cls = default
-    return cls(report["message"])
+    return cls(str(report["message"]))
 
 
 def _normalize(
