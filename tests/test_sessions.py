@@ -374,3 +374,23 @@ def test_a_read_only_directory_fails_the_save_naming_the_prefix(tmp_path):
     with read_only(tmp_path), pytest.raises(sc.CheckpointIOError) as info:
         sc.sharded_save(MESH, prefix, ["w"], [""], [np.zeros(2)], coordinator=SingleClient())
     assert prefix in str(info.value)
+
+
+def test_convert_to_a_prefix_a_save_holds_is_refused(tmp_path):
+    """`shardckpt convert x.safetensors P` beside a live save of P: refused, the save's files untouched."""
+    from safetensors.numpy import save_file
+
+    from shardckpt.lease import PrefixLease
+
+    src = str(tmp_path / "x.safetensors")
+    save_file({"w": np.ones(4, np.float32)}, src)
+    prefix = str(tmp_path / "p")
+    with PrefixLease.acquire(prefix, what="sharded_save"):
+        proc = subprocess.run([sys.executable, "-m", "shardckpt.cli", "convert", src, prefix], capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 1 and "in use by sharded_save" in proc.stderr, proc
+    assert not os.path.exists(prefix + ".index")
+    proc = subprocess.run([sys.executable, "-m", "shardckpt.cli", "convert", src, prefix], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc
+    assert sc.load_checkpoint(prefix).get_tensor("w").tolist() == [1.0] * 4
