@@ -393,12 +393,14 @@ class _Save:
                 raise ClientTimeoutError(f"{prefix}: sharded_save abandoned before the commit, nothing was "
                                          f"published: {(won or b'').decode(errors='replace')}")
         except BaseException as exc:
-            s.decide(f"abort: client 0: {exc}".encode(), wait)
-            self._give_up()
-            report = _error_json(exc if isinstance(exc, CheckpointError) else RemoteClientError(
-                f"{prefix}: sharded_save: client 0 failed: {exc}"))
-            with contextlib.suppress(CheckpointError):
-                s.broadcast("outcome", json.dumps({"error": report, "discard": True}).encode(), wait)
+            try:
+                with contextlib.suppress(CheckpointError):  # a broken transport: the others time out instead
+                    s.decide(f"abort: client 0: {exc}".encode(), wait)
+                    report = _error_json(exc if isinstance(exc, CheckpointError) else RemoteClientError(
+                        f"{prefix}: sharded_save: client 0 failed: {exc}"))
+                    s.broadcast("outcome", json.dumps({"error": report, "discard": True}).encode(), wait)
+            finally:
+                self._give_up()
             raise
 
         t = time.perf_counter()
@@ -417,6 +419,8 @@ class _Save:
             commit_error = exc
         except OSError as exc:
             commit_error = _io_error(prefix, prefix + ".index", "commit failed writing", exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must still end the save on every client and free the prefix
+            commit_error = CheckpointError(f"{prefix}: commit failed: {type(exc).__name__}: {exc}")
         # A commit that failed before its commit point leaves no staged index: the staged data files go.  One
         # that failed after it (the old index already removed) is rolled forward by the next recovery, which
         # needs them.
