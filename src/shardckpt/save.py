@@ -312,15 +312,16 @@ class _Save:
     def finish(self, w: _Written) -> SaveResult:
         """Report how the writes went, decide and commit on client 0, and learn the one outcome."""
         t = time.perf_counter()
-        fault_point("before_barrier_written", self.rank)
         header = json.dumps({"error": _error_json(w.error) if w.error else None, "size": w.size,
                              "inode": w.inode}).encode()
         mine = len(header).to_bytes(4, "little") + header + w.blob
         try:
             if self.rank == 0:
                 return self._finish_root(mine, w.error, w.size, t)
+            fault_point("before_barrier_written", self.rank)
             return self._finish_other(mine, w.error, w.size, t)
         finally:
+            self._release()  # whatever escaped: a lease kept by this process would refuse every later save
             self.session.close()
 
     def _finish_other(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
@@ -358,6 +359,7 @@ class _Save:
     def _finish_root(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
         s, prefix, wait = self.session, self.prefix, self.wait
         try:
+            fault_point("before_barrier_written", 0)
             pieces = s.gather("written", mine, wait)
             assert pieces is not None
             statuses = [json.loads(p[4 : 4 + int.from_bytes(p[:4], "little")]) for p in pieces]
@@ -410,16 +412,18 @@ class _Save:
         self._release()
         self.timings["commit"] = time.perf_counter() - t
         t = time.perf_counter()
-        fault_point("before_barrier_committed", 0)
-        outcome = {"error": _error_json(commit_error) if commit_error else None, "discard": discard}
-        s.broadcast("outcome", json.dumps(outcome).encode(), wait)
-        self.timings["barrier_committed"] = time.perf_counter() - t
-        fault_point("after_barrier_committed", 0)
+        # The outcome is decided: nothing failing from here on (telling the others, hearing they know) changes
+        # it on this client; a client that does not hear it says its outcome is unknown.
         try:
+            fault_point("before_barrier_committed", 0)
+            outcome = {"error": _error_json(commit_error) if commit_error else None, "discard": discard}
+            s.broadcast("outcome", json.dumps(outcome).encode(), wait)
+            self.timings["barrier_committed"] = time.perf_counter() - t
+            fault_point("after_barrier_committed", 0)
             s.gather("done", b"", wait)  # the others have read the outcome: this process may exit now
             s.succeeded = True
-        except CheckpointError as exc:  # the checkpoint is committed; a client vanished after learning it
-            log.warning("%s: %s", prefix, exc)
+        except CheckpointError as exc:
+            log.warning("%s: after the outcome was decided: %s", prefix, exc)
         if commit_error is not None:
             raise commit_error
         return self._result(written)
