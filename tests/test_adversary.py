@@ -186,7 +186,7 @@ def raise_hook(point: str, victim: int):
 
 
 RAISE = [(p, v, n, b) for n, b in ((2, True), (3, True), (2, False)) for v in (0, n - 1) for p in POINTS
-         if (v == 0 or p not in CLIENT0_ONLY) and not (v != 0 and p == "after_barrier_committed")]
+         if v == 0 or p not in CLIENT0_ONLY]
 
 
 @pytest.mark.parametrize("point, victim, n, blocking", RAISE,
