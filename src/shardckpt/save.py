@@ -331,25 +331,36 @@ class _Save:
             _discard(self.staging)  # client 0 sees the error and never commits
             raise error
         self.timings["barrier_written"] = time.perf_counter() - t
-        fault_point("after_barrier_written", self.rank)
         t = time.perf_counter()
         try:
+            fault_point("after_barrier_written", self.rank)
             outcome = json.loads(s.broadcast("outcome", None, answer_wait(wait)))
-        except ClientTimeoutError as exc:
-            # Abandon the save, unless client 0 already decided to commit: then its outcome is all that counts.
-            won = s.decide(f"abort: client {self.rank}: {exc}".encode(), min(wait, _GRACE))
+        except CheckpointError as exc:
+            # This client reported its part written, then gave up (a timeout) or failed (the store lost, an
+            # error of its own): abandon the save, unless client 0 already decided to commit: then its outcome
+            # is all that counts, for this client too.
+            try:
+                won = s.decide(f"abort: client {self.rank}: {exc}".encode(), min(wait, _GRACE))
+            except CheckpointError:
+                won = None
             if won is not None and won.startswith(b"abort"):
                 _discard(self.staging)
+                if not isinstance(exc, ClientTimeoutError):
+                    raise
                 raise ClientTimeoutError(f"{prefix}: sharded_save abandoned, nothing was published: {exc}") from None
             try:
                 outcome = json.loads(s.broadcast("outcome", None, min(wait, _GRACE)))
-            except ClientTimeoutError:
+            except CheckpointError:
                 raise OutcomeUnknownError(
                     f"{prefix}: client 0 {'decided to commit' if won else 'may have committed'} the save but its "
                     f"outcome did not arrive within {wait:g} s; look at {prefix}.index to know") from None
+            log.warning("%s: client %d: %s (client 0 had decided to commit)", prefix, self.rank, exc)
         self.timings["barrier_committed"] = time.perf_counter() - t
-        fault_point("after_barrier_committed", self.rank)
-        s.gather("done", b"", wait)
+        try:  # the outcome is known: nothing failing from here on changes it
+            fault_point("after_barrier_committed", self.rank)
+            s.gather("done", b"", wait)
+        except CheckpointError as exc:
+            log.warning("%s: client %d, after learning the outcome: %s", prefix, self.rank, exc)
         if outcome["error"]:
             if outcome.get("discard"):
                 _discard(self.staging)
