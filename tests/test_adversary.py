@@ -52,13 +52,13 @@ def model(step: int, n: int) -> dict[str, np.ndarray]:
 
 
 def save(coord, prefix: str, step: int, *, timeout: float = AFTER, overwrite: bool = True,
-         blocking: bool = True) -> sc.SaveResult:
+         blocking: bool = True, durable: bool = True) -> sc.SaveResult:
     mesh = sc.create_mesh([("x", coord.size)])
     local = mesh.local_devices(coord.rank, coord.size)
     values = model(step, coord.size)
     w = sc.DTensor.from_global(values["w"], sc.Layout(["x", sc.UNSHARDED], mesh), local)
     result = sc.sharded_save(mesh, prefix, ["w", "b"], ["", ""], [w, values["b"]], coordinator=coord,
-                             timeout=timeout, overwrite=overwrite, blocking=blocking)
+                             timeout=timeout, overwrite=overwrite, blocking=blocking, durable=durable)
     return result if blocking else result.result()  # type: ignore[union-attr,return-value]
 
 
@@ -219,3 +219,27 @@ def test_a_first_save_that_failed_in_its_commit_is_not_published_later(tmp_path,
     results, _ = run_group(group, lambda c: save(c, prefix, 2, overwrite=False))
     assert results == ["ok", "ok"], results
     assert holds(prefix, 2) == 2
+
+
+def test_1000_failed_sessions_keep_the_store_bounded(tmp_path):
+    """Failed sessions keep their keys for at most `KEPT` sessions, so memory stays bounded however many fail.
+    Here: 400 saves fail (client 0's data write raises; client 1 posts its "done", which client 0 never
+    reads) and 600 plain gathers fail (client 0 gives up before client 1 posts, so its post is never read)."""
+    group = LocalGroup(2)
+    prefix = str(tmp_path / "p")
+
+    def failing(p: str, client: int) -> None:
+        if p == "mid_data_write" and client == 0:
+            raise faults.InjectedFault("injected")
+
+    with faults.hook(failing):
+        for step in range(400):
+            results, _ = run_group(group, lambda c, s=step: save(c, prefix, s, durable=False))
+            assert results == ["InjectedFault", "RemoteClientError"], results
+    root, other = group.coordinator(0), group.coordinator(1)
+    for _ in range(600):
+        assert outcome(lambda: root.all_gather(b"x" * 1000, "g", 0.0)) == "ClientTimeoutError"
+        assert outcome(lambda: other.all_gather(b"y" * 1000, "g", 0.0)) == "ClientTimeoutError"
+    kept = root.KEPT
+    assert len(group._data) <= 4 * kept, (len(group._data), sorted(group._data)[:10])
+    then_saves_succeed(group, tmp_path, prefix, 3)
