@@ -243,3 +243,33 @@ def test_1000_failed_sessions_keep_the_store_bounded(tmp_path):
     kept = root.KEPT
     assert len(group._data) <= 4 * kept, (len(group._data), sorted(group._data)[:10])
     then_saves_succeed(group, tmp_path, prefix, 3)
+
+
+def test_a_client_making_an_extra_collective_call_never_commits_a_mix(tmp_path):
+    """User bug: client 1 makes a collective call client 0 does not make, then both save to one prefix in
+    a loop.  Sessions pair by number, so client 0's second save met client 1's first (its call still waiting
+    for client 0's answer): same prefix, names and shapes, so the agreement passed, and the checkpoint of
+    client 0's step 2 held client 1's shards of step 1, reported as a success on both.  Nothing that mixes
+    two calls may be committed."""
+    prefix = str(tmp_path / "p")
+    group = LocalGroup(2)
+    root, other = group.coordinator(0), group.coordinator(1)
+    got: dict[str, list[str]] = {"root": [], "other": []}
+
+    def client0() -> None:
+        for step in (1, 2):
+            got["root"].append(outcome(lambda s=step: save(root, prefix, s, timeout=0.5)))
+
+    def client1() -> None:
+        assert outcome(lambda: other.all_gather(b"", "extra", 0.0)) == "ClientTimeoutError"  # the extra call
+        got["other"].append(outcome(lambda: save(other, prefix, 1, timeout=0.5)))
+
+    threads = [threading.Thread(target=client0), threading.Thread(target=client1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    state = holds(prefix, 2)  # raises on a mix
+    if got["root"][1] == "ok":
+        assert state == 2
+    assert state is None or got["root"][state - 1] == "ok", (got, state)
