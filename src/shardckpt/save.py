@@ -454,6 +454,12 @@ def _verdict(prefix: str, mesh: Mesh, replies: list[dict], overwrite: bool, dura
         r, report = failed[0]
         return {"error": {"message": f"{prefix}: sharded_save: client {r} failed: {report['message']}",
                           "type": "RemoteClientError"}}
+    for r, reply in enumerate(replies):
+        if reply.get("nth") != replies[0].get("nth"):
+            return {"error": {"message": f"{prefix}: sharded_save: this is save {reply.get('nth')} of client {r} "
+                              f"but save {replies[0].get('nth')} of client 0: the clients' collective calls are out "
+                              "of step (one made a call the others did not); nothing was written",
+                              "type": "MismatchedCallError"}}
     mine = replies[0]["digest"]
     for r, reply in enumerate(replies):
         if reply["digest"] != mine:
@@ -498,6 +504,7 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     session = coord.session("save")
+    nth = _next_save(coord)
     local = mesh.local_devices(rank, size)
     directory = os.path.dirname(prefix)
     local_error: BaseException | None = None
@@ -513,7 +520,7 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     except CheckpointError as exc:
         local_error = exc
     payload = {"digest": _describe(prefix, mesh, specs) if local_error is None else {},
-               "devices": list(local), "error": _error_json(local_error) if local_error else None}
+               "devices": list(local), "error": _error_json(local_error) if local_error else None, "nth": nth}
     lease_box: list[PrefixLease] = []
     try:
         if rank == 0:
@@ -668,6 +675,17 @@ class _AsyncState:
 
 _async_lock = threading.Lock()
 _async: weakref.WeakKeyDictionary[Coordinator, _AsyncState] = weakref.WeakKeyDictionary()
+
+
+# Per coordinator: how many saves it has opened.  Sessions pair by number, so a client that made a collective
+# call the others did not would pair this save with another call of theirs; the count tells the calls apart.
+_save_counts: weakref.WeakKeyDictionary[Coordinator, int] = weakref.WeakKeyDictionary()
+
+
+def _next_save(coord: Coordinator) -> int:
+    with _async_lock:
+        n = _save_counts[coord] = _save_counts.get(coord, 0) + 1
+        return n
 
 
 def _async_state(coord: Coordinator) -> _AsyncState:
