@@ -273,3 +273,34 @@ def test_a_client_making_an_extra_collective_call_never_commits_a_mix(tmp_path):
     if got["root"][1] == "ok":
         assert state == 2
     assert state is None or got["root"][state - 1] == "ok", (got, state)
+
+
+def test_a_save_waits_for_shardckpt_clean_instead_of_failing(tmp_path):
+    """`shardckpt clean` holds the prefix's lease while it recovers; a save starting then must wait for it, not
+    fail with PrefixBusyError ("no save may ever fail because of clean").  Deterministic: the lease is held,
+    as clean holds it, until client 0 has asked for it once."""
+    prefix = str(tmp_path / "p")
+    group = LocalGroup(2)
+    then_saves_succeed(group, tmp_path, prefix, 1)
+    held = PrefixLease.acquire(prefix, what="shardckpt clean")
+    asked = threading.Event()
+    real = PrefixLease.acquire.__func__  # type: ignore[attr-defined]
+
+    def acquire(cls, p, **kw):
+        try:
+            return real(cls, p, **kw)
+        finally:
+            asked.set()
+
+    def release_later() -> None:
+        asked.wait(30)
+        held.release()
+
+    threading.Thread(target=release_later).start()
+    PrefixLease.acquire = classmethod(acquire)  # type: ignore[method-assign]
+    try:
+        results, _ = run_group(group, lambda c: save(c, prefix, 2, timeout=5))
+    finally:
+        PrefixLease.acquire = classmethod(real)  # type: ignore[method-assign]
+    assert results == ["ok", "ok"], results
+    assert holds(prefix, 2) == 2
