@@ -63,7 +63,7 @@ from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
 from .format.writer import prepare
 from .layout import Layout
-from .lease import PrefixLease
+from .lease import CLEANER, PrefixLease, holder_of, lease_filename
 from .mesh import Mesh
 from .plan import SaveTensor, WriteItem, plan_save
 
@@ -445,8 +445,23 @@ class _Save:
         return SaveResult(self.prefix, [data_filename(self.prefix, self.rank, size)], written, size, self.timings)
 
 
+def _take_lease(prefix: str, token: str, patience: float) -> PrefixLease:
+    """The prefix's lease; held by `shardckpt clean` (a short recovery), it is waited for up to ``patience`` s:
+    a tool must not make a save fail.  Another save holding it is refused at once."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return PrefixLease.acquire(prefix, what="sharded_save", token=token)
+        except errors.PrefixBusyError:
+            holder = holder_of(prefix)
+            cleaning = holder.what == CLEANER if holder is not None else not os.path.lexists(lease_filename(prefix))
+            if not cleaning or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _verdict(prefix: str, mesh: Mesh, replies: list[dict], overwrite: bool, durable: bool,
-             lease_box: list[PrefixLease]) -> dict[str, object]:
+             lease_box: list[PrefixLease], wait: float) -> dict[str, object]:
     """Client 0: may the save go ahead?  Checks every client's arguments, takes the prefix's lease, and cleans
     up after an earlier save that did not finish (only ever with the lease held: no live save is touched)."""
     failed = [(r, m["error"]) for r, m in enumerate(replies) if m.get("error")]
@@ -479,7 +494,8 @@ def _verdict(prefix: str, mesh: Mesh, replies: list[dict], overwrite: bool, dura
     token = secrets.token_hex(8)
     remote = storage.is_remote(prefix)
     try:
-        lease_box.append(PrefixLease.acquire(prefix, what="sharded_save", token=token))
+        # The others wait for this verdict at most `answer_wait`: the slack beyond the gather's timeout, halved.
+        lease_box.append(_take_lease(prefix, token, (answer_wait(wait) - wait) / 2))
         actions = recover_remote(prefix) if remote else recover(prefix, durable=durable)
         for action in actions:
             log.warning("%s: %s (left by an earlier save that did not finish)", prefix, action)
@@ -527,7 +543,7 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
             try:
                 replies = session.gather("agree", json.dumps(payload).encode(), wait)
                 assert replies is not None
-                verdict = _verdict(prefix, mesh, [json.loads(b) for b in replies], overwrite, durable, lease_box)
+                verdict = _verdict(prefix, mesh, [json.loads(b) for b in replies], overwrite, durable, lease_box, wait)
             except ClientTimeoutError as exc:
                 verdict = {"error": _error_json(ClientTimeoutError(f"{prefix}: sharded_save: {exc}"))}
             session.broadcast("go", json.dumps(verdict).encode(), wait)
