@@ -16,8 +16,6 @@ the timeout where the point is what happens when it comes back within the grace.
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
 import os
 import signal
@@ -33,7 +31,7 @@ import shardckpt as sc
 from shardckpt import faults
 from shardckpt.coordination import KVServer, LocalGroup
 from shardckpt.faults import POINTS
-from shardckpt.lease import PrefixLease, holder_of
+from shardckpt.lease import PrefixLease
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(os.path.dirname(HERE), "src")
@@ -304,3 +302,109 @@ def test_a_save_waits_for_shardckpt_clean_instead_of_failing(tmp_path):
         PrefixLease.acquire = classmethod(real)  # type: ignore[method-assign]
     assert results == ["ok", "ok"], results
     assert holds(prefix, 2) == 2
+
+
+# --- real processes: SIGKILL at every point, under the launcher ----------------------------------------------
+
+# One process imports shardckpt once and forks every client of every case from it: 40 interpreters starting
+# at once took over a minute on a loaded 2-core machine; forks take milliseconds.  Each client reads its engine
+# (the launcher's variables) and its fault from its environment, as a real client does.
+ZYGOTE = r'''
+import json, os, sys, time
+import numpy as np
+import shardckpt as sc
+
+cases = json.loads(sys.stdin.readline())
+go_r, go_w = os.pipe()
+children = {}
+for i, case in enumerate(cases):
+    for r, env in enumerate(case["envs"]):
+        pid = os.fork()
+        if pid == 0:
+            os.close(go_w)
+            os.environ.update(env)
+            coord = sc.coordination.resolve(None)
+            step, n = case["step"], coord.size
+            mesh = sc.create_mesh([("x", n)])
+            w = sc.DTensor.from_global(np.full((6 * n, 4), step, np.float32) + np.arange(4, dtype=np.float32),
+                                       sc.Layout(["x", sc.UNSHARDED], mesh), mesh.local_devices(coord.rank, n))
+            b = np.arange(16, dtype=np.int64) + 1000 * step  # as test_adversary.model
+            os.read(go_r, 1)  # every client starts its save together
+            t = time.monotonic()
+            try:
+                sc.sharded_save(mesh, case["prefix"], ["w", "b"], ["", ""], [w, b], coordinator=coord,
+                                timeout=case["timeout"], overwrite=True)
+                word = "ok"
+            except sc.CheckpointError as exc:
+                word = type(exc).__name__
+            with open(f"{case['prefix']}.result-{r}", "w") as f:
+                json.dump([word, time.monotonic() - t], f)
+            os._exit(0)
+        children[pid] = (i, r)
+os.close(go_r)
+os.write(go_w, b"g" * len(children))
+status = {}
+while children:
+    pid, st = os.wait()
+    i, r = children.pop(pid)
+    status[f"{i}/{r}"] = -os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st)
+print(json.dumps(status), flush=True)
+'''
+
+KILL = [(p, v) for v in (0, 1) for p in POINTS if v == 0 or p not in CLIENT0_ONLY]
+
+
+def test_sigkill_at_every_point_under_the_launcher(tmp_path):
+    """2 real client processes per case, every case at once: client ``v`` SIGKILLs itself at each point of the
+    save of step 2 over step 1.  The survivor finishes within its bound with an outcome the promises allow; the
+    prefix holds one whole version (none only if client 0 died past its commit point); a save by a new group
+    then succeeds, recovering what the dead left (its stale lease included)."""
+    timeout = 2.0
+    cases, servers = [], []
+    try:
+        for i, (point, victim) in enumerate(KILL):
+            d = tmp_path / f"case{i}"
+            d.mkdir()
+            prefix = str(d / "p")
+            results, _ = run_group(LocalGroup(2), lambda c, p=prefix: save(c, p, 1, durable=False))
+            assert results == ["ok", "ok"]
+            server = KVServer(size=2).start()
+            servers.append(server)
+            cases.append({"prefix": prefix, "step": 2, "timeout": timeout,
+                          "envs": [{**server.env(r), faults.ENV: f"{point}@{victim}:kill"} for r in range(2)]})
+        env = {k: v for k, v in os.environ.items() if k != faults.ENV}
+        done = subprocess.run([sys.executable, "-c", ZYGOTE], input=json.dumps(cases) + "\n", env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout.strip().splitlines()[-1])
+    finally:
+        for server in servers:
+            server.stop()
+    bad = []
+    for i, ((point, victim), case) in enumerate(zip(KILL, cases)):
+        prefix, survivor = case["prefix"], 1 - victim
+        if status[f"{i}/{victim}"] != -signal.SIGKILL or status[f"{i}/{survivor}"] != 0:
+            bad.append((point, victim, status[f"{i}/0"], status[f"{i}/1"]))
+            continue
+        with open(f"{prefix}.result-{survivor}") as f:
+            got, elapsed = json.load(f)
+        os.unlink(f"{prefix}.result-{survivor}")
+        # the longest wait: the outcome (timeout + slack), then the grace after a lost abort
+        bound = timeout + 2 * min(timeout, 10.0) + 10
+        state = holds(prefix, 2)
+        if victim == 0:
+            allowed = {"ClientTimeoutError", "CoordinationError", "RemoteClientError"}
+            if point in PAST_DECISION:
+                allowed.add("OutcomeUnknownError")
+            if point == "after_barrier_committed":  # it had told the outcome: the survivor knows it
+                allowed.add("ok")
+            ok = got in allowed and (state in (1, 2, None) if got == "OutcomeUnknownError"
+                                     else state == (2 if got == "ok" else 1))
+        else:
+            # client 0 survives: success exactly when client 1 had reported its part written
+            ok = state == (2 if got == "ok" else 1)
+            ok = ok and (got == "ok") == (point in ("after_barrier_written", "after_barrier_committed"))
+        if not ok or elapsed > bound:
+            bad.append((point, victim, got, state, elapsed))
+        then_saves_succeed(LocalGroup(2), os.path.dirname(prefix), prefix, 3)
+    assert not bad, bad
