@@ -496,7 +496,7 @@ def test_torch_store_with_a_client_sigstopped_past_the_timeout(tmp_path):
 # --- the lease ------------------------------------------------------------------------------------------------
 
 LEASE_RACER = r'''
-import os, sys
+import os, sys, time
 from shardckpt.errors import PrefixBusyError
 from shardckpt.lease import PrefixLease
 prefix, rounds, die = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "die"
@@ -505,7 +505,7 @@ marker = prefix + ".holder"
 with open(prefix + ".ready-" + str(os.getpid()), "w"):
     pass
 while not os.path.exists(prefix + ".go"):
-    pass
+    time.sleep(0.001)
 for _ in range(rounds):
     try:
         lease = PrefixLease.acquire(prefix, what="racer")
@@ -533,13 +533,13 @@ print(held, busy, overlaps, flush=True)
 @pytest.mark.parametrize("mode", ["release", "die"])
 def test_two_processes_racing_for_one_lease_never_both_hold_it(tmp_path, mode):
     """Two processes take and give back (or die holding, leaving a stale lease the other must break) one
-    prefix's lease 300 times each, as fast as they can: a holder creates a marker file exclusively, so two
+    prefix's lease 150 times each, as fast as they can: a holder creates a marker file exclusively, so two
     holders at once would be seen.  Breakers race new holders on every round of "die"."""
     prefix = str(tmp_path / "p")
     script = tmp_path / "racer.py"
     script.write_text(LEASE_RACER)
     env = dict(os.environ, PYTHONPATH=SRC)
-    procs = [subprocess.Popen([sys.executable, str(script), prefix, "300", mode], env=env, stdout=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, str(script), prefix, "150", mode], env=env, stdout=subprocess.PIPE,
                               text=True) for _ in range(2)]
     deadline = time.monotonic() + 60
     while len([n for n in os.listdir(tmp_path) if ".ready-" in n]) < 2 and time.monotonic() < deadline:
@@ -624,6 +624,8 @@ prefix, stop = sys.argv[1], sys.argv[2]
 import os
 runs = refused = 0
 while not os.path.exists(stop):
+    if runs == 1:
+        open(stop + ".running", "w").close()
     err = io.StringIO()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):
         code = main(["clean", prefix])
@@ -648,7 +650,9 @@ def test_clean_in_a_loop_beside_a_loop_of_saves(tmp_path):
     proc = subprocess.Popen([sys.executable, str(script), prefix, stop], env=dict(os.environ, PYTHONPATH=SRC),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        time.sleep(1.0)  # let it start looping (a race, on purpose: the saves must hold whatever it does)
+        deadline = time.monotonic() + 60
+        while not os.path.exists(stop + ".running") and time.monotonic() < deadline:
+            time.sleep(0.01)  # until it loops: from then on a race, on purpose; the saves must hold whatever it does
         for step in range(1, 41):
             results, _ = run_group(group, lambda c, s=step: save(c, prefix, s, durable=False))
             assert results == ["ok", "ok"], (step, results)
