@@ -116,13 +116,13 @@ def commit(prefix: str, token: str, files: list[StagedFile], pieces: list[bytes]
         old = os.path.exists(index)
         if old and not overwrite:
             raise CheckpointExistsError(f"{prefix}: a checkpoint appeared at the prefix during the save")
+        if old:
+            os.unlink(index)
     except BaseException:
         # Before the commit point: a failed save must not leave a staged index, which a later recovery
         # (finding no P.index) would publish.
         _unlink(staged_index)
         raise
-    if old:
-        os.unlink(index)
     # Past the commit point (no P.index, the staged one complete): recovery would publish it, so the save has
     # succeeded once its renames are done; an error here is retried once by finishing what is left.
     try:

@@ -170,8 +170,10 @@ def _part_key(key: str, i: int) -> str:
     return f"{head}~{i}/{last}"
 
 
-# The steps in which clients post to client 0 (`Session.gather`): where a failed session may hold posts.
-GATHERS = ("in", "agree", "written", "done")
+# The steps in which clients post to client 0 (`Session.gather`), by session kind: where a failed session may
+# hold posts client 0 never read.  A save's clients also post steps client 0 may never gather ("done" after a
+# failure); a plain all_gather's only post is "in".
+GATHERS = {"save": ("agree", "written", "done")}
 
 
 class _KVSession(Session):
@@ -270,7 +272,8 @@ class _KVSession(Session):
             for key in self._broadcasts:
                 c._delete(key)
             return
-        posts = [f"{self._base}/{step}/{r}" for step in GATHERS if step not in self._read for r in range(1, self.size)]
+        posts = [f"{self._base}/{step}/{r}" for step in GATHERS.get(self.kind, ("in",)) if step not in self._read
+                 for r in range(1, self.size)]
         c._pending.append((self.number, self._broadcasts, posts))
         while len(c._pending) > c.KEPT:
             c._drop_session()
