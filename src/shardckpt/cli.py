@@ -146,11 +146,11 @@ def cmd_clean(args: argparse.Namespace) -> int:
     fails (exit status 1) naming the save's holder.
     """
     from .commit import leftovers, recover
-    from .lease import PrefixLease
+    from .lease import CLEANER, PrefixLease
 
     actions: list[str] = []
     if leftovers(args.prefix):  # (nothing left over: no lease needed, so a read-only directory is fine)
-        with PrefixLease.acquire(args.prefix, what="shardckpt clean"):
+        with PrefixLease.acquire(args.prefix, what=CLEANER):
             actions = recover(args.prefix)
     for line in actions:
         print(line)

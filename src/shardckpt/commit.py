@@ -116,19 +116,41 @@ def commit(prefix: str, token: str, files: list[StagedFile], pieces: list[bytes]
     staged_index = index + STAGING + token
     write_file_atomically(staged_index, build_index(BundleHeader(num_shards=size), merged), durable=durable,
                           midway=lambda: hook("mid_index_write"))
-    hook("after_index_staged")
-    verify_staged(prefix, token, files)
-    if not still_held():
-        _unlink(staged_index)
-        raise PrefixBusyError(f"{prefix}: the lease {prefix}.lease was removed or replaced during the save; "
-                              "nothing was published")
-    if os.path.exists(index):
-        if not overwrite:
-            _unlink(staged_index)
+    try:
+        hook("after_index_staged")
+        verify_staged(prefix, token, files)
+        if not still_held():
+            raise PrefixBusyError(f"{prefix}: the lease {prefix}.lease was removed or replaced during the save; "
+                                  "nothing was published")
+        old = os.path.exists(index)
+        if old and not overwrite:
             raise CheckpointExistsError(f"{prefix}: a checkpoint appeared at the prefix during the save")
-        os.unlink(index)
-        hook("after_old_index_removed")
-    _publish(prefix, token, size, staged_index, durable, hook, strict=True)
+        if old:
+            os.unlink(index)
+    except BaseException:
+        # Before the commit point: a failed save must not leave a staged index, which a later recovery
+        # (finding no P.index) would publish.
+        _unlink(staged_index)
+        raise
+    # Past the commit point (no P.index, the staged one complete): recovery would publish it, so the save has
+    # succeeded once its renames are done; an error here is retried once by finishing what is left.
+    try:
+        if old:
+            hook("after_old_index_removed")
+        _publish(prefix, token, size, staged_index, durable, hook, strict=True)
+    except (CheckpointError, OSError) as exc:
+        log.warning("%s: finishing the commit after: %s", prefix, exc)
+        if not os.path.exists(staged_index) and os.path.exists(index):
+            if durable:  # the index is in place: only its durability may be missing
+                fsync_directory(os.path.dirname(prefix))
+            return
+        for r, want in enumerate(files):  # a data file no longer staged must be the one renamed, not an old one
+            if not os.path.exists(staging_data_filename(prefix, r, size, token)):
+                st = os.stat(data_filename(prefix, r, size))
+                if want.inode and st.st_ino != want.inode:
+                    raise CorruptCheckpointError(f"{prefix}: the data file of client {r} vanished during the "
+                                                 "commit") from exc
+        _publish(prefix, token, size, staged_index, durable, _noop)
 
 
 def _publish(prefix: str, token: str, size: int, staged_index: str, durable: bool, hook: Hook,

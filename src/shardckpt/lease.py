@@ -39,6 +39,7 @@ from .errors import CheckpointIOError, PrefixBusyError
 
 SUFFIX = ".lease"
 TTL = 30.0  # seconds a lease stays live without renewal where locks cannot be had
+CLEANER = "shardckpt clean"  # the holder `what` of the CLI's clean, which saves wait for instead of failing
 
 _HOST = socket.gethostname()
 _MAX_RECORD = 4096

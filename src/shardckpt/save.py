@@ -74,7 +74,7 @@ from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
 from .format.writer import prepare
 from .layout import Layout
-from .lease import PrefixLease
+from .lease import CLEANER, PrefixLease, holder_of, lease_filename
 from .mesh import Mesh
 from .plan import SaveTensor, WriteItem, plan_save
 
@@ -331,15 +331,16 @@ class _Save:
     def finish(self, w: _Written) -> SaveResult:
         """Report how the writes went, decide and commit on client 0, and learn the one outcome."""
         t = time.perf_counter()
-        fault_point("before_barrier_written", self.rank)
         header = json.dumps({"error": _error_json(w.error) if w.error else None, "size": w.size,
                              "inode": w.inode}).encode()
         mine = len(header).to_bytes(4, "little") + header + w.blob
         try:
             if self.rank == 0:
                 return self._finish_root(mine, w.error, w.size, t)
+            fault_point("before_barrier_written", self.rank)
             return self._finish_other(mine, w.error, w.size, t)
         finally:
+            self._release()  # whatever escaped: a lease kept by this process would refuse every later save
             self.session.close()
 
     def _finish_other(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
@@ -349,25 +350,36 @@ class _Save:
             _discard(self.staging)  # client 0 sees the error and never commits
             raise error
         self.timings["barrier_written"] = time.perf_counter() - t
-        fault_point("after_barrier_written", self.rank)
         t = time.perf_counter()
         try:
+            fault_point("after_barrier_written", self.rank)
             outcome = json.loads(s.broadcast("outcome", None, answer_wait(wait)))
-        except ClientTimeoutError as exc:
-            # Abandon the save, unless client 0 already decided to commit: then its outcome is all that counts.
-            won = s.decide(f"abort: client {self.rank}: {exc}".encode(), min(wait, _GRACE))
+        except CheckpointError as exc:
+            # This client reported its part written, then gave up (a timeout) or failed (the store lost, an
+            # error of its own): abandon the save, unless client 0 already decided to commit: then its outcome
+            # is all that counts, for this client too.
+            try:
+                won = s.decide(f"abort: client {self.rank}: {exc}".encode(), min(wait, _GRACE))
+            except CheckpointError:
+                won = None
             if won is not None and won.startswith(b"abort"):
                 _discard(self.staging)
+                if not isinstance(exc, ClientTimeoutError):
+                    raise
                 raise ClientTimeoutError(f"{prefix}: sharded_save abandoned, nothing was published: {exc}") from None
             try:
                 outcome = json.loads(s.broadcast("outcome", None, min(wait, _GRACE)))
-            except ClientTimeoutError:
+            except CheckpointError:
                 raise OutcomeUnknownError(
                     f"{prefix}: client 0 {'decided to commit' if won else 'may have committed'} the save but its "
                     f"outcome did not arrive within {wait:g} s; look at {prefix}.index to know") from None
+            log.warning("%s: client %d: %s (client 0 had decided to commit)", prefix, self.rank, exc)
         self.timings["barrier_committed"] = time.perf_counter() - t
-        fault_point("after_barrier_committed", self.rank)
-        s.confirm("done", wait)
+        try:  # the outcome is known: nothing failing from here on changes it
+            fault_point("after_barrier_committed", self.rank)
+            s.confirm("done", wait)
+        except CheckpointError as exc:
+            log.warning("%s: client %d, after learning the outcome: %s", prefix, self.rank, exc)
         if outcome["error"]:
             if outcome.get("discard"):
                 _discard(self.staging)
@@ -377,6 +389,7 @@ class _Save:
     def _finish_root(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
         s, prefix, wait = self.session, self.prefix, self.wait
         try:
+            fault_point("before_barrier_written", 0)
             pieces = s.gather("written", mine, wait)
             assert pieces is not None
             statuses = [json.loads(p[4 : 4 + int.from_bytes(p[:4], "little")]) for p in pieces]
@@ -433,16 +446,18 @@ class _Save:
         self._release()
         self.timings["commit"] = time.perf_counter() - t
         t = time.perf_counter()
-        fault_point("before_barrier_committed", 0)
-        outcome = {"error": _error_json(commit_error) if commit_error else None, "discard": discard}
-        s.broadcast("outcome", json.dumps(outcome).encode(), wait)
-        self.timings["barrier_committed"] = time.perf_counter() - t
-        fault_point("after_barrier_committed", 0)
+        # The outcome is decided: nothing failing from here on (telling the others, hearing they know) changes
+        # it on this client; a client that does not hear it says its outcome is unknown.
         try:
+            fault_point("before_barrier_committed", 0)
+            outcome = {"error": _error_json(commit_error) if commit_error else None, "discard": discard}
+            s.broadcast("outcome", json.dumps(outcome).encode(), wait)
+            self.timings["barrier_committed"] = time.perf_counter() - t
+            fault_point("after_barrier_committed", 0)
             s.confirm("done", wait)  # the others have read the outcome: this process may exit now
             s.succeeded = True
-        except CheckpointError as exc:  # the checkpoint is committed; a client vanished after learning it
-            log.warning("%s: %s", prefix, exc)
+        except CheckpointError as exc:
+            log.warning("%s: after the outcome was decided: %s", prefix, exc)
         if commit_error is not None:
             raise commit_error
         return self._result(written)
@@ -453,8 +468,23 @@ class _Save:
         return SaveResult(self.prefix, [data_filename(self.prefix, self.rank, size)], written, size, self.timings)
 
 
+def _take_lease(prefix: str, token: str, patience: float) -> PrefixLease:
+    """The prefix's lease; held by `shardckpt clean` (a short recovery), it is waited for up to ``patience`` s:
+    a tool must not make a save fail.  Another save holding it is refused at once."""
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            return PrefixLease.acquire(prefix, what="sharded_save", token=token)
+        except errors.PrefixBusyError:
+            holder = holder_of(prefix)
+            cleaning = holder.what == CLEANER if holder is not None else not os.path.lexists(lease_filename(prefix))
+            if not cleaning or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
+
+
 def _verdict(prefix: str, mesh: Mesh, replies: list[dict], overwrite: bool, durable: bool,
-             lease_box: list[PrefixLease]) -> dict[str, object]:
+             lease_box: list[PrefixLease], wait: float) -> dict[str, object]:
     """Client 0: may the save go ahead?  Checks every client's arguments, takes the prefix's lease, and cleans
     up after an earlier save that did not finish (only ever with the lease held: no live save is touched)."""
     failed = [(r, m["error"]) for r, m in enumerate(replies) if m.get("error")]
@@ -462,6 +492,12 @@ def _verdict(prefix: str, mesh: Mesh, replies: list[dict], overwrite: bool, dura
         r, report = failed[0]
         return {"error": {"message": f"{prefix}: sharded_save: client {r} failed: {report['message']}",
                           "type": "RemoteClientError"}}
+    for r, reply in enumerate(replies):
+        if reply.get("nth") != replies[0].get("nth"):
+            return {"error": {"message": f"{prefix}: sharded_save: this is save {reply.get('nth')} of client {r} "
+                              f"but save {replies[0].get('nth')} of client 0: the clients' collective calls are out "
+                              "of step (one made a call the others did not); nothing was written",
+                              "type": "MismatchedCallError"}}
     mine = replies[0]["digest"]
     for r, reply in enumerate(replies):
         if reply["digest"] != mine:
@@ -481,7 +517,8 @@ def _verdict(prefix: str, mesh: Mesh, replies: list[dict], overwrite: bool, dura
     token = secrets.token_hex(8)
     remote = storage.is_remote(prefix)
     try:
-        lease_box.append(PrefixLease.acquire(prefix, what="sharded_save", token=token))
+        # The others wait for this verdict at most `answer_wait`: the slack beyond the gather's timeout, halved.
+        lease_box.append(_take_lease(prefix, token, (answer_wait(wait) - wait) / 2))
         actions = recover_remote(prefix) if remote else recover(prefix, durable=durable)
         for action in actions:
             log.warning("%s: %s (left by an earlier save that did not finish)", prefix, action)
@@ -506,6 +543,7 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     session = coord.session("save")
+    nth = _next_save(coord)
     local = mesh.local_devices(rank, size)
     directory = os.path.dirname(prefix)
     local_error: BaseException | None = None
@@ -521,14 +559,14 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     except CheckpointError as exc:
         local_error = exc
     payload = {"digest": _describe(prefix, mesh, specs) if local_error is None else {},
-               "devices": list(local), "error": _error_json(local_error) if local_error else None}
+               "devices": list(local), "error": _error_json(local_error) if local_error else None, "nth": nth}
     lease_box: list[PrefixLease] = []
     try:
         if rank == 0:
             try:
                 replies = session.gather("agree", json.dumps(payload).encode(), wait)
                 assert replies is not None
-                verdict = _verdict(prefix, mesh, [json.loads(b) for b in replies], overwrite, durable, lease_box)
+                verdict = _verdict(prefix, mesh, [json.loads(b) for b in replies], overwrite, durable, lease_box, wait)
             except ClientTimeoutError as exc:
                 verdict = {"error": _error_json(ClientTimeoutError(f"{prefix}: sharded_save: {exc}"))}
             try:
@@ -681,6 +719,17 @@ class _AsyncState:
 
 _async_lock = threading.Lock()
 _async: weakref.WeakKeyDictionary[Coordinator, _AsyncState] = weakref.WeakKeyDictionary()
+
+
+# Per coordinator: how many saves it has opened.  Sessions pair by number, so a client that made a collective
+# call the others did not would pair this save with another call of theirs; the count tells the calls apart.
+_save_counts: weakref.WeakKeyDictionary[Coordinator, int] = weakref.WeakKeyDictionary()
+
+
+def _next_save(coord: Coordinator) -> int:
+    with _async_lock:
+        n = _save_counts[coord] = _save_counts.get(coord, 0) + 1
+        return n
 
 
 def _async_state(coord: Coordinator) -> _AsyncState:

@@ -114,7 +114,9 @@ class KeyValueCoordinator(Coordinator):
         self.rank, self.size = rank, size
         self._namespace = namespace
         self._sessions = 0
-        self._pending: list[tuple[int, list[str]]] = []  # client 0: broadcasts not known read by all, by session
+        # Client 0, by failed session: its broadcasts not known read by all, and the other clients' posts it
+        # never read (a late client posts after client 0 gave up; it also posts its "done" of a failed save).
+        self._pending: list[tuple[int, list[str], list[str]]] = []
 
     @abstractmethod
     def _set(self, key: str, value: bytes) -> None: ...
@@ -135,6 +137,20 @@ class KeyValueCoordinator(Coordinator):
     def _delete(self, key: str) -> None:  # noqa: B027 - optional for stores that cannot delete
         pass
 
+    def _drop_session(self) -> None:
+        """Delete what the oldest pending session left: client 0's broadcasts, and any post never read."""
+        _, broadcasts, posts = self._pending.pop(0)
+        for key in broadcasts:
+            self._delete(key)
+        for key in posts:
+            head = self._get(key, 0.0)
+            if head is None:
+                continue
+            if head[:1] == b"\x01" and len(head) == 5:
+                for i in range(int.from_bytes(head[1:], "little")):
+                    self._delete(_part_key(key, i))
+            self._delete(key)
+
     @contextlib.contextmanager
     def _within(self, timeout: float) -> Iterator[None]:
         """A session step of ``timeout`` seconds runs inside this: stores whose calls take no timeout of their
@@ -152,6 +168,12 @@ def _part_key(key: str, i: int) -> str:
     # that lets a client write only keys ending in its own rank accepts the parts too.
     head, last = key.rsplit("/", 1)
     return f"{head}~{i}/{last}"
+
+
+# The steps in which clients post to client 0 (`Session.gather`), by session kind: where a failed session may
+# hold posts client 0 never read.  A save's clients also post steps client 0 may never gather ("done" after a
+# failure); a plain all_gather's only post is "in".
+GATHERS = {"save": ("agree", "written", "done")}
 
 
 class _KVSession(Session):
@@ -186,6 +208,7 @@ class _KVSession(Session):
         self.rank, self.size, self.number, self.kind = coord.rank, coord.size, number, kind
         self._base = f"{coord._namespace}/{number}"
         self._broadcasts: list[str] = []
+        self._read: set[str] = set()  # client 0: the gathers it read whole (and deleted)
         self.succeeded = False  # set by the operation once every client has its outcome
 
     def gather(self, step: str, data: bytes, timeout: float) -> list[bytes] | None:
@@ -211,10 +234,10 @@ class _KVSession(Session):
         missing = [r for r, v in enumerate(values, start=1) if v is None]
         if missing:
             raise ClientTimeoutError(_missing_error(c.engine, missing, self.size, f"{self.kind}/{step}", timeout, 0))
+        self._read.add(step)
         # Every client posted in this session, so every client is done with the earlier ones.
         while c._pending and c._pending[0][0] < self.number:
-            for key in c._pending.pop(0)[1]:
-                c._delete(key)
+            c._drop_session()
         return [data] + [v for v in values if v is not None]
 
     def broadcast(self, step: str, data: bytes | None, timeout: float) -> bytes:
@@ -249,7 +272,8 @@ class _KVSession(Session):
             for key in self._broadcasts:
                 c._delete(key)
             return
-        c._pending.append((self.number, self._broadcasts))
+        posts = [f"{self._base}/{step}/{r}" for step in GATHERS.get(self.kind, ("in",)) if step not in self._read
+                 for r in range(1, self.size)]
+        c._pending.append((self.number, self._broadcasts, posts))
         while len(c._pending) > c.KEPT:
-            for key in c._pending.pop(0)[1]:
-                c._delete(key)
+            c._drop_session()

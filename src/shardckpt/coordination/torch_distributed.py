@@ -16,7 +16,10 @@ torch is imported only here, and only when a `TorchCoordinator` is made.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import time
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -87,16 +90,51 @@ class TorchCoordinator(Coordinator):
         self._impl.close()
 
 
+# A store call gives up this long past its step's deadline (or past this bound outside any step).
+_GRACE = 2.0
+_OUTSIDE = 30.0
+
+
+class _Connection:
+    """A connection of shardckpt's own to the group's store (a clone: the same keys over a new socket), used by
+    one call at a time.  c10d's reads have no timeout against a host that stopped answering (SIGSTOP, a hung
+    process): a call that outlives its bound abandons its connection, and the next call opens another."""
+
+    def __init__(self, shared: Any) -> None:
+        self._shared = shared
+        self._store: Any = None
+        self.lock = threading.Lock()
+
+    def store(self) -> Any:
+        if self._store is None:
+            try:
+                self._store = self._shared.clone()
+            except Exception:  # noqa: BLE001 - a store that cannot clone: share the group's connection
+                self._store = self._shared
+        return self._store
+
+
 class _StoreCoordinator(KeyValueCoordinator):
     engine = "torch.distributed"
 
     def __init__(self, dist: Any, store: Any, rank: int, size: int) -> None:
         self._dist = dist
-        self._store = dist.PrefixStore("shardckpt", store)
+        self._shared = dist.PrefixStore("shardckpt", store)
         # Clients number their coordinators (rank by rank, in the store), so a new coordinator on the same
         # group never reads the keys an earlier one left behind.
-        instance = self._call(lambda: self._store.add(f"instances/{rank}", 1), "register")
+        instance = self._call(lambda: self._shared.add(f"instances/{rank}", 1), "register")
         super().__init__(rank, size, namespace=f"i{instance}")
+        self._conn = _Connection(self._shared)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def _within(self, timeout: float) -> Iterator[None]:
+        outer = getattr(self._local, "deadline", None)
+        self._local.deadline = time.monotonic() + timeout
+        try:
+            yield
+        finally:
+            self._local.deadline = outer
 
     def _call(self, fn: Any, what: str) -> Any:
         try:
@@ -106,46 +144,73 @@ class _StoreCoordinator(KeyValueCoordinator):
         except RuntimeError as exc:  # DistStoreError and older torch's plain RuntimeError
             raise CoordinationError(f"torch.distributed: c10d store failed during {what}: {exc}") from None
 
+    def _op(self, fn: Callable[[Any], Any], what: str, wait: float = 0.0) -> Any:
+        """``fn(store)`` on a thread of its own, given up ``_GRACE`` s past the step's deadline (or ``wait``)."""
+        deadline = getattr(self._local, "deadline", None)
+        limit = max(wait, deadline - time.monotonic() if deadline is not None else _OUTSIDE) + _GRACE
+        conn = self._conn
+        box: list[tuple[bool, Any]] = []
+
+        def run() -> None:
+            try:
+                with conn.lock:
+                    box.append((True, self._call(lambda: fn(conn.store()), what)))
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                box.append((False, exc))
+
+        worker = threading.Thread(target=run, name="shardckpt-c10d", daemon=True)
+        worker.start()
+        worker.join(limit)
+        if not box:
+            if self._conn is conn:
+                self._conn = _Connection(self._shared)
+            raise ClientTimeoutError(f"torch.distributed: the c10d store did not answer ({what}) within {limit:g} s; "
+                                     "is its host, client 0's process, stopped? (this is client "
+                                     f"{self.rank})")
+        ok, value = box[0]
+        if not ok:
+            raise value
+        return value
+
+    def _waited(self, st: Any, keys: list[str], timeout: float) -> bool:
+        """Wait for ``keys`` up to ``timeout``; False when the wait timed out."""
+        try:
+            st.wait(keys, timedelta(seconds=timeout))
+        except self._dist.DistNetworkError:
+            raise
+        except RuntimeError as exc:  # DistStoreError ("wait timeout after ...ms") is a RuntimeError
+            if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
+                return False
+            raise
+        return True
+
     def _set(self, key: str, value: bytes) -> None:
-        self._call(lambda: self._store.set(key, value), f"set {key}")
+        self._op(lambda st: st.set(key, value), f"set {key}")
 
     def _get(self, key: str, timeout: float) -> bytes | None:
         if timeout < 0.001:
             # A zero timeout means "wait forever" to c10d: only look.
-            present = self._call(lambda: self._store.check([key]), f"check {key}")
-            return self._call(lambda: self._store.get(key), f"get {key}") if present else None
-        try:
-            self._store.wait([key], timedelta(seconds=timeout))
-        except self._dist.DistNetworkError as exc:
-            raise CoordinationError(f"torch.distributed: lost the c10d store waiting for {key}: {exc}") from None
-        except RuntimeError as exc:  # DistStoreError ("wait timeout after ...ms") is a RuntimeError
-            if "timeout" in str(exc).lower() or "timed out" in str(exc).lower():
-                return None
-            raise CoordinationError(f"torch.distributed: c10d store failed waiting for {key}: {exc}") from None
-        return bytes(self._call(lambda: self._store.get(key), f"get {key}"))
+            return self._op(lambda st: bytes(st.get(key)) if st.check([key]) else None, f"check {key}")
+        return self._op(lambda st: bytes(st.get(key)) if self._waited(st, [key], timeout) else None,
+                        f"wait for {key}", timeout)
 
     def _create(self, key: str, value: bytes) -> bytes:
         # compare_set with an empty expected value creates the key only if it is absent, atomically in the
         # store's server, and returns what the key holds afterwards.
-        return bytes(self._call(lambda: self._store.compare_set(key, "", value), f"create {key}"))
+        return bytes(self._op(lambda st: st.compare_set(key, "", value), f"create {key}"))
 
     def _get_many(self, keys: list[str], timeout: float) -> list[bytes | None]:
         # One wait for all keys and one multi_get when they are all there (the usual case): 2 round trips
         # instead of 2 per key.  On a timeout, fall back to finding out which are missing.
         if timeout >= 0.001:
-            try:
-                self._store.wait(keys, timedelta(seconds=timeout))
-            except self._dist.DistNetworkError as exc:
-                raise CoordinationError(f"torch.distributed: lost the c10d store waiting: {exc}") from None
-            except RuntimeError as exc:
-                if "timeout" not in str(exc).lower() and "timed out" not in str(exc).lower():
-                    raise CoordinationError(f"torch.distributed: c10d store failed waiting: {exc}") from None
-            else:
-                return [bytes(v) for v in self._call(lambda: self._store.multi_get(keys), "multi_get")]
+            got = self._op(lambda st: [bytes(v) for v in st.multi_get(keys)] if self._waited(st, keys, timeout)
+                           else None, "wait", timeout)
+            if got is not None:
+                return got
         return [self._get(k, 0) for k in keys]
 
     def _delete(self, key: str) -> None:
-        self._call(lambda: self._store.delete_key(key), f"delete {key}")
+        self._op(lambda st: st.delete_key(key), f"delete {key}")
 
 
 _TAG_BASE = 1 << 20
