@@ -353,6 +353,7 @@ class _Save:
         t = time.perf_counter()
         try:
             fault_point("after_barrier_written", self.rank)
+            fault_point("before_barrier_committed", self.rank)
             outcome = json.loads(s.broadcast("outcome", None, answer_wait(wait)))
         except CheckpointError as exc:
             # This client reported its part written, then gave up (a timeout) or failed (the store lost, an
