@@ -224,12 +224,26 @@ def call_bound(timeout: float) -> float:
     return 2 * timeout + 10 + SLACK
 
 
+# ``--force K:fresh|shared:KIND:POINT:VICTIM`` (tests): cycle K has that fault, and every other cycle none.
+FORCED: dict[int, dict] = {}
+
+
 def plan(seed: int, k: int, clients: int, timeout: float, first: bool = False) -> dict:
     """Cycle ``k``'s prefix and fault, the same in the driver and in every client (derived from seed and k)."""
     rng = random.Random(f"{seed}/{k}")
     prefix = SHARED if rng.random() < 0.6 else f"fresh-{k:05d}"
     if first:  # the first save of a restarted job goes where the killed one went, and must succeed
         return {"k": k, "prefix": plan(seed, k - 1, clients, timeout)["prefix"], "kind": "none", "first": True}
+    if FORCED:
+        forced = FORCED.get(k)
+        if forced is None:
+            return {"k": k, "prefix": prefix, "kind": "none", "first": False}
+        p = {"k": k, "first": False, **forced}
+        p["prefix"] = SHARED if p["prefix"] == "shared" else f"fresh-{k:05d}"
+        p.setdefault("sleep", round(timeout + 0.5, 2))
+        p.setdefault("stop", round(timeout + 1.0, 2))
+        p.setdefault("delay", 0.0)
+        return p
     x, kind = rng.random(), "none"
     for name, weight in KINDS:
         if x < weight:
@@ -473,6 +487,8 @@ def _role_cmd(role: str, args: argparse.Namespace, **extra: object) -> list[str]
            "--timeout", str(args.timeout)]
     for key, value in extra.items():
         cmd += [f"--{key}", str(value)]
+    for spec in args.force:
+        cmd += ["--force", spec]
     return cmd
 
 
@@ -869,6 +885,7 @@ def check(args: argparse.Namespace, run: dict) -> dict:
         "faults_planned": dict(Counter(p["kind"] for p in plans.values())),
         "faults_injected": dict(injected_kinds), "faults_injected_by_point": dict(sorted(injected.items())),
         "save_outcomes": dict(outcomes), "consensus": dict(Counter(consensus.values())),
+        "consensus_by_cycle": [consensus[k] for k in range(args.cycles)],
         "final_fresh_prefixes": dict(final_states),
         "restart_states": dict(Counter(ev["state"][0] for ev in restarts)),
         "reader": dict(reader_counts), "reader_steps_seen": len(reader_steps),
@@ -887,12 +904,17 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=3)
     parser.add_argument("--timeout", type=float, default=1.0, help="the saves' timeout in seconds")
     parser.add_argument("--json", default=None, help="write the summary here as JSON")
+    parser.add_argument("--force", action="append", default=[], metavar="K:fresh|shared:KIND:POINT:VICTIM",
+                        help="give cycle K this fault and every other cycle none (repeatable)")
     # Internal: the processes the driver starts.
     parser.add_argument("--role", default="driver", help=argparse.SUPPRESS)
     parser.add_argument("--results", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--gen", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--start", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    for spec in args.force:
+        k, prefix, kind, point, victim = spec.split(":")
+        FORCED[int(k)] = {"prefix": prefix, "kind": kind, "point": point, "victim": int(victim)}
     if args.role != "driver":
         return {"client": client_main, "intruder": intruder_main, "cleaner": cleaner_main,
                 "reader": reader_main}[args.role](args)
