@@ -18,7 +18,11 @@ publishes an index over files it did not write. So ``P.index`` present means the
 checkpoint is complete and every data file it names is its own. After a crash,
 `recover` looks at what is left: a staged index with no ``P.index`` means steps
 1-2 completed, so the renames are finished (roll forward); anything else staged
-belongs to a save that never reached its commit point and is deleted. Nothing
+belongs to a save that never reached its commit point and is deleted.  A commit
+that fails before step 2 is done removes its staged index, so nothing of it is ever
+published; one that fails after raises `OutcomeUnknownError`, never a plain failure,
+as recovery will publish it.  (A crash between steps 1 and 2 on a fresh prefix is
+rolled forward: its clients, whose client 0 had decided to commit, never heard a failure.) Nothing
 without ``.staging-`` or ``.tempstate`` in its name is ever deleted, except step
 5's stale data files after a successful commit. The object-store form of the
 same protocol (no renames) writes data objects first and the index object last.
@@ -39,6 +43,7 @@ from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    OutcomeUnknownError,
     PrefixBusyError,
 )
 from .format.files import STAGING, TEMPSTATE, data_filename, fsync_directory, index_filename, staging_data_filename
@@ -107,19 +112,31 @@ def commit(prefix: str, token: str, files: list[StagedFile], pieces: list[bytes]
     staged_index = index + STAGING + token
     write_file_atomically(staged_index, build_index(BundleHeader(num_shards=size), merged), durable=durable,
                           midway=lambda: hook("mid_index_write"))
-    hook("after_index_staged")
-    verify_staged(prefix, token, files)
-    if not still_held():
+    try:
+        hook("after_index_staged")
+        verify_staged(prefix, token, files)
+        if not still_held():
+            raise PrefixBusyError(f"{prefix}: the lease {prefix}.lease was removed or replaced during the save; "
+                                  "nothing was published")
+        replacing = os.path.exists(index)
+        if replacing:
+            if not overwrite:
+                raise CheckpointExistsError(f"{prefix}: a checkpoint appeared at the prefix during the save")
+            os.unlink(index)
+    except BaseException:
+        # Not yet past the commit point: a staged index left here would be rolled forward by the next
+        # recovery (on a fresh prefix nothing else marks the point), publishing a save reported as failed.
         _unlink(staged_index)
-        raise PrefixBusyError(f"{prefix}: the lease {prefix}.lease was removed or replaced during the save; "
-                              "nothing was published")
-    if os.path.exists(index):
-        if not overwrite:
-            _unlink(staged_index)
-            raise CheckpointExistsError(f"{prefix}: a checkpoint appeared at the prefix during the save")
-        os.unlink(index)
-        hook("after_old_index_removed")
-    _publish(prefix, token, size, staged_index, durable, hook, strict=True)
+        raise
+    # Past the commit point: recovery completes this save whatever happens now, so an error is no failure.
+    try:
+        if replacing:
+            hook("after_old_index_removed")
+        _publish(prefix, token, size, staged_index, durable, hook, strict=True)
+    except (CheckpointError, OSError) as exc:
+        raise OutcomeUnknownError(
+            f"{prefix}: the save passed its commit point but publishing it failed ({exc}); it is complete on "
+            f"disk and `shardckpt clean {prefix}` or the next save to the prefix publishes it") from exc
 
 
 def _publish(prefix: str, token: str, size: int, staged_index: str, durable: bool, hook: Hook,

@@ -330,30 +330,50 @@ class _Save:
             _discard(self.staging)  # client 0 sees the error and never commits
             raise error
         self.timings["barrier_written"] = time.perf_counter() - t
-        fault_point("after_barrier_written", self.rank)
         t = time.perf_counter()
+        abandoned: list[bool] = []
         try:
-            outcome = json.loads(s.broadcast("outcome", None, answer_wait(wait)))
-        except ClientTimeoutError as exc:
-            # Abandon the save, unless client 0 already decided to commit: then its outcome is all that counts.
-            won = s.decide(f"abort: client {self.rank}: {exc}".encode(), min(wait, _GRACE))
-            if won is not None and won.startswith(b"abort"):
-                _discard(self.staging)
-                raise ClientTimeoutError(f"{prefix}: sharded_save abandoned, nothing was published: {exc}") from None
-            try:
-                outcome = json.loads(s.broadcast("outcome", None, min(wait, _GRACE)))
-            except ClientTimeoutError:
-                raise OutcomeUnknownError(
-                    f"{prefix}: client 0 {'decided to commit' if won else 'may have committed'} the save but its "
-                    f"outcome did not arrive within {wait:g} s; look at {prefix}.index to know") from None
+            fault_point("after_barrier_written", self.rank)
+            outcome = self._learn_outcome(abandoned)
+        except CheckpointError as exc:
+            if abandoned or isinstance(exc, OutcomeUnknownError):
+                raise
+            # This client's part is posted, so client 0 may have committed without it hearing so: anything
+            # going wrong here (the store lost with client 0's process) leaves the outcome unknown, not failed.
+            raise OutcomeUnknownError(
+                f"{prefix}: this client's part was written but the save's outcome could not be learnt ({exc}); "
+                f"look at {prefix}.index to know") from exc
         self.timings["barrier_committed"] = time.perf_counter() - t
         fault_point("after_barrier_committed", self.rank)
-        s.gather("done", b"", wait)
+        try:
+            s.gather("done", b"", wait)
+        except CheckpointError as exc:  # the outcome is known: losing the store now changes nothing
+            log.warning("%s: %s", prefix, exc)
         if outcome["error"]:
             if outcome.get("discard"):
                 _discard(self.staging)
             raise _remote_error(outcome["error"])
         return self._result(written)
+
+    def _learn_outcome(self, abandoned: list[bool]) -> dict:
+        """Client 0's outcome of the save; on a timeout, propose to abandon it (``abandoned`` gets True if that
+        won: nothing was published)."""
+        s, prefix, wait = self.session, self.prefix, self.wait
+        try:
+            return cast(dict, json.loads(s.broadcast("outcome", None, answer_wait(wait))))
+        except ClientTimeoutError as exc:
+            # Abandon the save, unless client 0 already decided to commit: then its outcome is all that counts.
+            won = s.decide(f"abort: client {self.rank}: {exc}".encode(), min(wait, _GRACE))
+            if won is not None and won.startswith(b"abort"):
+                abandoned.append(True)
+                _discard(self.staging)
+                raise ClientTimeoutError(f"{prefix}: sharded_save abandoned, nothing was published: {exc}") from None
+            try:
+                return cast(dict, json.loads(s.broadcast("outcome", None, min(wait, _GRACE))))
+            except ClientTimeoutError:
+                raise OutcomeUnknownError(
+                    f"{prefix}: client 0 {'decided to commit' if won else 'may have committed'} the save but its "
+                    f"outcome did not arrive within {wait:g} s; look at {prefix}.index to know") from None
 
     def _finish_root(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
         s, prefix, wait = self.session, self.prefix, self.wait
@@ -401,8 +421,8 @@ class _Save:
         # A commit that failed before its commit point leaves no staged index: the staged data files go.  One
         # that failed after it (the old index already removed) is rolled forward by the next recovery, which
         # needs them.
-        discard = commit_error is not None and (self.remote or not os.path.exists(
-            index_filename(prefix) + STAGING + self.token))
+        discard = commit_error is not None and not isinstance(commit_error, OutcomeUnknownError) and (
+            self.remote or not os.path.exists(index_filename(prefix) + STAGING + self.token))
         if commit_error is not None:
             log.error("%s: commit failed: %s", prefix, commit_error)
             if discard:
@@ -412,7 +432,10 @@ class _Save:
         t = time.perf_counter()
         fault_point("before_barrier_committed", 0)
         outcome = {"error": _error_json(commit_error) if commit_error else None, "discard": discard}
-        s.broadcast("outcome", json.dumps(outcome).encode(), wait)
+        try:
+            s.broadcast("outcome", json.dumps(outcome).encode(), wait)
+        except CheckpointError as exc:  # the outcome is decided here; the others learn it is unknown to them
+            log.warning("%s: could not tell the other clients the outcome: %s", prefix, exc)
         self.timings["barrier_committed"] = time.perf_counter() - t
         fault_point("after_barrier_committed", 0)
         try:
