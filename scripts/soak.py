@@ -492,6 +492,21 @@ def _role_cmd(role: str, args: argparse.Namespace, **extra: object) -> list[str]
     return cmd
 
 
+_OURS: list[str] = []  # the results directory: in the command line of every process this run started
+
+
+def _signal(pid: int, sig: int) -> None:
+    """Signal ``pid`` only if it is still one of this run's processes (a pid may be reused once it exits)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return
+    if _OURS and _OURS[0].encode() in cmdline and b"--role" in cmdline:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
+
+
 def _proc_state(pid: int) -> str | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -541,8 +556,7 @@ class Group:
     def stop(self, pids: list[int], grace: float) -> None:
         """Every client gets SIGCONT (a stopped process cannot act on SIGTERM), then SIGTERM, then SIGKILL."""
         for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGCONT)
+            _signal(pid, signal.SIGCONT)
         for p in self.procs:
             if p.poll() is None:
                 p.terminate()
@@ -555,8 +569,7 @@ class Group:
                     os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
         for pid in pids:  # launcher's clients that outlived it
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL)
         self.out.close()
 
 
@@ -569,6 +582,7 @@ def drive(args: argparse.Namespace) -> dict:
                  FAULT_ENV, "WORLD_SIZE"):
         env.pop(name, None)
     dlog = Log(os.path.join(args.results, "driver.jsonl"))
+    _OURS[:] = [args.results]
     side = []
     for role in ("intruder", "cleaner", "reader"):
         with open(os.path.join(args.results, f"{role}.err"), "wb") as err:
@@ -624,7 +638,7 @@ def drive(args: argparse.Namespace) -> dict:
                         dlog(ev="stopped", how="point", rank=rank, pid=pid, k=k, t=now)
                 for pid, when in list(stopped.items()):
                     if now >= when:
-                        os.kill(pid, signal.SIGCONT)
+                        _signal(pid, signal.SIGCONT)  # (the launcher may have ended it)
                         del stopped[pid]
                         rank = next(r for r, q in pids.items() if q == pid)
                         dlog(ev="cont", rank=rank, pid=pid, t=now)
@@ -637,10 +651,10 @@ def drive(args: argparse.Namespace) -> dict:
                         continue
                     # A random moment: inside cycle k's save, or already in its read-back or the next save.
                     if kind == "rkill":
-                        os.kill(pid, signal.SIGKILL)
+                        _signal(pid, signal.SIGKILL)
                         dlog(ev="killed", rank=rank, pid=pid, k=k, now_in=current.get(rank), t=now)
                     elif pid not in stopped:
-                        os.kill(pid, signal.SIGSTOP)
+                        _signal(pid, signal.SIGSTOP)
                         p = plan(args.seed, k, args.clients, args.timeout)
                         stopped[pid] = now + p["stop"]
                         dlog(ev="stopped", how="driver", rank=rank, pid=pid, k=k, now_in=current.get(rank), t=now)
