@@ -900,6 +900,11 @@ def check(args: argparse.Namespace, run: dict) -> dict:
         "faults_injected": dict(injected_kinds), "faults_injected_by_point": dict(sorted(injected.items())),
         "save_outcomes": dict(outcomes), "consensus": dict(Counter(consensus.values())),
         "consensus_by_cycle": [consensus[k] for k in range(args.cycles)],
+        "by_fault": {kind: {"cycles": n, "consensus": dict(Counter(consensus[k] for k, p in plans.items()
+                                                                  if p["kind"] == kind)),
+                            "outcomes": dict(Counter(rec["outcome"] for k, p in plans.items() if p["kind"] == kind
+                                                     for rec in ends.get(k, {}).values()))}
+                     for kind, n in Counter(p["kind"] for p in plans.values()).items()},
         "final_fresh_prefixes": dict(final_states),
         "restart_states": dict(Counter(ev["state"][0] for ev in restarts)),
         "reader": dict(reader_counts), "reader_steps_seen": len(reader_steps),
