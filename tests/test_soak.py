@@ -156,3 +156,28 @@ def test_a_client_that_loses_the_store_after_writing_does_not_report_a_failure(t
     # Cycle 1 was published (its prefix holds step 1 after clean): its survivors must not call it a failure.
     assert s["consensus_by_cycle"][1] == "unknown", s
     assert s["consensus_by_cycle"][0] == s["consensus_by_cycle"][-1] == "ok", s
+
+
+@pytest.mark.parametrize("point", ["mid_data_write", "before_barrier_written"])
+def test_an_interrupt_in_client_0s_save_does_not_keep_the_prefix(tmp_path, point):
+    """Found beside the soak: a BaseException (Ctrl-C) escaping client 0's save between the agreement and the
+    commit kept the prefix's lease for the life of the process, so every later save to the prefix from it
+    failed with PrefixBusyError naming itself."""
+    prefix = str(tmp_path / "p")
+    group = LocalGroup(2)
+
+    def at(p: str, client: int) -> None:
+        if p == point and client == 0:
+            raise KeyboardInterrupt
+
+    def client(c) -> str:
+        try:
+            return outcome(lambda: save(c, prefix, 1))
+        except KeyboardInterrupt:
+            return "KeyboardInterrupt"
+
+    with faults.hook(at):
+        assert group.run(client) == ["KeyboardInterrupt", "ClientTimeoutError"]
+    assert group.run(lambda c: outcome(lambda: save(c, prefix, 2, overwrite=True))) == ["ok", "ok"]
+    assert holds(prefix) == 2
+    assert not [n for n in os.listdir(tmp_path) if ".staging-" in n or ".tempstate" in n or n.endswith(".lease")]
