@@ -206,8 +206,8 @@ POLL = 0.02
 # Injected raises where the save's outcome is already fixed model no failure sharded_save can have there:
 # a client that learnt the outcome raising on its own afterwards would report a failure of its own making.
 NO_RAISE = {"after_barrier_committed"}
-# The same on client 0 alone: these points sit outside its failure handling, where nothing of the save can raise.
-NO_RAISE_ROOT = {"before_barrier_written", "before_barrier_committed"}
+# The same on client 0 alone: past its commit, before it tells the outcome, nothing of the save can raise.
+NO_RAISE_ROOT = {"before_barrier_committed"}
 KINDS = (("none", 0.45), ("raise", 0.09), ("late", 0.12), ("slow", 0.05), ("stop", 0.10), ("kill", 0.05),
          ("rstop", 0.10), ("rkill", 0.04))
 
@@ -697,10 +697,8 @@ def drive(args: argparse.Namespace) -> dict:
     from shardckpt.cli import main as cli_main
 
     for name in sorted(os.listdir(args.dir)):
-        if name.endswith(".index") or ".index.staging-" in name:
-            prefix = name.split(".index")[0]
-            if prefix in final:
-                continue
+        prefix = name.split(".")[0]  # the soak's prefixes have no dot: shared, fresh-00042
+        if prefix not in final:
             with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
                 rc = cli_main(["clean", os.path.join(args.dir, prefix)])
             final[prefix] = {"clean_rc": rc, "state": read_step(os.path.join(args.dir, prefix))}
@@ -885,6 +883,11 @@ def check(args: argparse.Namespace, run: dict) -> dict:
     for ev in driver:
         if ev["ev"] == "hang":
             violations.append(f"group {ev['gen']} made no progress for {bound + 5:.0f} s: {ev['current']}")
+    for prefix, f in run["final"].items():
+        if f["clean_rc"] != 0:
+            violations.append(f"the final `shardckpt clean {prefix}` exited {f['clean_rc']}")
+    if run["leftovers"]:
+        violations.append(f"staged or temporary files left after the final clean: {run['leftovers']}")
     cleaned: Counter[str] = Counter(r["kind"] for r in cleaner)
     for r in cleaner:
         if r["kind"] == "error":

@@ -312,16 +312,24 @@ class _Save:
     def finish(self, w: _Written) -> SaveResult:
         """Report how the writes went, decide and commit on client 0, and learn the one outcome."""
         t = time.perf_counter()
-        fault_point("before_barrier_written", self.rank)
         header = json.dumps({"error": _error_json(w.error) if w.error else None, "size": w.size,
                              "inode": w.inode}).encode()
         mine = len(header).to_bytes(4, "little") + header + w.blob
         try:
+            fault_point("before_barrier_written", self.rank)
             if self.rank == 0:
                 return self._finish_root(mine, w.error, w.size, t)
             return self._finish_other(mine, w.error, w.size, t)
         finally:
+            self._release()  # however the save ended (an interrupt too), the prefix's lease ends with it
             self.session.close()
+
+    def abandon(self) -> None:
+        """This client stops before reporting its writes (an interrupt): its file and the lease go; the
+        others learn nothing from it and give up at their timeout, and nothing is published."""
+        _discard(self.staging)
+        self._release()
+        self.session.close()
 
     def _finish_other(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
         s, prefix, wait = self.session, self.prefix, self.wait
@@ -767,13 +775,23 @@ def sharded_save(
     session = _agree(mesh, os.fspath(file_prefix), tensor_names, shape_and_slices, tensors, coord, wait,
                      overwrite, durable)
     if blocking:
-        return session.finish(session.write_blocking())
+        try:
+            written = session.write_blocking()
+        except BaseException:
+            session.abandon()
+            raise
+        return session.finish(written)
     t = time.perf_counter()
     state = _async_state(coord)
     if not reuse_staging:
         state.pool.clear()  # the previous save is over, so nothing is lent
     staged = _StagedWrite(session, max_staging_bytes, state.pool if reuse_staging else None)
-    staged.copy_all()
+    try:
+        staged.copy_all()
+    except BaseException:
+        staged.writer.shutdown()
+        session.abandon()
+        raise
     session.timings["blocking_copy"] = time.perf_counter() - t
     future = state.executor.submit(lambda: session.finish(staged.complete()))
     state.pending = future
