@@ -158,8 +158,9 @@ def test_a_client_that_loses_the_store_after_writing_does_not_report_a_failure(t
     assert s["consensus_by_cycle"][0] == s["consensus_by_cycle"][-1] == "ok", s
 
 
-@pytest.mark.parametrize("point", ["mid_data_write", "before_barrier_written"])
-def test_an_interrupt_in_client_0s_save_does_not_keep_the_prefix(tmp_path, point):
+@pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "async"])
+@pytest.mark.parametrize("point", ["after_agree", "mid_data_write", "before_barrier_written"])
+def test_an_interrupt_in_client_0s_save_does_not_keep_the_prefix(tmp_path, point, blocking):
     """Found beside the soak: a BaseException (Ctrl-C) escaping client 0's save between the agreement and the
     commit kept the prefix's lease for the life of the process, so every later save to the prefix from it
     failed with PrefixBusyError naming itself."""
@@ -172,7 +173,7 @@ def test_an_interrupt_in_client_0s_save_does_not_keep_the_prefix(tmp_path, point
 
     def client(c) -> str:
         try:
-            return outcome(lambda: save(c, prefix, 1))
+            return outcome(lambda: save(c, prefix, 1, blocking=blocking))
         except KeyboardInterrupt:
             return "KeyboardInterrupt"
 

@@ -22,9 +22,9 @@ belongs to a save that never reached its commit point and is deleted.  A commit
 that fails before step 2 is done removes its staged index, so nothing of it is ever
 published; one that fails after raises `OutcomeUnknownError`, never a plain failure,
 as recovery will publish it.  (A crash between steps 1 and 2 on a fresh prefix is
-rolled forward: its clients, whose client 0 had decided to commit, never heard a failure.) Nothing
-without ``.staging-`` or ``.tempstate`` in its name is ever deleted, except step
-5's stale data files after a successful commit. The object-store form of the
+rolled forward: client 0 had decided to commit, so no client heard of a failure.)
+Nothing without ``.staging-`` or ``.tempstate`` in its name is ever deleted, except
+step 5's stale data files after a successful commit. The object-store form of the
 same protocol (no renames) writes data objects first and the index object last.
 """
 
@@ -133,7 +133,7 @@ def commit(prefix: str, token: str, files: list[StagedFile], pieces: list[bytes]
         if replacing:
             hook("after_old_index_removed")
         _publish(prefix, token, size, staged_index, durable, hook, strict=True)
-    except (CheckpointError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001 - whatever it is, the save is past its commit point
         raise OutcomeUnknownError(
             f"{prefix}: the save passed its commit point but publishing it failed ({exc}); it is complete on "
             f"disk and `shardckpt clean {prefix}` or the next save to the prefix publishes it") from exc

@@ -790,12 +790,23 @@ def sharded_save(
         staged.copy_all()
     except BaseException:
         staged.writer.shutdown()
+        if staged.fd is not None:
+            os.close(staged.fd)
         session.abandon()
         raise
     session.timings["blocking_copy"] = time.perf_counter() - t
-    future = state.executor.submit(lambda: session.finish(staged.complete()))
+    future = state.executor.submit(_finish_async, session, staged)
     state.pending = future
     return SaveFuture(future, session.prefix, time.perf_counter() - session.t0)
+
+
+def _finish_async(session: _Save, staged: _StagedWrite) -> SaveResult:
+    try:
+        written = staged.complete()
+    except BaseException:  # an interrupt in a writer thread: as in a blocking save
+        session.abandon()
+        raise
+    return session.finish(written)
 
 
 class _StagedWrite:
