@@ -388,6 +388,32 @@ def scenario_client_dies(engine: Engine, directory: str, events: dict) -> None:
 
 SCENARIOS["client-dies"] = scenario_client_dies
 
+LATE_TIMEOUT = 3.0
+
+
+def scenario_late(engine: Engine, directory: str, events: dict) -> None:
+    """Client 1 is late past the timeout in one save (it sleeps at a fault point): that save fails on every
+    client and leaves nothing, and the next two saves, called together, succeed with the right data."""
+    from shardckpt import faults
+
+    mesh = create_mesh([("x", 2), ("y", 2)])
+    engine.coordinator.barrier("everyone-up", 60)
+    if engine.rank == 1:
+        os.environ[faults.ENV] = f"before_barrier_written@1:sleep={LATE_TIMEOUT * 2.5}"
+    outcomes = []
+    for i, timeout in enumerate((LATE_TIMEOUT, 60.0, 60.0)):
+        t = time.monotonic()
+        try:
+            save_model(engine, mesh, os.path.join(directory, f"late-{i}"), timeout=timeout)
+            outcomes.append({"outcome": "ok", "elapsed": time.monotonic() - t})
+        except shardckpt.CheckpointError as exc:
+            outcomes.append({"outcome": type(exc).__name__, "message": str(exc), "elapsed": time.monotonic() - t})
+        os.environ.pop(faults.ENV, None)
+    events["late"] = outcomes
+
+
+SCENARIOS["late"] = scenario_late
+
 
 def scenario_kv_edges(engine: Engine, directory: str, events: dict) -> None:
     """Key-value engines (jax, tf): binary and large payloads, empty ones, and a timeout of 0 both ways."""
@@ -714,7 +740,8 @@ def run_clients(engine: str, n: int, scenario: str, directory: str | os.PathLike
 def check_committed(directory: str | os.PathLike[str], base: str, num_clients: int) -> None:
     """``directory/base`` is a complete checkpoint of `model_globals` written by num_clients, with no staging left."""
     names = sorted(n for n in os.listdir(directory) if n.startswith(base + "."))
-    want = [f"{base}.data-{r:05d}-of-{num_clients:05d}" for r in range(num_clients)] + [f"{base}.index"]
+    want = [f"{base}.data-{r:05d}-of-{num_clients:05d}{side}" for r in range(num_clients)
+            for side in ("", ".crc32c")] + [f"{base}.index"]
     assert names == sorted(want), names
     g = model_globals()
     with shardckpt.load_checkpoint(os.path.join(directory, base)) as reader:
@@ -723,6 +750,19 @@ def check_committed(directory: str | os.PathLike[str], base: str, num_clients: i
             got = reader.get_tensor(name)
             assert got.shape == value.shape and got.dtype == value.dtype, (name, got.shape, got.dtype)
             assert got.tolist() == value.tolist(), (name, got, value)
+
+
+def check_late(run: Run, directory: str | os.PathLike[str], n: int = 4) -> None:
+    """What `scenario_late` must show: the late save failed on every client and left nothing; the next two
+    succeeded on every client with the right data; nobody waited past the late client's sleep plus the slack."""
+    run.assert_ok(n)
+    outcomes = [[o["outcome"] for o in run.results[r]["events"]["late"]] for r in range(n)]
+    assert all(o[0] != "ok" for o in outcomes) and all(o[1:] == ["ok", "ok"] for o in outcomes), outcomes
+    assert not [name for name in os.listdir(directory) if name.startswith("late-0.")]
+    for i in (1, 2):
+        check_committed(directory, f"late-{i}", n)
+    first = max(run.results[r]["events"]["late"][0]["elapsed"] for r in range(n))
+    assert first < LATE_TIMEOUT * 2.5 + 10 + 5, first
 
 
 def assert_nothing_left(directory: str | os.PathLike[str], *bases: str) -> None:

@@ -383,7 +383,8 @@ def _assert_checkpoint(prefix: Path, num_files: int) -> None:
     import shardckpt
 
     assert sorted(p.name for p in prefix.parent.glob(prefix.name + ".*")) == sorted(
-        [f"{prefix.name}.index"] + [f"{prefix.name}.data-{i:05d}-of-{num_files:05d}" for i in range(num_files)])
+        [f"{prefix.name}.index"] + [f"{prefix.name}.data-{i:05d}-of-{num_files:05d}{side}"
+                                    for i in range(num_files) for side in ("", ".crc32c")])
     reader = shardckpt.load_checkpoint(str(prefix))
     assert sorted(reader.get_variable_to_shape_map()) == sorted(TENSORS)
     for name in TENSORS:

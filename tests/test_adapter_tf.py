@@ -197,7 +197,7 @@ def single_main(out: str) -> None:
         result = sctf.sharded_save(mesh, prefix, names, slices, tensors)
         assert isinstance(result, shardckpt.SaveResult) and result.num_clients == 1, result
         files = sorted(os.listdir(os.path.dirname(prefix)))
-        assert files == ["ckpt.data-00000-of-00001", "ckpt.index"], files
+        assert files == ["ckpt.data-00000-of-00001", "ckpt.data-00000-of-00001.crc32c", "ckpt.index"], files
         return result.bytes_written
 
     checks.run("save", save)
@@ -398,7 +398,8 @@ def multi_main(out: str) -> None:
         result = sctf.sharded_save(mesh, prefix, names, slices, tensors, timeout=60)
         assert isinstance(result, shardckpt.SaveResult) and result.num_clients == 2, result
         files = sorted(os.listdir(os.path.dirname(prefix)))
-        assert files == ["ckpt.data-00000-of-00002", "ckpt.data-00001-of-00002", "ckpt.index"], files
+        assert files == ["ckpt.data-00000-of-00002", "ckpt.data-00000-of-00002.crc32c", "ckpt.data-00001-of-00002",
+                         "ckpt.data-00001-of-00002.crc32c", "ckpt.index"], files
         return {"bytes": result.bytes_written, "local_devices": list(mesh.local_device_ids())}
 
     checks.run("save", save)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from engine_worker import assert_nothing_left, check_committed, run_clients
+from engine_worker import assert_nothing_left, check_committed, check_late, run_clients
 
 ENGINE = "jax"
 TIMEOUT = 150  # per run of 4 processes; a hang fails the test instead of stalling it
@@ -81,3 +81,7 @@ def test_binary_large_and_empty_payloads_and_timeout_zero(tmp_path):
     run.assert_ok(4)
     early = run.results[0]["events"]["zero_early"]
     assert "clients [1, 2, 3] of 4" in early["message"] and early["elapsed"] < 1, early
+
+
+def test_a_late_client_fails_one_save_everywhere_and_the_next_saves_succeed(tmp_path):
+    check_late(run_clients(ENGINE, 4, "late", tmp_path, timeout=TIMEOUT), tmp_path)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_worker import assert_nothing_left, check_committed, model_globals, netns_works, run_clients
+from engine_worker import assert_nothing_left, check_committed, check_late, model_globals, netns_works, run_clients
 
 
 def test_a_private_network_namespace_can_be_made():
@@ -103,3 +103,7 @@ def test_a_killed_client_is_named_after_the_timeout(tmp_path):
     assert all(run.results[r]["ok"] for r in range(3)), run.output
     assert_timeouts_name(run, 3, 4)
     assert_nothing_left(tmp_path, "new")
+
+
+def test_a_late_client_fails_one_save_everywhere_and_the_next_saves_succeed(tmp_path):
+    check_late(run_clients(ENGINE, 4, "late", tmp_path, timeout=TIMEOUT), tmp_path)

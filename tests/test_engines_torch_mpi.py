@@ -143,3 +143,10 @@ def test_tensor_transport_fallback(tmp_path) -> None:
         assert ev["timeout"]["elapsed"] < ew.ABSENT_TIMEOUT + 5
     ew.assert_nothing_left(tmp_path, "bad1", "bad2", "new")
     ew.check_committed(tmp_path, "good", 4)
+
+
+
+def test_a_late_client_fails_one_save_everywhere_and_the_next_saves_succeed(engine: str, tmp_path) -> None:
+    """Client 1 sleeps past the timeout inside a save: before sessions, the clients then fell a collective apart
+    and later saves failed or paired values of different saves.  Now: one outcome per save, the next succeed."""
+    ew.check_late(ew.run_clients(engine, 4, "late", tmp_path, timeout=RUN_TIMEOUT), tmp_path)

@@ -35,7 +35,8 @@ def _sharded(coord, step: int) -> dict[str, object]:
 
 
 def _files(directory) -> list[str]:
-    return sorted(os.listdir(directory))
+    """The directory's files, less the chunk-checksum sidecars (each goes with its data file)."""
+    return sorted(n for n in os.listdir(directory) if not n.endswith(".crc32c"))
 
 
 def _state(directory) -> str:
@@ -66,6 +67,8 @@ def test_four_clients_keep_the_newest_and_tensorflow_follows(tmp_path):
                          "ckpt-30.data-00002-of-00004", "ckpt-30.data-00003-of-00004", "ckpt-30.index",
                          "ckpt-40.data-00000-of-00004", "ckpt-40.data-00001-of-00004",
                          "ckpt-40.data-00002-of-00004", "ckpt-40.data-00003-of-00004", "ckpt-40.index"]
+    assert sorted(n for n in os.listdir(d) if n.endswith(".crc32c")) == [  # deleted with their data files
+        f"ckpt-{s}.data-{r:05d}-of-00004.crc32c" for s in (30, 40) for r in range(4)]
     text = _state(d)
     assert text.splitlines()[:3] == ['model_checkpoint_path: "ckpt-40"', 'all_model_checkpoint_paths: "ckpt-30"',
                                      'all_model_checkpoint_paths: "ckpt-40"']
@@ -105,7 +108,10 @@ def test_keep_every_n_steps_keeps_the_oldest_of_each_window(tmp_path):
     # Retention lists only what it may still delete, as TensorFlow's manager does.
     assert [os.path.basename(p) for p in read_state_paths(d)] == ["ckpt-24", "ckpt-20", "ckpt-24"]
     # Deletion removes a checkpoint's index before its data file.
-    deleted = [n for n in unlinked if n.startswith("ckpt-") and ".lease" not in n]
+    deleted = [n for n in unlinked if n.startswith("ckpt-") and not n.endswith(".crc32c")
+               and ".lease" not in n]
+    assert sorted(n for n in unlinked if n.endswith(".crc32c")) == [
+        f"ckpt-{s}.data-00000-of-00001.crc32c" for s in (16, 4, 8)]
     assert deleted == ["ckpt-4.index", "ckpt-4.data-00000-of-00001", "ckpt-8.index", "ckpt-8.data-00000-of-00001",
                        "ckpt-16.index", "ckpt-16.data-00000-of-00001"]
     assert not [n for n in _files(d) if "tempstate" in n or "staging" in n]

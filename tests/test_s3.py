@@ -74,8 +74,8 @@ def _objects(prefix):
 def test_multi_client_save_and_resharding_restore(s3):
     prefix = "s3://ckpts/model"
     _save(prefix)
-    assert _objects(prefix) == ["model.data-00000-of-00004", "model.data-00001-of-00004",
-                                "model.data-00002-of-00004", "model.data-00003-of-00004", "model.index"]
+    assert _objects(prefix) == sorted([f"model.data-{r:05d}-of-00004{side}" for r in range(4)
+                                       for side in ("", ".crc32c")] + ["model.index"])
     _check(prefix)
     target = sc.create_mesh([("a", 3)])
 
@@ -97,7 +97,9 @@ def test_ranged_reads_fetch_only_what_a_shard_needs(s3):
     mesh = sc.create_mesh([("a", 1)], local_device_ids=[0])
     sc.sharded_restore(mesh, prefix, ["w"], [sc.Layout.replicated(mesh, 2)], shape_and_slices=["512 256 0,8:0,8"])
     gets = [line for line in s3.faults.log if line.startswith("GET /ckpts/ranged.data")]
-    assert len(gets) == 1  # one stored block touched, one ranged GET
+    sidecar = [line for line in gets if ".crc32c" in line]
+    assert len(gets) - len(sidecar) == 1  # one stored block touched, one ranged GET
+    assert len(sidecar) == 1  # the chunk checksums that check it, in one GET
 
 
 def test_faults_are_retried_and_the_checkpoint_is_correct(s3):
@@ -141,7 +143,8 @@ def test_overwrite_replaces_and_another_client_count_leaves_no_stale_objects(s3)
         return sc.sharded_save(mesh, prefix, ["r"], [""], [R * 2], coordinator=coord, overwrite=True)
 
     sc.LocalGroup(2).run(client)
-    assert _objects(prefix) == ["over.data-00000-of-00002", "over.data-00001-of-00002", "over.index"]
+    assert _objects(prefix) == ["over.data-00000-of-00002", "over.data-00000-of-00002.crc32c",
+                                "over.data-00001-of-00002", "over.data-00001-of-00002.crc32c", "over.index"]
     np.testing.assert_array_equal(sc.load_checkpoint(prefix).get_tensor("r"), R * 2)
 
 

@@ -223,9 +223,21 @@ def test_a_second_group_on_the_same_prefix_is_refused_while_the_first_saves(tmp_
     assert holds(prefix) == 2
 
 
-def test_verified_publish_refuses_a_data_file_that_vanished(tmp_path):
-    """A staged data file removed before the commit (by hand, by a tool that ignores the lease): nothing is
-    published, the old checkpoint stays whole and readable, and every client raises."""
+def _remove(path) -> None:
+    os.unlink(path)
+
+
+def _replace_shorter(path) -> None:
+    data = path.read_bytes()
+    os.unlink(path)
+    path.write_bytes(data[:-1])  # another file, one byte short
+
+
+@pytest.mark.parametrize("tamper, error", [(_remove, "CheckpointNotFoundError"),
+                                           (_replace_shorter, "CorruptCheckpointError")])
+def test_verified_publish_refuses_a_data_file_that_is_not_the_one_written(tmp_path, tamper, error):
+    """A staged data file removed or replaced before the commit (by hand, by a tool that ignores the lease):
+    nothing is published, the old checkpoint stays whole and readable, and every client raises."""
     prefix = str(tmp_path / "p")
     group = LocalGroup(2)
     group.run(lambda c: save(c, prefix, 1))
@@ -233,34 +245,14 @@ def test_verified_publish_refuses_a_data_file_that_vanished(tmp_path):
     def at(point: str, client: int) -> None:
         if point == "after_barrier_written" and client == 0:
             for n in os.listdir(tmp_path):
-                if n.startswith("p.data-00001") and ".staging-" in n:
-                    os.unlink(tmp_path / n)
+                if n.startswith("p.data-00001") and ".staging-" in n and ".crc32c" not in n:
+                    tamper(tmp_path / n)
 
     with faults.hook(at):
         results = group.run(lambda c: outcome(lambda: save(c, prefix, 2, overwrite=True)))
-    assert results == ["CheckpointNotFoundError", "CheckpointNotFoundError"], results
+    assert results == [error, error], results
     assert holds(prefix) == 1
     assert not [n for n in os.listdir(tmp_path) if ".staging-" in n]
-
-
-def test_verified_publish_refuses_a_replaced_data_file(tmp_path):
-    prefix = str(tmp_path / "p")
-    group = LocalGroup(2)
-    group.run(lambda c: save(c, prefix, 1))
-
-    def at(point: str, client: int) -> None:
-        if point == "after_barrier_written" and client == 0:
-            for n in os.listdir(tmp_path):
-                if n.startswith("p.data-00001") and ".staging-" in n:
-                    path = tmp_path / n
-                    data = path.read_bytes()
-                    os.unlink(path)
-                    path.write_bytes(data[:-1])  # another file, one byte short
-
-    with faults.hook(at):
-        results = group.run(lambda c: outcome(lambda: save(c, prefix, 2, overwrite=True)))
-    assert results == ["CorruptCheckpointError", "CorruptCheckpointError"], results
-    assert holds(prefix) == 1
 
 
 def test_a_job_started_without_its_engine_refuses_to_split(monkeypatch):
@@ -331,3 +323,66 @@ def test_os_errors_name_the_prefix(tmp_path):
     with pytest.raises(sc.CheckpointIOError) as info:
         sc.sharded_save(MESH, prefix, ["w"], [""], [np.zeros(2)], coordinator=SingleClient())
     assert prefix in str(info.value) and isinstance(info.value, OSError) and info.value.errno is not None
+
+
+def _sized_save(coord, prefix: str, step: int, rows: int, *, overwrite: bool = False) -> None:
+    local = MESH.local_devices(coord.rank, coord.size)
+    w = sc.DTensor.from_global(np.full((rows, 256), step, np.float32), sc.Layout(["x", sc.UNSHARDED], MESH), local)
+    sc.sharded_save(MESH, prefix, ["w"], [""], [w], coordinator=coord, timeout=30, overwrite=overwrite)
+
+
+def test_a_full_disk_fails_the_save_on_every_client_and_keeps_the_old_checkpoint(tmp_path):
+    """Finding 7: disk full raised a raw OSError naming no prefix.  Now every client raises CheckpointIOError
+    (errno ENOSPC kept) naming the prefix and the file, and the old checkpoint stays whole."""
+    import errno
+
+    from fs_helpers import full_filesystem
+
+    with full_filesystem(tmp_path, 4 << 20) as d:
+        prefix = str(d / "p")
+        group = LocalGroup(2)
+        group.run(lambda c: _sized_save(c, prefix, 1, 256))  # 256 KiB
+        errors: list[BaseException | None] = [None, None]
+
+        def client(c):
+            try:
+                _sized_save(c, prefix, 2, 8192, overwrite=True)  # 8 MiB: more than the disk holds
+            except sc.CheckpointError as exc:
+                errors[c.rank] = exc
+
+        group.run(client)
+        local = [e for e in errors if isinstance(e, sc.CheckpointIOError)]
+        assert local and all(e is not None for e in errors), errors
+        assert all(e.errno == errno.ENOSPC and prefix in str(e) for e in local), local
+        w = sc.load_checkpoint(prefix).get_tensor("w")
+        assert w.shape == (256, 256) and (w == 1).all()
+        assert not [n for n in os.listdir(d) if ".staging-" in n]
+
+
+def test_a_read_only_directory_fails_the_save_naming_the_prefix(tmp_path):
+    from fs_helpers import read_only
+
+    prefix = str(tmp_path / "p")
+    with read_only(tmp_path), pytest.raises(sc.CheckpointIOError) as info:
+        sc.sharded_save(MESH, prefix, ["w"], [""], [np.zeros(2)], coordinator=SingleClient())
+    assert prefix in str(info.value)
+
+
+def test_convert_to_a_prefix_a_save_holds_is_refused(tmp_path):
+    """`shardckpt convert x.safetensors P` beside a live save of P: refused, the save's files untouched."""
+    from safetensors.numpy import save_file
+
+    from shardckpt.lease import PrefixLease
+
+    src = str(tmp_path / "x.safetensors")
+    save_file({"w": np.ones(4, np.float32)}, src)
+    prefix = str(tmp_path / "p")
+    with PrefixLease.acquire(prefix, what="sharded_save"):
+        proc = subprocess.run([sys.executable, "-m", "shardckpt.cli", "convert", src, prefix], capture_output=True,
+                              text=True, timeout=60)
+    assert proc.returncode == 1 and "in use by sharded_save" in proc.stderr, proc
+    assert not os.path.exists(prefix + ".index")
+    proc = subprocess.run([sys.executable, "-m", "shardckpt.cli", "convert", src, prefix], capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc
+    assert sc.load_checkpoint(prefix).get_tensor("w").tolist() == [1.0] * 4

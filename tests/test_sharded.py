@@ -68,9 +68,8 @@ def test_every_value_round_trips_through_tensorflow_reader_facade(saved):
         np.testing.assert_array_equal(reader.get_tensor(name), want)
     np.testing.assert_array_equal(reader.get_slice("part", "8 6 4,4:-"), P)
     assert reader.get_variable_to_shape_map()["part"] == [8, 6]
-    assert sorted(f for f in os.listdir(os.path.dirname(prefix))) == [
-        "ckpt.data-00000-of-00004", "ckpt.data-00001-of-00004", "ckpt.data-00002-of-00004",
-        "ckpt.data-00003-of-00004", "ckpt.index"]
+    assert sorted(f for f in os.listdir(os.path.dirname(prefix))) == sorted(
+        [f"ckpt.data-{r:05d}-of-00004{side}" for r in range(4) for side in ("", ".crc32c")] + ["ckpt.index"])
     assert [r.files for r in results] == [[f"{prefix}.data-{i:05d}-of-00004"] for i in range(4)]
 
 
@@ -157,7 +156,8 @@ def test_overwrite_with_another_client_count_removes_stale_files(tmp_path):
     prefix = str(tmp_path / "c")
     _save(prefix, clients=4)
     _save(prefix, clients=2, overwrite=True)
-    assert sorted(os.listdir(tmp_path)) == ["c.data-00000-of-00002", "c.data-00001-of-00002", "c.index"]
+    assert sorted(os.listdir(tmp_path)) == ["c.data-00000-of-00002", "c.data-00000-of-00002.crc32c",
+                                            "c.data-00001-of-00002", "c.data-00001-of-00002.crc32c", "c.index"]
     np.testing.assert_array_equal(sc.load_checkpoint(prefix).get_tensor("u"), U)
 
 

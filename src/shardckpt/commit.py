@@ -7,7 +7,8 @@ clients). Client 0 commits in this order, each step durable before the next:
 1. ``P.index.staging-TOKEN`` is written whole (through a temporary name, so it
    exists only complete);
 2. an older ``P.index`` is removed (overwrite only);
-3. every ``P.data-R-of-N.staging-TOKEN`` is renamed to ``P.data-R-of-N``;
+3. every ``P.data-R-of-N.staging-TOKEN`` is renamed to ``P.data-R-of-N`` (its
+   chunk-checksum sidecar ``P.data-R-of-N.crc32c.staging-TOKEN`` just before it);
 4. ``P.index.staging-TOKEN`` is renamed to ``P.index``; the directory is fsynced;
 5. data files of an older shard count are removed.
 
@@ -46,6 +47,8 @@ from .errors import (
     OutcomeUnknownError,
     PrefixBusyError,
 )
+from .format.chunks import SUFFIX as SIDECAR_SUFFIX
+from .format.chunks import sidecar_filename
 from .format.files import STAGING, TEMPSTATE, data_filename, fsync_directory, index_filename, staging_data_filename
 from .format.merge import combine_entry
 from .format.protos import BundleEntry, BundleHeader, decode_entry, decode_header, unpack_raw_entries
@@ -59,6 +62,12 @@ Hook = Callable[[str], None]
 
 def _noop(_: str) -> None:
     pass
+
+
+def sidecar_path(data_path: str) -> str:
+    """The chunk-checksum sidecar of a data file, staged like it: ``P.data-R-of-N.crc32c[.staging-TOKEN]``."""
+    head, sep, token = data_path.rpartition(STAGING)
+    return sidecar_filename(head) + sep + token if sep else sidecar_filename(data_path)
 
 
 @dataclass(frozen=True)
@@ -155,6 +164,12 @@ def _publish(prefix: str, token: str, size: int, staged_index: str, durable: boo
                     replaced.append(os.open(final, os.O_RDONLY | os.O_CLOEXEC))
                 except FileNotFoundError:
                     pass
+                # The sidecar before its data file: a roll-forward after a crash between the two still
+                # finds the data file staged, so renames the sidecar too.
+                try:
+                    os.replace(sidecar_path(staged), sidecar_filename(final))
+                except FileNotFoundError:
+                    pass
                 os.replace(staged, final)
             if r == 0:
                 hook("between_renames")
@@ -211,7 +226,7 @@ def recover_remote(prefix: str) -> list[str]:
         return []
     done = []
     for path in list(storage.list_prefix(prefix)):
-        if _is_data_file(prefix, path):
+        if _is_data_file(prefix, path.removesuffix(SIDECAR_SUFFIX)):
             storage.delete(path)
             done.append(f"removed {path}")
     return done
@@ -230,7 +245,8 @@ def remove_stale_data_files(prefix: str, num_shards: int) -> None:
     """Delete ``P.data-*-of-M`` files of another shard count (an older checkpoint's), after a commit."""
     keep_suffix = f"-of-{num_shards:05d}"
     for path in list(storage.list_prefix(prefix)):
-        if _is_data_file(prefix, path) and not path.endswith(keep_suffix):
+        data = path.removesuffix(SIDECAR_SUFFIX)  # a data file's sidecar goes with it
+        if _is_data_file(prefix, data) and not data.endswith(keep_suffix):
             storage.delete(path)
 
 

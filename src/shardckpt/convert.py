@@ -43,6 +43,7 @@ from .format.dtypes import DataType, to_numpy
 from .format.files import index_filename, io_error
 from .format.slices import encode_slice_key
 from .format.writer import BundleWriter
+from .lease import PrefixLease
 
 log = logging.getLogger("shardckpt.convert")
 
@@ -446,15 +447,18 @@ def safetensors_to_checkpoint(
         if not infos:
             raise InvalidArgumentError(f"{source.path}: no tensor to convert")
         total = sum(i.nbytes for i in infos)
-        with BundleWriter(out) as writer:
-            for info in infos:
-                writer.add(info.name, source.read(info.name))
-                if progress is not None:
-                    progress(info.nbytes, total)
-        try:
-            remove_stale_data_files(out, 1)  # an overwritten checkpoint's data files of another shard count
-        except OSError as exc:  # the new checkpoint is complete; only an older one's files are left over
-            log.warning("%s: could not remove data files of the checkpoint it replaced: %s", out, exc)
+        # One writer per prefix: a save (or another convert) to the same prefix raises PrefixBusyError.
+        with PrefixLease.acquire(out, what="shardckpt convert"):
+            _check_destination(out, os.path.exists(index_filename(out)), overwrite)
+            with BundleWriter(out) as writer:
+                for info in infos:
+                    writer.add(info.name, source.read(info.name))
+                    if progress is not None:
+                        progress(info.nbytes, total)
+            try:
+                remove_stale_data_files(out, 1)  # an overwritten checkpoint's data files of another shard count
+            except OSError as exc:  # the new checkpoint is complete; only an older one's files are left over
+                log.warning("%s: could not remove data files of the checkpoint it replaced: %s", out, exc)
         report.tensors, report.bytes = len(infos), total
     log.info("%s: wrote %d tensors (%d bytes) to %s", report.source, report.tensors, report.bytes, out)
     return report

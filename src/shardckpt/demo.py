@@ -118,7 +118,8 @@ def run_demo(args: argparse.Namespace) -> int:
             nbytes = sum(rep["bytes"] for rep in reports)
             if phase == "save":
                 files = sorted(f for f in os.listdir(workdir) if f.startswith("ckpt"))
-                phases = {k: max(rep["timings"][k] for rep in reports) for k in reports[0]["timings"]}
+                # Client 0 has phases of its own (the commit): each phase's slowest client that has it.
+                phases = {k: max(rep["timings"].get(k, 0.0) for rep in reports) for k in reports[0]["timings"]}
                 detail = ", ".join(f"{k} {v:.2f}s" for k, v in phases.items() if k != "total")
                 print(f"save:    {n} clients wrote {nbytes / (1 << 30):.2f} GiB into {len(files)} files in "
                       f"{slowest:.2f} s = {nbytes / slowest / 1e9:.2f} GB/s ({detail}); "

@@ -104,8 +104,10 @@ def sharded_restore(
 
     The checkpoint may have been saved on any mesh by any number of clients (or by
     TensorFlow); the stored slices are resharded on the fly.  ``verify=True``
-    checks the CRC32C of every stored piece read whole; pieces read in part are
-    checked when ``verify="full"``, which reads them whole.
+    checks the CRC32C of every stored piece read whole, and of the chunks around
+    every part of a piece read (the data file's ``.crc32c`` sidecar, which
+    shardckpt writes; a checkpoint without one, as TensorFlow writes, leaves parts
+    unchecked); ``verify="full"`` reads every piece touched whole and checks it.
 
     ``into[i]``, when given, is a DTensor whose local shards receive tensor ``i``
     in place (its shape, dtype and layout must be the target's): memory the caller

@@ -41,7 +41,16 @@ from typing import BinaryIO, Literal, cast, overload
 import numpy as np
 
 from . import errors, storage
-from .commit import STAGING, StagedFile, commit, commit_remote, recover, recover_remote, staging_data_filename
+from .commit import (
+    STAGING,
+    StagedFile,
+    commit,
+    commit_remote,
+    recover,
+    recover_remote,
+    sidecar_path,
+    staging_data_filename,
+)
 from .coordination import Coordinator, default_timeout, resolve
 from .coordination.session import Session, answer_wait
 from .dtensor import DTensor
@@ -50,12 +59,14 @@ from .errors import (
     CheckpointExistsError,
     CheckpointIOError,
     ClientTimeoutError,
+    CoordinationError,
     InvalidArgumentError,
     OutcomeUnknownError,
     RemoteClientError,
     ShapeMismatchError,
 )
 from .faults import fault_point
+from .format.chunks import ChunkSums
 from .format.dtypes import DataType, from_numpy
 from .format.files import data_filename, index_filename
 from .format.parallel_writer import write_at, write_data_file, write_stream
@@ -117,16 +128,22 @@ def _io_error(prefix: str, path: str, what: str, exc: OSError) -> CheckpointIOEr
     return err
 
 
-def _error_json(exc: BaseException) -> dict[str, str]:
-    return {"message": str(exc), "type": type(exc).__name__}
+def _error_json(exc: BaseException) -> dict[str, object]:
+    report: dict[str, object] = {"message": str(exc), "type": type(exc).__name__}
+    if isinstance(exc, OSError) and exc.errno is not None:
+        report["errno"] = exc.errno
+    return report
 
 
-def _remote_error(report: dict[str, str], default: type[CheckpointError] = RemoteClientError) -> CheckpointError:
+def _remote_error(report: dict[str, object], default: type[CheckpointError] = RemoteClientError) -> CheckpointError:
     """Client 0's verdict as this client's exception: the same class where it is one of ours."""
-    cls = getattr(errors, report.get("type", ""), None) if report.get("type") in errors.__all__ else None
-    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)) or cls is CheckpointIOError:
+    name = str(report.get("type", ""))
+    cls = getattr(errors, name, None) if name in errors.__all__ else None
+    if cls is CheckpointIOError:
+        return CheckpointIOError(int(report.get("errno") or errno.EIO), str(report["message"]))  # type: ignore[call-overload]
+    if not (isinstance(cls, type) and issubclass(cls, CheckpointError)):
         cls = default
-    return cls(report["message"])
+    return cls(str(report["message"]))
 
 
 def _normalize(
@@ -282,15 +299,17 @@ class _Save:
             inode = 0
             if self.remote:
                 stream = storage.open_stream(self.staging)
+                sums = ChunkSums()  # chunk checksums: the sidecar
                 try:
-                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway)
+                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway, sums=sums)
                 except BaseException:
                     stream.discard()  # abort the upload: no partial object
                     raise
                 stream.close()
+                sums.save(sidecar_path(self.staging), size)
             else:
                 written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
-                                                midway=midway)
+                                                midway=midway, sidecar=sidecar_path(self.staging))
                 inode = os.stat(self.staging).st_ino
             fault_point("after_data_fsync", self.rank)
             return _Written(pack_entries(_entries_for(self.items, self.specs, written)), None, size, inode)
@@ -354,7 +373,7 @@ class _Save:
         self.timings["barrier_committed"] = time.perf_counter() - t
         fault_point("after_barrier_committed", self.rank)
         try:
-            s.gather("done", b"", wait)
+            s.confirm("done", wait)
         except CheckpointError as exc:  # the outcome is known: losing the store now changes nothing
             log.warning("%s: %s", prefix, exc)
         if outcome["error"]:
@@ -402,12 +421,14 @@ class _Save:
                 raise ClientTimeoutError(f"{prefix}: sharded_save abandoned before the commit, nothing was "
                                          f"published: {(won or b'').decode(errors='replace')}")
         except BaseException as exc:
-            s.decide(f"abort: client 0: {exc}".encode(), wait)
-            self._give_up()
-            report = _error_json(exc if isinstance(exc, CheckpointError) else RemoteClientError(
-                f"{prefix}: sharded_save: client 0 failed: {exc}"))
-            with contextlib.suppress(CheckpointError):
-                s.broadcast("outcome", json.dumps({"error": report, "discard": True}).encode(), wait)
+            try:
+                with contextlib.suppress(CheckpointError):  # a broken transport: the others time out instead
+                    s.decide(f"abort: client 0: {exc}".encode(), wait)
+                    report = _error_json(exc if isinstance(exc, CheckpointError) else RemoteClientError(
+                        f"{prefix}: sharded_save: client 0 failed: {exc}"))
+                    s.broadcast("outcome", json.dumps({"error": report, "discard": True}).encode(), wait)
+            finally:
+                self._give_up()
             raise
 
         t = time.perf_counter()
@@ -426,6 +447,8 @@ class _Save:
             commit_error = exc
         except OSError as exc:
             commit_error = _io_error(prefix, prefix + ".index", "commit failed writing", exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must still end the save on every client and free the prefix
+            commit_error = CheckpointError(f"{prefix}: commit failed: {type(exc).__name__}: {exc}")
         # A commit that failed before its commit point leaves no staged index: the staged data files go.  One
         # that failed after it (the old index already removed) is rolled forward by the next recovery, which
         # needs them.
@@ -447,7 +470,7 @@ class _Save:
         self.timings["barrier_committed"] = time.perf_counter() - t
         fault_point("after_barrier_committed", 0)
         try:
-            s.gather("done", b"", wait)  # the others have read the outcome: this process may exit now
+            s.confirm("done", wait)  # the others have read the outcome: this process may exit now
             s.succeeded = True
         except CheckpointError as exc:  # the checkpoint is committed; a client vanished after learning it
             log.warning("%s: %s", prefix, exc)
@@ -539,7 +562,12 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
                 verdict = _verdict(prefix, mesh, [json.loads(b) for b in replies], overwrite, durable, lease_box)
             except ClientTimeoutError as exc:
                 verdict = {"error": _error_json(ClientTimeoutError(f"{prefix}: sharded_save: {exc}"))}
-            session.broadcast("go", json.dumps(verdict).encode(), wait)
+            try:
+                session.broadcast("go", json.dumps(verdict).encode(), wait)
+            except CoordinationError:
+                if not verdict["error"]:
+                    raise
+                # Telling the others failed too (gloo after a timeout): they learn by their own timeout.
         else:
             session.gather("agree", json.dumps(payload).encode(), wait)
             try:
@@ -823,6 +851,7 @@ class _StagedWrite:
         self.entries: list[BundleEntry] = []
         self.futures: list[tuple[Future[None], int]] = []
         self.error: BaseException | None = None
+        self.sums = ChunkSums()  # chunk checksums: the sidecar
 
     def _snapshot(self, lent: list[np.ndarray], shard: np.ndarray) -> np.ndarray:
         if self.pool is None or shard.dtype.hasobject or shard.dtype.kind in "SU" or not shard.nbytes:
@@ -838,10 +867,12 @@ class _StagedWrite:
         midway = (lambda: fault_point("mid_data_write", rank)) if first else None
         try:
             if self.stream is not None:
-                written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=rank, midway=midway)
+                written, self.end = write_stream(self.stream, prepared, start=self.end, shard_id=rank, midway=midway,
+                                                 sums=self.sums)
             else:
                 assert self.fd is not None
-                written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=rank, midway=midway)
+                written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=rank, midway=midway,
+                                             sums=self.sums)
             self.entries.extend(written)
         finally:
             # The writers are done with the wave whether or not it failed (a stream keeps its own copy),
@@ -890,6 +921,7 @@ class _StagedWrite:
                 raise self.error
             if self.fd is not None and s.durable:
                 os.fsync(self.fd)
+            self.sums.save(sidecar_path(s.staging), self.end, s.durable)
             fault_point("after_data_fsync", s.rank)
             inode = os.fstat(self.fd).st_ino if self.fd is not None else 0
             return _Written(pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end, inode)
@@ -908,6 +940,7 @@ class _StagedWrite:
 
 def _discard(path: str) -> None:
     storage.delete(path)
+    storage.delete(sidecar_path(path))
 
 
 def name_based_save(mesh: Mesh, file_prefix: str | os.PathLike[str], name_tensor_map: dict[str, object],

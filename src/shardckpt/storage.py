@@ -348,6 +348,8 @@ def size(path: str) -> int | None:
     try:
         if is_remote(path):
             fs, key = _fs(path)
+            # Another process wrote it: a listing this process cached earlier (s3fs keeps one) knows nothing of it.
+            fs.invalidate_cache(key.rsplit("/", 1)[0] if "/" in key else key)
             return int(fs.info(key)["size"])
         return os.stat(path).st_size
     except FileNotFoundError:

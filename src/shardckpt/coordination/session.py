@@ -25,6 +25,8 @@ from __future__ import annotations
 import struct
 from abc import ABC, abstractmethod
 
+from ..errors import ClientTimeoutError, CoordinationError
+
 _count = struct.Struct("<I")
 
 
@@ -82,18 +84,24 @@ class Session(ABC):
         ``timeout``: the winner is then unknown to this client.
         """
 
+    def confirm(self, step: str, timeout: float) -> None:
+        """Client 0 waits until every other client has reached ``step`` (a gather of nothing); the others go on."""
+        self.gather(step, b"", timeout)
+
     def all_gather(self, data: bytes, timeout: float) -> list[bytes]:
         """Every client's ``data``, on every client: a gather and a broadcast (O(N) messages, N values each).
 
         When client 0 misses someone it broadcasts the error, so every client raises the same
         `ClientTimeoutError` instead of waiting out its own timeout.
         """
-        from ..errors import ClientTimeoutError
-
         try:
             values = self.gather("in", data, timeout)
         except ClientTimeoutError as exc:
-            self.broadcast("out", b"\x01" + str(exc).encode(), timeout)
+            if self.rank == 0:
+                try:
+                    self.broadcast("out", b"\x01" + str(exc).encode(), timeout)
+                except CoordinationError:
+                    pass  # the others find out by their own timeout
             raise
         out = self.broadcast("out", None if values is None else b"\x00" + pack_values(values),
                              answer_wait(timeout))
@@ -162,7 +170,20 @@ class MessageSession(Session):
         return self._e._exchange(send_to, data, sources, self._seq(step), f"{self.kind}/{step}",  # type: ignore
                                  timeout, partial)
 
+    def confirm(self, step: str, timeout: float) -> None:
+        if self.rank != 0:
+            self._x([0], b"", [], step, timeout)
+        else:
+            self._x([], None, list(range(1, self.size)), step, timeout)
+
     def gather(self, step: str, data: bytes, timeout: float) -> list[bytes] | None:
+        if getattr(self._e, "gather_to_all", False):
+            # Every client hears from every other and names the absent itself: where a timed-out receive
+            # breaks the transport (gloo), nobody could hear client 0 tell them afterwards.
+            others = [r for r in range(self.size) if r != self.rank]
+            got = self._x(others, data, others, step, timeout)
+            got[self.rank] = data
+            return [got[r] for r in range(self.size)] if self.rank == 0 else None
         if self.rank != 0:
             self._x([0], data, [], step, timeout)
             return None

@@ -162,7 +162,8 @@ class _TensorCoordinator(Coordinator):
     """
 
     engine = "torch.distributed"
-    can_poll = False  # a gloo receive that times out closes its pair
+    can_poll = False  # a gloo receive that times out closes its pair ...
+    gather_to_all = True  # ... so every client must find the absent itself (N² messages: a fallback)
 
     def __init__(self, dist: Any, group: Any, rank: int, size: int) -> None:
         import torch
@@ -172,6 +173,7 @@ class _TensorCoordinator(Coordinator):
         self.rank, self.size = rank, size
         self._sessions = 0
         self._sends: list[tuple[Any, Any]] = []  # (work, tensor) of sends not yet delivered
+        self._closed: set[int] = set()  # peers whose gloo pair closed (a receive from them timed out)
         if str(dist.get_backend(group)).lower() == "gloo":
             self._gloo, self._own = group, False
         else:
@@ -207,14 +209,20 @@ class _TensorCoordinator(Coordinator):
                 length = torch.tensor([len(payload)], dtype=torch.int64)
                 body = torch.frombuffer(bytearray(payload or b"\0"), dtype=torch.uint8)
                 for r in send_to:
-                    self._sends.append((dist.isend(length, dst=self._global[r], group=group, tag=tag), length))
-                    self._sends.append((dist.isend(body, dst=self._global[r], group=group, tag=tag + 1), body))
+                    if r in self._closed:
+                        continue
+                    try:
+                        self._sends.append((dist.isend(length, dst=self._global[r], group=group, tag=tag), length))
+                        self._sends.append((dist.isend(body, dst=self._global[r], group=group, tag=tag + 1), body))
+                    except RuntimeError:
+                        self._closed.add(r)  # gloo closed the pair: r was late once; it cannot hear us now
                 self._sends = [(w, t) for w, t in self._sends if not w.is_completed()]
             if not sources:
                 return {}
-            lengths = {r: torch.zeros(1, dtype=torch.int64) for r in sources}
+            lengths = {r: torch.zeros(1, dtype=torch.int64) for r in sources if r not in self._closed}
             recvs = {r: dist.irecv(t, src=self._global[r], group=group, tag=tag) for r, t in lengths.items()}
-            missing = self._wait(recvs, deadline)
+            missing = self._wait(recvs, deadline) + [r for r in sources if r in self._closed]
+            self._closed.update(missing)  # a timed-out gloo receive closes its pair
             if missing and not partial:
                 raise ClientTimeoutError(_missing_error(self.engine, missing, self.size, name, timeout, self.rank))
             here = [r for r in sources if r not in missing]

@@ -32,8 +32,9 @@ from ..errors import (
     TruncatedFileError,
 )
 from ..storage import Identity, RandomAccess, identity, open_random, read_small
-from . import strings
+from . import chunks, strings
 from .buffers import IOV_MAX, byte_views
+from .chunks import ChunkTable, combine_chunks, sidecar_filename
 from .coding import crc32c, unmask_crc
 from .dtypes import DataType, to_numpy
 from .files import data_filename, index_filename, normalize_prefix
@@ -68,6 +69,17 @@ try:
     from numpy._core.multiarray import MAXDIMS as _NPY_MAXDIMS  # numpy >= 2: 64
 except ImportError:  # pragma: no cover - numpy 1.x: 32
     from numpy.core.multiarray import MAXDIMS as _NPY_MAXDIMS  # type: ignore[no-redef]
+
+
+@dataclass(frozen=True)
+class _Span:
+    """A partial read widened to the sidecar's chunks: bytes ``[lo, hi)`` of the entry must have CRC ``crc``."""
+
+    lo: int
+    hi: int
+    crc: int
+    chunk_crcs: np.ndarray
+    table: ChunkTable
 
 
 @dataclass(frozen=True)
@@ -269,8 +281,8 @@ class BundleReader:
 
     def _pread_into(self, f: RandomAccess, views: list[memoryview], offset: int, verify_crc: int | None) -> int:
         """Fill ``views`` (consecutive in the file) from ``offset``; returns the CRC of the bytes when asked,
-        taken chunk by chunk right after each chunk is read, while it is in cache."""
-        crc = 0
+        taken chunk by chunk right after each chunk is read, while it is in cache (extending ``verify_crc``)."""
+        crc = verify_crc or 0
         pos = offset
         batch: list[memoryview] = []
         size = 0
@@ -309,7 +321,7 @@ class BundleReader:
         buf = getattr(_bounce, "buf", None)
         if buf is None or len(buf) < per * len(views[0]):
             buf = _bounce.buf = np.empty(max(_BOUNCE, len(views[0])), np.uint8)
-        crc = 0
+        crc = verify_crc or 0
         pos = offset
         for start in range(0, rows.shape[0], per):
             chunk = rows[start : start + per]
@@ -322,11 +334,11 @@ class BundleReader:
         return crc
 
     def _mapped(self, key: bytes, e: BundleEntry, f: RandomAccess, first: int, shape: tuple[int, ...],
-                check: bool) -> np.ndarray | None:
+                check: bool, chunks: bool = False) -> np.ndarray | None:
         """Bytes ``first`` onward of entry ``e``, as an array of ``shape`` over a private mapping of the file
-        (the range is checked by `_locate`), CRC-checked over the whole entry when ``check``; None when
-        this read copies instead (mmap off, a small or string or byte-swapped or misaligned piece, a remote
-        store)."""
+        (the range is checked by `_locate`), CRC-checked over the whole entry when ``check``, else over the
+        sidecar's chunks around it when ``chunks`` (`_chunk_span`); None when this read copies instead (mmap
+        off, a small or string or byte-swapped or misaligned piece, a remote store)."""
         if not self._mmap or e.dtype == DataType.STRING:
             return None
         dtype = to_numpy(e.dtype)
@@ -334,7 +346,11 @@ class BundleReader:
         if (nbytes < _MMAP_MIN or (self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1)
                 or (e.offset + first) % dtype.alignment):
             return None
+        span = self._chunk_span(e, f, first, nbytes) if chunks and not check else None
+        check = check or span is True
         start, size = (e.offset, e.size) if check else (e.offset + first, nbytes)
+        if isinstance(span, _Span):
+            start, size = e.offset + span.lo, span.hi - span.lo
         got = f.map_private(start, size)
         if got is None:
             return None
@@ -345,6 +361,12 @@ class BundleReader:
             if crc != unmask_crc(e.crc32c):
                 raise _crc_error(f"{self.prefix}: tensor {_label(key)} in {f.path}", e, crc)
             at += first
+        elif isinstance(span, _Span):
+            with memoryview(mapping) as view:
+                crc = crc32c(view[at : at + size])
+            if crc != span.crc:
+                raise self._chunk_error(key, e, f, span)
+            at += first - span.lo
         return np.frombuffer(mapping, np.uint8, nbytes, at).view(dtype).reshape(shape)
 
     def _read_whole(self, key: bytes, e: BundleEntry, verify: Verify, out: np.ndarray | None = None) -> np.ndarray:
@@ -380,8 +402,10 @@ class BundleReader:
         """Fill ``dst`` with the box ``local`` (coordinates inside the stored entry).
 
         A whole entry is read straight into ``dst`` when ``dst`` is contiguous, its CRC checked; a
-        part is read as the one byte range that spans it (no CRC: see `sharded_restore`), straight
-        into ``dst`` when both the range and ``dst`` are contiguous, else through a buffer.
+        part is read as the one byte range that spans it, straight into ``dst`` when both the range and
+        ``dst`` are contiguous, else through a buffer.  A part is checked (when ``verify``) against the
+        data file's sidecar: widened to whole chunks whose CRCs the sidecar holds, or, for a piece of at
+        most one chunk, read whole and checked by its own CRC; with no usable sidecar it is not checked.
         """
         whole = all(lo == 0 and hi == dim for (lo, hi), dim in zip(local, e.shape))
         if whole and e.dtype != DataType.STRING:
@@ -399,17 +423,84 @@ class BundleReader:
         first = sum(lo * s for (lo, _), s in zip(local, strides))
         last = sum((hi - 1) * s for (_, hi), s in zip(local, strides))
         nbytes = last - first + dtype.itemsize
+        span = self._chunk_span(e, f, first, nbytes) if verify and dst.size else None
+        if span is True:
+            dst[...] = self._read_whole(key, e, verify)[box]
+            return
         swap = self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1
         views = byte_views(dst) if nbytes == dst.nbytes else None
         if views is not None:
-            self._pread_array(f, dst, views, e.offset + first, None)
+            if isinstance(span, _Span):
+                crc = self._crc_of_range(f, e.offset + span.lo, first - span.lo, 0)
+                crc = self._pread_array(f, dst, views, e.offset + first, crc)
+                crc = self._crc_of_range(f, e.offset + first + nbytes, span.hi - first - nbytes, crc)
+                if crc != span.crc:
+                    raise self._chunk_error(key, e, f, span)
+            else:
+                self._pread_array(f, dst, views, e.offset + first, None)
             if swap:
                 dst.byteswap(inplace=True)
             return
-        buf = np.empty(nbytes, np.uint8)
-        self._pread_into(f, [buf.data], e.offset + first, None)
-        region = np.ndarray(tuple(hi - lo for lo, hi in local), dtype, buffer=buf, strides=tuple(strides))
+        lo, hi = (span.lo, span.hi) if isinstance(span, _Span) else (first, first + nbytes)
+        buf = np.empty(hi - lo, np.uint8)
+        crc = self._pread_into(f, [buf.data], e.offset + lo, 0 if isinstance(span, _Span) else None)
+        if isinstance(span, _Span) and crc != span.crc:
+            raise self._chunk_error(key, e, f, span)
+        region = np.ndarray(tuple(hi - lo for lo, hi in local), dtype, buffer=buf, offset=first - lo,
+                            strides=tuple(strides))
         dst[...] = region.byteswap() if swap else region
+
+    def _chunk_span(self, e: BundleEntry, f: RandomAccess, first: int, nbytes: int) -> _Span | bool | None:
+        """How to check a read of bytes ``[first, first + nbytes)`` of entry ``e``: the chunks around it
+        (a `_Span`), True when the piece is at most one chunk (read it whole: its own CRC checks it), or
+        None when nothing can (no usable sidecar, or one that does not record this very piece)."""
+        table = self._sidecar(e.shard_id, f)
+        if table is None:
+            return None
+        size = table.chunk_size
+        if e.size <= size:
+            return True
+        crcs = table.chunks_of(e.offset, e.size, e.crc32c)
+        if crcs is None:
+            return None
+        k0, k1 = first // size, (first + nbytes - 1) // size
+        lo, hi = k0 * size, min((k1 + 1) * size, e.size)
+        picked = crcs[k0 : k1 + 1]
+        return _Span(lo, hi, combine_chunks(picked, size, hi - k1 * size), picked, table)
+
+    _sidecars: dict[int, ChunkTable | None] | None = None
+
+    def _sidecar(self, shard_id: int, f: RandomAccess) -> ChunkTable | None:
+        """The sidecar of data file ``shard_id``, loaded on first use (None: none, or unusable)."""
+        cache = self._sidecars
+        if cache is None:
+            cache = self._sidecars = {}
+        if shard_id not in cache:  # two threads may both load it: the same answer either way
+            cache[shard_id] = chunks.load(sidecar_filename(f.path), f.size)
+        return cache[shard_id]
+
+    def _crc_of_range(self, f: RandomAccess, offset: int, nbytes: int, crc: int) -> int:
+        """``crc`` extended over file bytes ``[offset, offset + nbytes)`` (less than a chunk: the widening)."""
+        if nbytes <= 0:
+            return crc
+        buf = bytearray(nbytes)
+        f.read_into([memoryview(buf)], offset)
+        return crc32c(buf, crc)
+
+    def _chunk_error(self, key: bytes, e: BundleEntry, f: RandomAccess, span: _Span) -> ChecksumMismatchError:
+        """The error for a widened read whose bytes do not match their chunk CRCs, naming the bad chunk."""
+        size = span.table.chunk_size
+        bad = (e.offset + span.lo, e.offset + span.hi)
+        for i, start in enumerate(range(span.lo, span.hi, size)):
+            end = min(start + size, span.hi)
+            if self._crc_of_range(f, e.offset + start, end - start, 0) != int(span.chunk_crcs[i]):
+                bad = (e.offset + start, e.offset + end)
+                break
+        return ChecksumMismatchError(
+            f"{self.prefix}: tensor {_label(key)} in {f.path}: bytes [{bad[0]}, {bad[1]}) at offset {bad[0]} "
+            f"do not match their chunk checksum in {span.table.path} (a partial read of the {e.size}-byte "
+            f"stored piece at offset {e.offset})"
+        )
 
     # --- tensors ----------------------------------------------------------------------------------
 
@@ -552,7 +643,7 @@ class BundleReader:
             first = _contiguous_start(tuple((lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(inter, p.bounds)),
                                       p.entry.shape, itemsize)
             if first is not None:
-                mapped = self._mapped(p.key, p.entry, f, first, shape, verify == "full")
+                mapped = self._mapped(p.key, p.entry, f, first, shape, verify == "full", chunks=bool(verify))
                 if mapped is not None:
                     return mapped
         if out is None:

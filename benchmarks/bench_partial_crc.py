@@ -1,0 +1,232 @@
+"""What checking partial reads costs: a resharding restore with the chunk-checksum sidecars vs without them.
+
+Usage::
+
+    python benchmarks/bench_partial_crc.py [--side 4096] [--tensors 16] [--reps 7] [--chunk-kib 1024] [--dir DIR]
+                                           [--output BENCHMARKS.md]
+
+The workload: ``--tensors`` float32 tensors of ``side`` x ``side`` (16 x 4096^2 = 1 GiB), saved 2x2 by 4 in-process
+clients (`LocalGroup`), so each stored piece is a 2048 x 2048 block of 16 MiB.  Timed, each repetition:
+
+- *restore 2x2 -> 4x1 on 4 clients*: every client's row block is the top or bottom half of two stored pieces,
+  so every read is a part of a piece: with sidecars it is widened to whole chunks and checked, without them it is
+  not checked (what shardckpt did before, and still does for checkpoints TensorFlow wrote);
+- *restore 2x2 -> whole tensors on 1 client*: every piece is read whole and checked by its own CRC either way
+  (the control: the sidecar is not even opened);
+- *save* (``durable=False``, after ``os.sync()`` and the removal of the previous output, both untimed): with the
+  sidecar, chunk CRCs are taken instead of whole-piece CRCs and one small file per client more is written;
+  "off" saves through the same writer with the sidecar dropped.
+
+"on" and "off" alternate within each repetition, the order flipping each time (on off, off on, ...), after an
+untimed restore (the first restore after the saves pays for their reclaim and writeback, whichever it is).  Reads come
+from the page cache.  Medians, and the median of the same-repetition ratios on / off, are printed and, with
+``--output``, written as the section between ``<!-- bench_partial_crc:start -->`` and ``<!-- bench_partial_crc:end
+-->`` of that file (appended at its end the first time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+import shardckpt as sc
+from shardckpt import save as save_module
+from shardckpt.format import chunks
+
+START = "<!-- bench_partial_crc:start -->"
+END = "<!-- bench_partial_crc:end -->"
+MESH22 = sc.create_mesh([("x", 2), ("y", 2)])
+MESH41 = sc.create_mesh([("x", 4), ("y", 1)])
+
+
+def _tensor(k: int, side: int) -> np.ndarray:
+    return np.random.default_rng(100 + k).random((side, side), dtype=np.float32)
+
+
+def _save(prefix: str, values: list[np.ndarray], sidecars: bool) -> float:
+    names = [f"layer_{k:02d}/kernel" for k in range(len(values))]
+    real = save_module.write_data_file
+
+    def without_sidecar(*args, **kwargs):
+        kwargs.pop("sidecar", None)
+        return real(*args, **kwargs)
+
+    def client(coord):
+        local = MESH22.local_devices(coord.rank, coord.size)
+        shards = [sc.DTensor.from_global(v, sc.Layout(["x", "y"], MESH22), local) for v in values]
+        sc.sharded_save(MESH22, prefix, names, [""] * len(names), shards, coordinator=coord, durable=False)
+
+    if not sidecars:
+        save_module.write_data_file = without_sidecar  # type: ignore[assignment]
+    try:
+        t = time.perf_counter()
+        sc.LocalGroup(4).run(client)
+        return time.perf_counter() - t
+    finally:
+        save_module.write_data_file = real  # type: ignore[assignment]
+
+
+def _restore_41(prefix: str, names: list[str]) -> float:
+    layouts = [sc.Layout(["x", sc.UNSHARDED], MESH41)] * len(names)
+
+    def client(coord):
+        return sc.sharded_restore(MESH41, prefix, names, layouts, coordinator=coord)
+
+    t = time.perf_counter()
+    out = sc.LocalGroup(4).run(client)
+    elapsed = time.perf_counter() - t
+    del out
+    return elapsed
+
+
+def _restore_whole(prefix: str, names: list[str]) -> float:
+    mesh = sc.create_mesh([("x", 1)], local_device_ids=[0])
+    layouts = [sc.Layout.replicated(mesh, 2)] * len(names)
+    t = time.perf_counter()
+    out = sc.sharded_restore(mesh, prefix, names, layouts)
+    elapsed = time.perf_counter() - t
+    del out
+    return elapsed
+
+
+def _toggle(prefix: str, on: bool) -> None:
+    """Put the sidecars in place (on) or aside (off) for the next restore."""
+    directory, base = os.path.split(prefix)
+    for name in os.listdir(directory):
+        if not name.startswith(base):
+            continue
+        path = os.path.join(directory, name)
+        if on and name.endswith(".crc32c.off"):
+            os.rename(path, path[: -len(".off")])
+        elif not on and name.endswith(".crc32c"):
+            os.rename(path, path + ".off")
+
+
+def _check(prefix: str, names: list[str], values: list[np.ndarray]) -> None:
+    layouts = [sc.Layout(["x", sc.UNSHARDED], MESH41)] * len(names)
+
+    def client(coord):
+        got = sc.sharded_restore(MESH41, prefix, names, layouts, coordinator=coord)
+        for arr, want in zip(got, values):
+            rows = want.shape[0] // 4
+            assert np.array_equal(arr.shards[coord.rank], want[coord.rank * rows : (coord.rank + 1) * rows])
+
+    sc.LocalGroup(4).run(client)
+
+
+def _machine() -> str:
+    mem = "?"
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    mem = f"{int(line.split()[1]) / (1 << 20):.0f} GiB"
+    except OSError:
+        pass
+    return f"nproc {os.cpu_count()}, memory {mem}, Python {sys.version.split()[0]}, numpy {np.__version__}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    ap.add_argument("--side", type=int, default=4096)
+    ap.add_argument("--tensors", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=8)
+    ap.add_argument("--chunk-kib", type=int, default=chunks.CHUNK_SIZE >> 10)
+    ap.add_argument("--dir", default=None)
+    ap.add_argument("--output", default=None)
+    args = ap.parse_args(argv)
+    chunks.CHUNK_SIZE = args.chunk_kib << 10
+    values = [_tensor(k, args.side) for k in range(args.tensors)]
+    names = [f"layer_{k:02d}/kernel" for k in range(args.tensors)]
+    nbytes = sum(v.nbytes for v in values)
+    root = tempfile.mkdtemp(prefix="bench_partial_crc-", dir=args.dir)
+    prefix = os.path.join(root, "ckpt")
+    series: dict[str, list[float]] = {k: [] for k in
+                                      ("save on", "save off", "4x1 on", "4x1 off", "whole on", "whole off")}
+    ratios: dict[str, list[float]] = {"save": [], "4x1": [], "whole": []}
+    try:
+        _save(prefix, values, True)  # warm-up (untimed), and the checkpoint the first restores read
+        _check(prefix, names, values)
+        for rep in range(args.reps):
+            order = (True, False) if rep % 2 == 0 else (False, True)
+            got: dict[str, float] = {}
+            for on in order:  # saves: each to a fresh prefix of its own
+                target = os.path.join(root, f"save-{'on' if on else 'off'}")
+                for name in os.listdir(root):
+                    if name.startswith(os.path.basename(target)):
+                        os.unlink(os.path.join(root, name))
+                os.sync()
+                got[f"save {'on' if on else 'off'}"] = _save(target, values, on)
+            for what, run in (("4x1", _restore_41), ("whole", _restore_whole)):
+                run(prefix, names)  # untimed: whatever the saves left to the kernel (reclaim, writeback) lands here
+                for on in order:
+                    _toggle(prefix, on)
+                    got[f"{what} {'on' if on else 'off'}"] = run(prefix, names)
+            _toggle(prefix, True)
+            for key, value in got.items():
+                series[key].append(value)
+            for what in ratios:
+                ratios[what].append(got[f"{what} on"] / got[f"{what} off"])
+            print(f"rep {rep}: " + ", ".join(f"{k} {v:.3f} s" for k, v in got.items()), flush=True)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+    def med(key: str) -> float:
+        return statistics.median(series[key])
+
+    rows = [
+        ("save 2x2 on 4 clients (durable=False)", "save"),
+        ("restore 2x2 -> 4x1 on 4 clients (every read a part of a piece)", "4x1"),
+        ("restore 2x2 -> whole tensors on 1 client (every piece read whole)", "whole"),
+    ]
+    lines = [
+        START,
+        "## Checksums on partial reads (`benchmarks/bench_partial_crc.py`)",
+        "",
+        f"{_dt.date.today().isoformat()}; {_machine()}. {args.tensors} float32 tensors of {args.side}x{args.side} "
+        f"({nbytes / (1 << 30):.2f} GiB) saved 2x2 by 4 in-process clients (pieces of "
+        f"{args.side // 2}x{args.side // 2}); chunk {args.chunk_kib} KiB; {args.reps} interleaved repetitions, "
+        "page cache. *on*: the `.crc32c` sidecars in place (partial reads widened to whole chunks and checked); "
+        "*off*: the sidecars set aside (partial reads unchecked, as before).",
+        "",
+        "| phase | on (median) | off (median) | on / off (median of same-repetition ratios) | min-max ratio |",
+        "|---|---|---|---|---|",
+    ]
+    for label, key in rows:
+        r = ratios[key]
+        lines.append(f"| {label} | {med(key + ' on'):.3f} s | {med(key + ' off'):.3f} s | "
+                     f"{statistics.median(r):.3f} | {min(r):.3f}-{max(r):.3f} |")
+    lines += ["", f"Target: on / off <= 1.10 for the resharding restore: "
+              f"{'met' if statistics.median(ratios['4x1']) <= 1.10 else 'missed'} "
+              f"({statistics.median(ratios['4x1']):.3f}).", END]
+    text = "\n".join(lines)
+    print(text)
+    if args.output:
+        _write_section(args.output, text)
+    return 0
+
+
+def _write_section(path: str, text: str) -> None:
+    old = ""
+    if os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+    if START in old and END in old:
+        head, rest = old.split(START, 1)
+        new = head + text + rest.split(END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + text + "\n"
+    with open(path, "w") as f:
+        f.write(new)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
