@@ -19,9 +19,13 @@ publishes an index over files it did not write. So ``P.index`` present means the
 checkpoint is complete and every data file it names is its own. After a crash,
 `recover` looks at what is left: a staged index with no ``P.index`` means steps
 1-2 completed, so the renames are finished (roll forward); anything else staged
-belongs to a save that never reached its commit point and is deleted. Nothing
-without ``.staging-`` or ``.tempstate`` in its name is ever deleted, except step
-5's stale data files after a successful commit. The object-store form of the
+belongs to a save that never reached its commit point and is deleted.  A commit
+that fails before step 2 is done removes its staged index, so nothing of it is ever
+published; one that fails after raises `OutcomeUnknownError`, never a plain failure,
+as recovery will publish it.  (A crash between steps 1 and 2 on a fresh prefix is
+rolled forward: client 0 had decided to commit, so no client heard of a failure.)
+Nothing without ``.staging-`` or ``.tempstate`` in its name is ever deleted, except
+step 5's stale data files after a successful commit. The object-store form of the
 same protocol (no renames) writes data objects first and the index object last.
 """
 
@@ -40,6 +44,7 @@ from .errors import (
     CheckpointExistsError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    OutcomeUnknownError,
     PrefixBusyError,
 )
 from .format.chunks import SUFFIX as SIDECAR_SUFFIX
@@ -150,7 +155,12 @@ def commit(prefix: str, token: str, files: list[StagedFile], pieces: list[bytes]
                 if want.inode and st.st_ino != want.inode:
                     raise CorruptCheckpointError(f"{prefix}: the data file of client {r} vanished during the "
                                                  "commit") from exc
-        _publish(prefix, token, size, staged_index, durable, _noop)
+        try:
+            _publish(prefix, token, size, staged_index, durable, _noop)
+        except Exception as again:  # noqa: BLE001 - whatever it is, the save is past its commit point
+            raise OutcomeUnknownError(
+                f"{prefix}: the save passed its commit point but publishing it failed ({again}); it is complete "
+                f"on disk and `shardckpt clean {prefix}` or the next save to the prefix publishes it") from again
 
 
 def _publish(prefix: str, token: str, size: int, staged_index: str, durable: bool, hook: Hook,

@@ -81,7 +81,9 @@ class OutcomeUnknownError(CoordinationError):
     """Client 0 passed the commit point of a save but its outcome never reached this client.
 
     The checkpoint may or may not have been published: look at the prefix (``P.index`` present means it
-    was).  Distinct from a failure, which guarantees nothing was published.
+    was).  Distinct from a failure, which guarantees nothing was published.  Every client, client 0 too,
+    raises it when client 0's commit failed past its commit point: the checkpoint is then complete on disk
+    and ``shardckpt clean`` or the next save to the prefix publishes it.
     """
 
 

@@ -337,14 +337,21 @@ class _Save:
         try:
             if self.rank == 0:
                 return self._finish_root(mine, w.error, w.size, t)
-            fault_point("before_barrier_written", self.rank)
             return self._finish_other(mine, w.error, w.size, t)
         finally:
             self._release()  # whatever escaped: a lease kept by this process would refuse every later save
             self.session.close()
 
+    def abandon(self) -> None:
+        """This client stops before reporting its writes (an interrupt): its file and the lease go; the
+        others learn nothing from it and give up at their timeout, and nothing is published."""
+        _discard(self.staging)
+        self._release()
+        self.session.close()
+
     def _finish_other(self, mine: bytes, error: BaseException | None, written: int, t: float) -> SaveResult:
         s, prefix, wait = self.session, self.prefix, self.wait
+        fault_point("before_barrier_written", self.rank)
         s.gather("written", mine, wait)
         if error is not None:
             _discard(self.staging)  # client 0 sees the error and never commits
@@ -438,8 +445,8 @@ class _Save:
         # A commit that failed before its commit point leaves no staged index: the staged data files go.  One
         # that failed after it (the old index already removed) is rolled forward by the next recovery, which
         # needs them.
-        discard = commit_error is not None and (self.remote or not os.path.exists(
-            index_filename(prefix) + STAGING + self.token))
+        discard = commit_error is not None and not isinstance(commit_error, OutcomeUnknownError) and (
+            self.remote or not os.path.exists(index_filename(prefix) + STAGING + self.token))
         if commit_error is not None:
             log.error("%s: commit failed: %s", prefix, commit_error)
             if discard:
@@ -822,17 +829,38 @@ def sharded_save(
     session = _agree(mesh, os.fspath(file_prefix), tensor_names, shape_and_slices, tensors, coord, wait,
                      overwrite, durable)
     if blocking:
-        return session.finish(session.write_blocking())
+        try:
+            written = session.write_blocking()
+        except BaseException:
+            session.abandon()
+            raise
+        return session.finish(written)
     t = time.perf_counter()
     state = _async_state(coord)
     if not reuse_staging:
         state.pool.clear()  # the previous save is over, so nothing is lent
     staged = _StagedWrite(session, max_staging_bytes, state.pool if reuse_staging else None)
-    staged.copy_all()
+    try:
+        staged.copy_all()
+    except BaseException:
+        staged.writer.shutdown()
+        if staged.fd is not None:
+            os.close(staged.fd)
+        session.abandon()
+        raise
     session.timings["blocking_copy"] = time.perf_counter() - t
-    future = state.executor.submit(lambda: session.finish(staged.complete()))
+    future = state.executor.submit(_finish_async, session, staged)
     state.pending = future
     return SaveFuture(future, session.prefix, time.perf_counter() - session.t0)
+
+
+def _finish_async(session: _Save, staged: _StagedWrite) -> SaveResult:
+    try:
+        written = staged.complete()
+    except BaseException:  # an interrupt in a writer thread: as in a blocking save
+        session.abandon()
+        raise
+    return session.finish(written)
 
 
 class _StagedWrite:
