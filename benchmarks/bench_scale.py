@@ -769,7 +769,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.output:
         sys.stdout.write(text)
         return 0
-    old = open(args.output).read() if os.path.exists(args.output) else ""
+    old = ""
+    if os.path.exists(args.output):
+        with open(args.output) as f:
+            old = f.read()
     if START in old and END in old:
         head, rest = old.split(START, 1)
         new = head + text.rstrip("\n") + rest.split(END, 1)[1]
