@@ -96,3 +96,71 @@ def test_a_barrier_missing_a_client_fails_on_every_present_client_naming_it() ->
         t.start()
     for t in threads:
         t.join()
+
+
+# --- the root's merge of every client's entries (commit._merge) ------------------------------------------
+
+
+def _pieces(n: int, *, whole_on: tuple[int, ...] = (0,), bad_shape_on: int | None = None) -> list[bytes]:
+    """What n clients send in "written": each its slice of three row-sharded tensors (one 3-D, one with an
+    uneven last client, one of int64), and a small whole tensor from the clients in ``whole_on``."""
+    from shardckpt.format.protos import BundleEntry, pack_entries
+    from shardckpt.format.slices import TensorSlice, encode_slice_key
+
+    pieces = []
+    for r in range(n):
+        entries = []
+        for name, dtype, shape in ((b"a/w", 1, (n * 3, 5, 2)), (b"b", 1, (n * 2 - 1, 7)), (b"c/x", 9, (n, 300))):
+            rows = shape[0] // n + (1 if shape[0] % n else 0)
+            lo, hi = r * rows, min((r + 1) * rows, shape[0])
+            if bad_shape_on == r and name == b"b":
+                shape = (shape[0] + 1, *shape[1:])
+            box = ((lo, hi),) + tuple((0, d) for d in shape[1:])
+            tslice = TensorSlice.from_bounds(box)
+            entries.append((encode_slice_key(name, tslice), BundleEntry(dtype, shape[:0] + tuple(
+                hi_ - lo_ for lo_, hi_ in box), r, 64 * (r + 1), 4 * (hi - lo), 12345 + r)))
+            entries.append((name, BundleEntry(dtype=dtype, shape=shape, slices=[tslice])))
+        if r in whole_on:
+            entries.append((b"step", BundleEntry(9, (), r, 0, 8, 777)))
+        pieces.append(pack_entries(entries))
+    return pieces
+
+
+def _reference_index(pieces: list[bytes]) -> bytes:
+    """Every entry decoded and combined one by one: what MergeV2Checkpoints does, and the merge used to."""
+    from shardckpt.format.merge import combine_entry
+    from shardckpt.format.protos import BundleEntry, BundleHeader, unpack_entries
+    from shardckpt.format.writer import build_index
+
+    merged: dict[bytes, BundleEntry] = {}
+    for rank, blob in enumerate(pieces):
+        for key, entry in unpack_entries(blob):
+            combine_entry(merged, key, entry, f"client {rank}")
+    return build_index(BundleHeader(num_shards=len(pieces)), merged)
+
+
+def test_the_root_merges_partitioned_entries_without_decoding_one_per_client(monkeypatch) -> None:
+    from shardckpt import commit
+    from shardckpt.format.protos import BundleHeader
+    from shardckpt.format.writer import build_index
+
+    decoded = []
+    real = commit.decode_entry
+    monkeypatch.setattr(commit, "decode_entry", lambda raw: decoded.append(raw) or real(raw))
+    for n in (1, 2, 64):
+        pieces = _pieces(n)
+        got = build_index(BundleHeader(num_shards=n), commit._merge(pieces))
+        assert got == _reference_index(pieces), n  # byte for byte
+    assert decoded == []  # 64 clients x 3 partitioned tensors: no entry decoded
+
+
+def test_the_root_merge_still_refuses_a_duplicate_or_a_disagreeing_entry() -> None:
+    from shardckpt import commit
+    from shardckpt.errors import CorruptCheckpointError, DuplicateTensorError
+
+    with pytest.raises(DuplicateTensorError, match="step.*client 5"):
+        commit._merge(_pieces(8, whole_on=(0, 5)))
+    with pytest.raises(CorruptCheckpointError, match="client 3: partitioned tensor b "):
+        commit._merge(_pieces(8, bad_shape_on=3))
+    with pytest.raises(CorruptCheckpointError, match="client 1: partitioned tensor b "):
+        commit._merge(_pieces(8, bad_shape_on=0))
