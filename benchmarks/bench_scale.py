@@ -445,12 +445,14 @@ class Clock:
     marks: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
-def _instrument() -> tuple[dict[str, float], Callable[[], None]]:
-    """Count the CPU of the root's merge and index building (wrappers calling the originals)."""
-    from shardckpt import commit
+def _instrument() -> tuple[dict[tuple[str, str], float], Callable[[], None]]:
+    """CPU seconds, by thread, of the root's merge and index building and of every client's local planning
+    (`_normalize`, `plan_save`): wrappers calling the originals, removed by the returned function."""
+    from shardckpt import commit, save
 
-    spent: dict[str, float] = defaultdict(float)
-    originals = {"_merge": commit._merge, "build_index": commit.build_index}
+    spent: dict[tuple[str, str], float] = defaultdict(float)
+    targets = [(commit, "_merge"), (commit, "build_index"), (save, "_normalize"), (save, "plan_save")]
+    originals = [(mod, name, getattr(mod, name)) for mod, name in targets]
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         def wrapper(*a: Any, **k: Any) -> Any:
@@ -458,15 +460,15 @@ def _instrument() -> tuple[dict[str, float], Callable[[], None]]:
             try:
                 return fn(*a, **k)
             finally:
-                spent[name] += time.thread_time() - t
+                spent[(threading.current_thread().name, name)] += time.thread_time() - t
         return wrapper
 
-    for name, fn in originals.items():
-        setattr(commit, name, timed(name, fn))
+    for mod, name, fn in originals:
+        setattr(mod, name, timed(name, fn))
 
     def undo() -> None:
-        for name, fn in originals.items():
-            setattr(commit, name, fn)
+        for mod, name, fn in originals:
+            setattr(mod, name, fn)
 
     return spent, undo
 
@@ -596,21 +598,26 @@ def simulate(n: int, t: int, profile: str | None = None, verify: bool = True) ->
             "commit": m0["before_barrier_committed"] - m0["after_barrier_written"],
             "outcome_done": m0["saved"] - m0["before_barrier_committed"],
             "barrier": m0["end"] - m0["saved"],
-            "merge": spent["_merge"], "build_index": spent["build_index"],
+            "merge": spent[("sim-client-0", "_merge")], "build_index": spent[("sim-client-0", "build_index")],
+            "normalize": spent[("sim-client-0", "_normalize")], "plan": spent[("sim-client-0", "plan_save")],
         },
         "client": {
             "agree_normalize_plan": m1["after_agree"] - m1["start"],
             "rest": m1["end"] - m1["after_agree"],
+            "normalize": spent[("sim-client-1", "_normalize")], "plan": spent[("sim-client-1", "plan_save")],
         },
         "root_timings": res0.timings,
     }
 
 
 def coordination_cpu(r: dict[str, Any], who: str = "root") -> float:
-    """A client's CPU without its local planning (`_normalize` + `plan_save`, timed apart) and its own write."""
+    """A client's CPU over the save and the barrier without its local planning (`_normalize` and `plan_save`,
+    timed inside its save) and, for the root, without writing its own data file."""
     if who == "root":
-        return r["root_cpu"] - r["normalize_cpu"] - r["plan_cpu"] - r["root"]["write"]
-    return r["client_cpu"] - r["normalize_cpu"] - r["plan_cpu"]
+        p = r["root"]
+        return r["root_cpu"] - p.get("normalize", r["normalize_cpu"]) - p.get("plan", r["plan_cpu"]) - p["write"]
+    p = r["client"]
+    return r["client_cpu"] - p.get("normalize", r["normalize_cpu"]) - p.get("plan", r["plan_cpu"])
 
 
 def cmd_sim(args: argparse.Namespace) -> int:
@@ -710,6 +717,11 @@ def _real_lines(real: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _plan(r: dict[str, Any]) -> tuple[float, float]:
+    """The root's `_normalize` and `plan_save` CPU inside its save (older runs: timed apart)."""
+    return r["root"].get("normalize", r["normalize_cpu"]), r["root"].get("plan", r["plan_cpu"])
+
+
 def report(real: dict[str, Any] | None, sim: dict[str, Any] | None) -> str:
     info = (sim or real or {}).get("machine", machine_info())
     out = [START, "", "## Thousands of clients: coordination cost (`benchmarks/bench_scale.py`)", "",
@@ -737,7 +749,7 @@ def report(real: dict[str, Any] | None, sim: dict[str, Any] | None) -> str:
         for r in sorted(runs, key=lambda r: (r["t"], r["n"])):
             out.append(f"| {r['t']} | {r['n']} | {r['max_messages']} | {r['max_client_received']} B | "
                        f"{r['root_cpu']:.2f} | {coordination_cpu(r):.2f} | {r['root']['merge']:.2f} | "
-                       f"{r['root']['build_index']:.2f} | {r['normalize_cpu']:.2f} + {r['plan_cpu']:.2f} | "
+                       f"{r['root']['build_index']:.2f} | {_plan(r)[0]:.2f} + {_plan(r)[1]:.2f} | "
                        f"{r['client_cpu']:.2f} | {coordination_cpu(r, 'client'):.2f} |")
         out.append("")
         for t in sorted({r["t"] for r in runs}):
@@ -747,7 +759,7 @@ def report(real: dict[str, Any] | None, sim: dict[str, Any] | None) -> str:
                 "messages / collective": [r["max_messages"] for r in rs],
                 "root coordination + merge CPU": [coordination_cpu(r) for r in rs],
                 "root `_merge`": [r["root"]["merge"] for r in rs],
-                "root planning (plan_save)": [r["plan_cpu"] for r in rs],
+                "root planning (plan_save)": [_plan(r)[1] for r in rs],
                 "non-root CPU without planning": [coordination_cpu(r, "client") for r in rs],
             }
             fits = ", ".join(f"{k} N^{_fmt(fit_exponent(ns, v))}" for k, v in series.items())
