@@ -722,7 +722,7 @@ def _plan(r: dict[str, Any]) -> tuple[float, float]:
     return r["root"].get("normalize", r["normalize_cpu"]), r["root"].get("plan", r["plan_cpu"])
 
 
-def report(real: dict[str, Any] | None, sim: dict[str, Any] | None) -> str:
+def report(real: dict[str, Any] | None, sim: dict[str, Any] | None, notes: str = "") -> str:
     info = (sim or real or {}).get("machine", machine_info())
     out = [START, "", "## Thousands of clients: coordination cost (`benchmarks/bench_scale.py`)", "",
            f"Machine: {info['nproc']} cores ({info['cpu']}), {info['memory']}, Python {info['python']}, "
@@ -740,7 +740,7 @@ def report(real: dict[str, Any] | None, sim: dict[str, Any] | None) -> str:
                 "the largest collective of the save or of the barrier after it. Received: bytes a non-root "
                 "client received in one collective (launcher framing), the largest. CPU: `thread_time` of the "
                 "client's thread over the save and the barrier; *coordination + merge* is the root's CPU "
-                "without its local planning (`_normalize`, `plan_save`, timed apart on the same inputs) and "
+                "without its local planning (`_normalize`, `plan_save`, timed inside its save) and "
                 "without writing its own data file.", "",
                 "| T | N | messages / collective (≤ 2N) | non-root received / collective | root CPU (s) | "
                 "root coordination + merge (s) | of which `_merge` | `build_index` | root planning (normalize + "
@@ -765,6 +765,8 @@ def report(real: dict[str, Any] | None, sim: dict[str, Any] | None) -> str:
             fits = ", ".join(f"{k} N^{_fmt(fit_exponent(ns, v))}" for k, v in series.items())
             out.append(f"Fitted growth at T = {t} (N = {ns[0]}…{ns[-1]}): {fits}.")
             out.append("")
+    if notes:
+        out += [notes.strip(), ""]
     out.append(END)
     return "\n".join(out) + "\n"
 
@@ -777,7 +779,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     if args.sim:
         with open(args.sim) as f:
             sim = json.load(f)
-    text = report(real, sim)
+    notes = ""
+    if args.notes:
+        with open(args.notes) as f:
+            notes = f.read()
+    text = report(real, sim, notes)
     if not args.output:
         sys.stdout.write(text)
         return 0
@@ -825,6 +831,7 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--real")
     o.add_argument("--sim")
     o.add_argument("--output")
+    o.add_argument("--notes", help="a Markdown file of findings to put under the tables")
     if argv is None:
         argv = sys.argv[1:]
     if "--worker" in argv:
