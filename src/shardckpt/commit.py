@@ -209,21 +209,88 @@ def _close_later(fds: list[int]) -> None:
         threading.Thread(target=release, name="shardckpt-release", daemon=True).start()
 
 
+class _Partitioned:
+    """A partitioned tensor's entry as clients sent it: the bytes before its slices (dtype, shape), the same
+    from every client, and each client's encoded slices, in client order."""
+
+    __slots__ = ("head", "slices")
+
+    def __init__(self, head: bytes, slices: bytes) -> None:
+        self.head = head
+        self.slices = [slices]
+
+
+def _split_slices(raw: bytes) -> int:
+    """Where the slices (field 7, last as `encode_entry` writes them) of an encoded entry start, when they are
+    at least one and well framed to the end; -1 for anything else (the caller then decodes the entry)."""
+    pos, end = 0, len(raw)
+    while pos < end and raw[pos] != 0x3A:
+        tag = raw[pos]
+        pos += 1
+        if tag in (0x08, 0x18, 0x20, 0x28):  # dtype, shard_id, offset, size: varints
+            while pos < end and raw[pos] & 0x80:
+                pos += 1
+            pos += 1
+        elif tag == 0x12:  # shape
+            n, pos = _varint(raw, pos, end)
+            pos += n
+        elif tag == 0x35:  # crc32c
+            pos += 4
+        else:
+            return -1
+    head = pos
+    if head >= end:
+        return -1
+    while pos < end:
+        if raw[pos] != 0x3A:
+            return -1
+        n, pos = _varint(raw, pos + 1, end)
+        pos += n
+    return head if pos == end else -1
+
+
+def _varint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    value = shift = 0
+    while pos < end and shift < 64:
+        b = buf[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return value, pos
+        shift += 7
+    return end + 1, end + 1  # runs past the buffer: the caller's bounds check fails
+
+
 def _merge(pieces: list[bytes]) -> dict[bytes, BundleEntry | bytes]:
     """Every client's entries in one index.  Only a key sent by several clients (a partitioned tensor's
-    entry, which gains every client's slices; anything else is a duplicate) is decoded; the others pass
-    through as the bytes their client encoded."""
-    merged: dict[bytes, BundleEntry | bytes] = {}
+    entry, which gains every client's slices; anything else is a duplicate) needs combining; the others
+    pass through as the bytes their client encoded.
+
+    A partitioned tensor's entry comes from every client that holds a slice of it, N times per tensor: its
+    encoded slices are appended as bytes when its dtype and shape bytes equal the first client's (what
+    decoding and re-encoding would produce, byte for byte), so the root decodes no entry per client.  Any
+    entry that does not fit that form is decoded and checked as before (`combine_entry` names the error)."""
+    merged: dict[bytes, BundleEntry | bytes | _Partitioned] = {}
     for rank, blob in enumerate(pieces):
         for key, raw in unpack_raw_entries(blob):
             seen = merged.get(key)
             if seen is None:
                 merged[key] = raw
                 continue
+            if isinstance(seen, bytes):
+                cut = _split_slices(seen)
+                if cut > 0:
+                    seen = merged[key] = _Partitioned(seen[:cut], seen[cut:])
+            if isinstance(seen, _Partitioned):
+                cut = _split_slices(raw)
+                if cut > 0 and raw[:cut] == seen.head:
+                    seen.slices.append(raw[cut:])
+                    continue
+                seen = seen.head + b"".join(seen.slices)
             one = {key: seen if isinstance(seen, BundleEntry) else decode_entry(seen)}
             combine_entry(one, key, decode_entry(raw), f"client {rank}")
             merged[key] = one[key]
-    return merged
+    return {k: v.head + b"".join(v.slices) if isinstance(v, _Partitioned) else v for k, v in merged.items()}
 
 
 def commit_remote(prefix: str, files: list[StagedFile], pieces: list[bytes]) -> None:

@@ -17,7 +17,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Iterator
 
 from ..errors import ClientTimeoutError, CoordinationError, InvalidArgumentError
-from .session import Session, TrivialSession
+from .session import Session, TrivialSession, answer_wait
 
 DEFAULT_TIMEOUT = 300.0
 
@@ -67,8 +67,21 @@ class Coordinator(ABC):
             return s.all_gather(data, timeout)
 
     def barrier(self, name: str, timeout: float) -> None:
-        """Wait until every client reaches ``name`` (``timeout`` in seconds); raises `ClientTimeoutError` otherwise."""
-        self.all_gather(b"", name, timeout)
+        """Wait until every client reaches ``name`` (``timeout`` in seconds); raises `ClientTimeoutError` otherwise.
+
+        A gather of empty values and a one-byte release: unlike `all_gather`, whose answer lists every client's
+        value, what each client receives does not grow with the client count.  When client 0 misses someone it
+        broadcasts the error, so every client raises the same `ClientTimeoutError`.
+        """
+        with self.session(name) as s:
+            try:
+                s.gather("in", b"", timeout)
+            except ClientTimeoutError as exc:
+                s.broadcast("out", b"\x01" + str(exc).encode(), timeout)
+                raise
+            out = s.broadcast("out", b"\x00" if self.rank == 0 else None, answer_wait(timeout))
+        if out[:1] == b"\x01":
+            raise ClientTimeoutError(out[1:].decode(errors="replace"))
 
     def close(self) -> None:  # noqa: B027 - most engines own nothing to release
         """Release what the coordinator created (never the user's own process group)."""
