@@ -65,7 +65,7 @@ from .format.writer import prepare
 from .layout import Layout
 from .lease import PrefixLease
 from .mesh import Mesh
-from .plan import SaveTensor, WriteItem, plan_save
+from .plan import Owners, SaveTensor, WriteItem, plan_local
 
 log = logging.getLogger("shardckpt.save")
 
@@ -529,9 +529,10 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
         session.close()
         raise
     t = time.perf_counter()
-    devices = cast("list[Sequence[int]] | None", verdict["devices"]) or [mesh.client_devices(r, size)
-                                                                           for r in range(size)]
-    items = [it for it in plan_save(specs, devices) if it.client == rank]
+    # Each client plans only its own writes; the owners of other devices follow from the mesh (contiguous
+    # blocks) unless the verdict lists every client's devices.
+    owners = Owners(mesh, size, cast("list[Sequence[int]] | None", verdict["devices"]))
+    items = plan_local(specs, rank, owners)
     timings["plan"] = time.perf_counter() - t
     return _Save(coord, session, wait, prefix, str(verdict["token"]), overwrite, durable, specs, dtensors, items,
                  timings, t0, lease_box[0] if lease_box else None)
