@@ -97,15 +97,29 @@ def _as_dtensor(value: object, mesh: Mesh, local: Sequence[int], replicated: dic
 
 
 def _describe(prefix: str, mesh: Mesh, tensors: Sequence[SaveTensor]) -> dict[str, str]:
-    """Per-aspect digests, so a mismatch can say which aspect differs."""
+    """Per-aspect digests, so a mismatch can say which aspect differs.
+
+    Layouts and dtypes repeat across tensors: each distinct one is spelled once and tensors refer to it by
+    number, so the digest costs a few C-level joins per 100,000 tensors instead of a repr each.
+    """
+    layouts: dict[int, int] = {}
+    spelled: list[str] = []
+    refs = []
+    for t in tensors:
+        layout = t.layout
+        n = layouts.get(id(layout))
+        if n is None:
+            n = layouts[id(layout)] = len(spelled)
+            spelled.append(repr((layout.sharding_specs, layout.mesh.dim_names, layout.mesh.shape,
+                                 layout.mesh.device_ids)))
+        refs.append(n)
     parts = {
         "prefix": prefix,
         "mesh": mesh.to_string().split("|", 4)[1] + "|" + ",".join(map(str, mesh.device_ids)),
         "names": json.dumps([t.name for t in tensors]),  # not joined: a name may hold any character
         "shapes": repr([(t.full_shape, t.region) for t in tensors]),
         "dtypes": repr([t.dtype for t in tensors]),
-        "layouts": repr([(t.layout.sharding_specs, t.layout.mesh.dim_names, t.layout.mesh.shape,
-                          t.layout.mesh.device_ids) for t in tensors]),
+        "layouts": "\n".join(spelled) + "|" + ",".join(map(str, refs)),
     }
     return {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in parts.items()}
 
@@ -132,19 +146,42 @@ def _remote_error(report: dict[str, str], default: type[CheckpointError] = Remot
 def _normalize(
     mesh: Mesh, prefix: str, names: Sequence[str], slices: Sequence[str], values: Sequence[object],
     local: Sequence[int],
-) -> tuple[list[SaveTensor], list[DTensor]]:
+) -> tuple[list[SaveTensor], list[DTensor | np.ndarray]]:
+    """The save's arguments as `SaveTensor` specs, and per argument its DTensor, or the numpy array itself
+    (replicated: every local device holds it)."""
     if not (len(names) == len(slices) == len(values)):
         raise InvalidArgumentError(
             f"{prefix}: {len(names)} names, {len(slices)} shape_and_slices and {len(values)} tensors differ in length"
         )
     if not names:
         raise InvalidArgumentError(f"{prefix}: nothing to save")
-    specs, dtensors = [], []
+    specs: list[SaveTensor] = []
+    dtensors: list[DTensor | np.ndarray] = []
     replicated: dict[int, Layout] = {}
     mesh_devices = set(mesh.device_ids)
+    # A model's many small tensors share a few dtypes and shapes: what follows from them is worked out once.
+    kinds: dict[np.dtype, tuple[int, int]] = {}
+    regions: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
     for name, spec, value in zip(names, slices, values):
-        if not isinstance(name, str) or not name:
-            raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
+        if type(name) is not str or not name:
+            if not isinstance(name, str) or not name:
+                raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
+        if type(value) is np.ndarray and not spec:
+            # The common case, a whole numpy array: replicated over the save mesh, no DTensor needed.
+            kind = kinds.get(value.dtype)
+            if kind is None:
+                code = from_numpy(value.dtype)
+                kind = kinds[value.dtype] = (int(code), 0 if code == DataType.STRING else value.dtype.itemsize)
+            shape = value.shape
+            region = regions.get(shape)
+            if region is None:
+                region = regions[shape] = tuple((0, d) for d in shape)
+            layout = replicated.get(len(shape))
+            if layout is None:
+                layout = replicated[len(shape)] = Layout.replicated(mesh, len(shape))
+            specs.append(SaveTensor(name, kind[0], kind[1], shape, region, layout))
+            dtensors.append(value)
+            continue
         t = _as_dtensor(value, mesh, local, replicated)
         # A tensor may live on its own mesh (a sub-mesh or another shape) over devices of ``mesh``;
         # this client then holds the shards of its own devices in that mesh (maybe none).
@@ -181,10 +218,15 @@ def _entries_for(items: list[WriteItem], specs: list[SaveTensor],
                  written: list[BundleEntry]) -> list[tuple[bytes, BundleEntry]]:
     """Index entries of written shards: whole tensors under their name, slices under slice keys."""
     entries: list[tuple[bytes, BundleEntry]] = []
+    whole: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
     for item, entry in zip(items, written):
         spec = specs[item.arg]
         key = spec.name.encode()
-        if all(lo == 0 and hi == n for (lo, hi), n in zip(item.box, spec.full_shape)):
+        shape = spec.full_shape
+        full = whole.get(shape)
+        if full is None:
+            full = whole[shape] = tuple((0, n) for n in shape)
+        if item.box == full:
             entries.append((key, entry))
         else:
             tslice = TensorSlice.from_bounds(item.box)
@@ -230,7 +272,7 @@ class _Save:
     overwrite: bool
     durable: bool
     specs: list[SaveTensor]
-    dtensors: list[DTensor]
+    dtensors: list[DTensor | np.ndarray]
     items: list[WriteItem]
     timings: dict[str, float]
     t0: float
@@ -256,14 +298,17 @@ class _Save:
 
     def prepared(self, items: list[WriteItem], snapshot: Callable[[np.ndarray], np.ndarray] | None = None) -> list:
         out = []
+        staging = self.staging
+        specs, dtensors = self.specs, self.dtensors
         for item in items:
-            spec = self.specs[item.arg]
-            shard = self.dtensors[item.arg].shards[item.device]
+            spec = specs[item.arg]
+            held = dtensors[item.arg]
+            shard = held if type(held) is np.ndarray else held.shards[item.device]  # an array: on every device
             if item.within is not None:
                 shard = np.asarray(shard)[tuple(slice(a, b) for a, b in item.within)]
             if snapshot is not None:  # a C-ordered copy the caller can no longer change
                 shard = snapshot(np.asarray(shard))
-            out.append(prepare(shard, spec.dtype, f"{self.staging}: tensor {spec.name}", contiguous=False))
+            out.append(prepare(shard, spec.dtype, f"{staging}: tensor {spec.name}", contiguous=False))
         return out
 
     def failed_write(self, exc: Exception) -> _Written:
@@ -487,7 +532,7 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     directory = os.path.dirname(prefix)
     local_error: BaseException | None = None
     specs: list[SaveTensor] = []
-    dtensors: list[DTensor] = []
+    dtensors: list[DTensor | np.ndarray] = []
     try:
         specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
         if directory and not storage.is_remote(prefix):

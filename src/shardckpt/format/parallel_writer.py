@@ -39,10 +39,17 @@ def _pieces(data: np.ndarray) -> list[memoryview]:
     return views
 
 
+Piece = memoryview | np.ndarray  # an array piece is small and C-contiguous (see `_layout`)
+
+
+def _flat(piece: Piece) -> memoryview:
+    return piece.reshape(-1).view(np.uint8).data if isinstance(piece, np.ndarray) else piece
+
+
 @dataclass
 class _Job:
     offset: int
-    tensors: list[tuple[int, list[memoryview]]] = field(default_factory=list)
+    tensors: list[tuple[int, list[Piece]]] = field(default_factory=list)
     size: int = 0
 
 
@@ -70,7 +77,7 @@ def _run(fd: int, job: _Job, crcs: list[int]) -> None:
     if len(job.tensors) == 1 and job.size > CHUNK:
         index, pieces = job.tensors[0]
         crc, pos = 0, job.offset
-        for piece in pieces:
+        for piece in map(_flat, pieces):
             for start in range(0, len(piece), CHUNK):
                 chunk = piece[start : start + CHUNK]
                 crc = crc32c(chunk, crc)
@@ -80,13 +87,23 @@ def _run(fd: int, job: _Job, crcs: list[int]) -> None:
             crcs[index] = crc
         return
     buffers: list[memoryview] = []
+    small: list[np.ndarray] = []  # consecutive small arrays: joined into one buffer, not an iovec each
     for index, pieces in job.tensors:
         if crcs[index] < 0:
             crc = 0
             for piece in pieces:
                 crc = crc32c(piece, crc)
             crcs[index] = crc
-        buffers.extend(pieces)
+        for piece in pieces:
+            if isinstance(piece, np.ndarray):
+                small.append(piece)
+                continue
+            if small:
+                buffers.append(memoryview(b"".join(small)))
+                small = []
+            buffers.append(piece)
+    if small:
+        buffers.append(memoryview(b"".join(small)))
     if buffers:
         _pwritev_all(fd, buffers, job.offset)
 
@@ -99,15 +116,22 @@ def _layout(tensors: Sequence[PreparedTensor], start: int, shard_id: int,
     jobs: list[_Job] = []
     offset = start
     for i, t in enumerate(tensors):
-        if isinstance(t.data, list):
-            parts, crc = strings.encode(t.data)
+        data = t.data
+        if type(data) is np.ndarray and data.nbytes < MIN_ROW and data.flags.c_contiguous:
+            # Most tensors of a large model: the array itself (a C-contiguous buffer), gathered by `_run`.
+            size = data.nbytes
+            pieces = [data] if size else []
+            crcs.append(-1)
+        elif isinstance(data, list):
+            parts, crc = strings.encode(data)
             pieces = [memoryview(p) for p in parts if p]
             crcs.append(crc)
+            size = sum(len(p) for p in pieces)
         else:
-            pieces = _pieces(t.data)
+            pieces = _pieces(data)
             crcs.append(-1)
-        size = sum(len(p) for p in pieces)
-        entries.append(BundleEntry(dtype=t.dtype, shape=t.shape, shard_id=shard_id, offset=offset, size=size))
+            size = sum(len(p) for p in pieces)
+        entries.append(BundleEntry(t.dtype, t.shape, shard_id, offset, size))
         if not jobs or jobs[-1].size + size > GROUP or size > GROUP:
             jobs.append(_Job(offset))
         jobs[-1].tensors.append((i, pieces))
@@ -157,7 +181,7 @@ def write_stream(stream: BinaryIO, tensors: Sequence[PreparedTensor], *, start: 
         for index, pieces in job.tensors:
             compute = crcs[index] < 0
             crc = 0
-            for piece in pieces:
+            for piece in map(_flat, pieces):
                 for at in range(0, len(piece), CHUNK):
                     chunk = piece[at : at + CHUNK]
                     if compute:
