@@ -61,6 +61,9 @@ class WriteItem(NamedTuple):
 
 SPLIT_BYTES = 4 << 20  # a shard replicated across clients and larger than this is split among them
 
+# tuple.__new__ builds a NamedTuple without its Python-level __new__: a save of 100,000 tensors makes 100,000.
+_new = tuple.__new__
+
 
 class Owners:
     """Which client owns each device: each client's contiguous block of ``mesh`` (``devices_by_client`` None),
@@ -98,6 +101,8 @@ class Owners:
 
 def check_disjoint_regions(tensors: Sequence[SaveTensor]) -> None:
     """The slices given for one name must not repeat or overlap (the merged index could not hold them)."""
+    if len({t.name for t in tensors}) == len(tensors):
+        return  # every name once: nothing can overlap
     by_name: dict[str, list[Bounds]] = {}
     for t in tensors:
         regions = by_name.get(t.name)
@@ -172,15 +177,17 @@ def plan_local(tensors: Sequence[SaveTensor], client: int, owners: Owners,
         local, whole = found
         if not local:
             continue
-        nbytes_item = max(t.itemsize, 1)
+        nbytes_item = t.itemsize or 1
         region = t.region
-        if t.layout.is_fully_replicated() or any(lo >= hi for lo, hi in region):
+        count = 1
+        for lo, hi in region:
+            count *= hi - lo
+        if count == 0 or t.layout.is_fully_replicated():
             # Also a tensor without elements: saved once, whole, by the holders of the whole mesh.
             assert whole is not None
-            for lo, hi in region:
-                nbytes_item *= hi - lo
+            nbytes_item *= count
             if len(whole.clients) == 1:
-                items.append(WriteItem(arg, region, whole.first, client, nbytes_item))
+                items.append(_new(WriteItem, (arg, region, whole.first, client, nbytes_item, None)))
             else:
                 shared.setdefault(whole.clients, []).append((nbytes_item, arg, region, region, whole.first))
             continue

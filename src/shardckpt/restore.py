@@ -17,7 +17,8 @@ import numpy as np
 from .coordination import Coordinator, resolve
 from .dtensor import DTensor
 from .errors import DTypeMismatchError, InvalidArgumentError, ShapeMismatchError
-from .format.dtypes import to_numpy
+from .format.dtypes import DataType, to_numpy
+from .format.protos import BundleEntry
 from .format.reader import BundleReader, Verify
 from .format.slices import parse_shape_and_slice
 from .layout import Layout
@@ -58,6 +59,31 @@ def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, loc
         else:  # a thread hand-off costs more than reading a small piece here
             reads[box] = _Done(reader.read_bounds(name, global_box, verify=verify, entry=entry, out=out))
     return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()}, dest)
+
+
+def _whole_everywhere(layout: Layout, shape: tuple[int, ...], local: Sequence[int],
+                      full_boxes: dict[tuple[int, ...], tuple[tuple[int, int], ...]]) -> bool:
+    """Whether every local device's shard of a tensor of ``shape`` is the whole tensor."""
+    if layout.is_fully_replicated():
+        return True
+    full = full_boxes.get(shape)
+    if full is None:
+        full = full_boxes[shape] = tuple((0, d) for d in shape)
+    return all(layout.shard_bounds(shape, d) == full for d in local)
+
+
+class _Whole:
+    """A tensor read whole by `BundleReader.read_many`, the same array on every local device."""
+
+    __slots__ = ("shape", "layout", "local", "array")
+
+    def __init__(self, shape: tuple[int, ...], layout: Layout, local: Sequence[int]) -> None:
+        self.shape, self.layout, self.local = shape, layout, local
+        self.array: np.ndarray | None = None
+
+    def result(self) -> DTensor:
+        assert self.array is not None
+        return DTensor.replicated(self.array, self.layout, self.local)
 
 
 class _Done:
@@ -138,9 +164,28 @@ def sharded_restore(
         for name, layout, spec, target in zip(tensor_names, layouts, specs, targets):
             if target is not None:
                 _check_destination(reader, name, layout, spec, target)
-        pending = [_restore_one(reader, name, layout, spec, local, verify, pool,
-                                None if target is None else target.shards)
-                   for name, layout, spec, target in zip(tensor_names, layouts, specs, targets)]
+        pending: list[_Pending | _Whole] = []
+        small: list[tuple[bytes, BundleEntry]] = []
+        whole: list[_Whole] = []
+        full_boxes: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
+        for name, layout, spec, target in zip(tensor_names, layouts, specs, targets):
+            # Most tensors of a large model are small and restored whole onto every local device: their
+            # entries are gathered and read in runs (`read_many`), not one read each.
+            if not spec and target is None:
+                key = name.encode() if isinstance(name, str) else bytes(name)
+                entry = reader.entry(key)
+                if (not entry.slices and entry.dtype != DataType.STRING and entry.size < _POOL_BYTES
+                        and layout.rank == len(entry.shape) and _whole_everywhere(layout, entry.shape, local,
+                                                                                  full_boxes)):
+                    small.append((key, entry))
+                    item = _Whole(entry.shape, layout, local)
+                    whole.append(item)
+                    pending.append(item)
+                    continue
+            pending.append(_restore_one(reader, name, layout, spec, local, verify, pool,
+                                        None if target is None else target.shards))
+        for item, array in zip(whole, reader.read_many(small, verify=verify)):
+            item.array = array
         return [p.result() for p in pending]
 
 

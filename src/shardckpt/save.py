@@ -61,13 +61,16 @@ from .format.files import data_filename, index_filename
 from .format.parallel_writer import write_at, write_data_file, write_stream
 from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
-from .format.writer import prepare
+from .format.writer import STORED_AS_IS, PreparedTensor, prepare
 from .layout import Layout
 from .lease import PrefixLease
 from .mesh import Mesh
 from .plan import Owners, SaveTensor, WriteItem, plan_local
 
 log = logging.getLogger("shardckpt.save")
+
+# tuple.__new__ builds a NamedTuple without its Python-level __new__ (once per tensor of a save).
+_new = tuple.__new__
 
 # How long a client that gave up on a save still waits to learn client 0's decision, at most.
 _GRACE = 10.0
@@ -103,23 +106,29 @@ def _describe(prefix: str, mesh: Mesh, tensors: Sequence[SaveTensor]) -> dict[st
     number, so the digest costs a few C-level joins per 100,000 tensors instead of a repr each.
     """
     layouts: dict[int, int] = {}
-    spelled: list[str] = []
+    spelled: dict[str, int] = {}
     refs = []
+    boxes: dict[tuple, int] = {}
+    box_refs = []
     for t in tensors:
         layout = t.layout
         n = layouts.get(id(layout))
-        if n is None:
-            n = layouts[id(layout)] = len(spelled)
-            spelled.append(repr((layout.sharding_specs, layout.mesh.dim_names, layout.mesh.shape,
-                                 layout.mesh.device_ids)))
+        if n is None:  # numbered by content: equal layouts built apart are still one layout
+            text = repr((layout.sharding_specs, layout.mesh.dim_names, layout.mesh.shape, layout.mesh.device_ids))
+            n = layouts[id(layout)] = spelled.setdefault(text, len(spelled))
         refs.append(n)
+        box = (t.full_shape, t.region)
+        n = boxes.get(box)
+        if n is None:
+            n = boxes[box] = len(boxes)
+        box_refs.append(n)
     parts = {
         "prefix": prefix,
         "mesh": mesh.to_string().split("|", 4)[1] + "|" + ",".join(map(str, mesh.device_ids)),
         "names": json.dumps([t.name for t in tensors]),  # not joined: a name may hold any character
-        "shapes": repr([(t.full_shape, t.region) for t in tensors]),
+        "shapes": repr(list(boxes)) + "|" + ",".join(map(str, box_refs)),
         "dtypes": repr([t.dtype for t in tensors]),
-        "layouts": "\n".join(spelled) + "|" + ",".join(map(str, refs)),
+        "layouts": "\n".join(spelled) + "|" + ",".join(map(str, refs)),  # in order of first use
     }
     return {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in parts.items()}
 
@@ -163,9 +172,8 @@ def _normalize(
     kinds: dict[np.dtype, tuple[int, int]] = {}
     regions: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
     for name, spec, value in zip(names, slices, values):
-        if type(name) is not str or not name:
-            if not isinstance(name, str) or not name:
-                raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
+        if type(name) is not str and not isinstance(name, str) or not name:
+            raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
         if type(value) is np.ndarray and not spec:
             # The common case, a whole numpy array: replicated over the save mesh, no DTensor needed.
             kind = kinds.get(value.dtype)
@@ -179,7 +187,7 @@ def _normalize(
             layout = replicated.get(len(shape))
             if layout is None:
                 layout = replicated[len(shape)] = Layout.replicated(mesh, len(shape))
-            specs.append(SaveTensor(name, kind[0], kind[1], shape, region, layout))
+            specs.append(_new(SaveTensor, (name, kind[0], kind[1], shape, region, layout)))
             dtensors.append(value)
             continue
         t = _as_dtensor(value, mesh, local, replicated)
@@ -303,11 +311,15 @@ class _Save:
         for item in items:
             spec = specs[item.arg]
             held = dtensors[item.arg]
-            shard = held if type(held) is np.ndarray else held.shards[item.device]  # an array: on every device
+            # A numpy array was given as is: the same on every device.
+            shard = held if isinstance(held, np.ndarray) else held.shards[item.device]
             if item.within is not None:
                 shard = np.asarray(shard)[tuple(slice(a, b) for a, b in item.within)]
             if snapshot is not None:  # a C-ordered copy the caller can no longer change
                 shard = snapshot(np.asarray(shard))
+            if type(shard) is np.ndarray and (shard.dtype, spec.dtype) in STORED_AS_IS:
+                out.append(_new(PreparedTensor, (spec.dtype, shard.shape, shard)))  # what `prepare` would give
+                continue
             out.append(prepare(shard, spec.dtype, f"{staging}: tensor {spec.name}", contiguous=False))
         return out
 

@@ -286,8 +286,52 @@ def _cached_shape(buf: bytes, pos: int, stop: int) -> tuple[int, ...]:
     return shape
 
 
+# The first two fields (dtype and shape) as TF writes them -> (dtype, shape): they repeat across entries.
+_head_decode_cache: dict[bytes, tuple[int, tuple[int, ...]]] = {}
+
+
 def decode_entry(buf: bytes) -> BundleEntry:
     """Decode a BundleEntryProto; the canonical single-byte tags take a fast path."""
+    end = len(buf)
+    if end > 4 and buf[0] == 0x08 and buf[1] < 0x80 and buf[2] == 0x12 and buf[3] < 0x80 and 4 + buf[3] <= end:
+        # TF's own layout: a one-byte dtype, then a short shape, seen before; then the location, by hand.
+        stop = 4 + buf[3]
+        head = buf[:stop]
+        kind = _head_decode_cache.get(head)
+        if kind is None:
+            shape = decode_shape(buf, 4, stop)
+            kind = (to_int32(buf[1]), shape)
+            if len(_head_decode_cache) < 4096:
+                _head_decode_cache[head] = kind
+        e = BundleEntry(kind[0], kind[1])
+        pos = stop
+        while pos < end:
+            tag = buf[pos]
+            if tag == 0x35:
+                if end - pos < 5:
+                    raise CorruptCheckpointError("BundleEntryProto: truncated crc32c")
+                e.crc32c = _fixed32.unpack_from(buf, pos + 1)[0]
+                pos += 5
+                continue
+            if tag != 0x18 and tag != 0x20 and tag != 0x28:
+                return _decode_entry_slow(buf)
+            pos += 1
+            if pos < end and buf[pos] < 0x80:
+                v = buf[pos]
+                pos += 1
+            else:
+                v, pos = decode_varint(buf, pos, end, "BundleEntryProto")
+            if tag == 0x20:
+                e.offset = to_int64(v)
+            elif tag == 0x28:
+                e.size = to_int64(v)
+            else:
+                e.shard_id = to_int32(v)
+        return e
+    return _decode_entry_slow(buf)
+
+
+def _decode_entry_slow(buf: bytes) -> BundleEntry:
     e = BundleEntry()
     pos, end = 0, len(buf)
     varint = decode_varint
@@ -376,7 +420,7 @@ def unpack_entries(buf: bytes) -> list[tuple[bytes, BundleEntry]]:
 
 def unpack_raw_entries(buf: bytes) -> list[tuple[bytes, bytes]]:
     """The (key, encoded entry) pairs of a `pack_entries` buffer, not decoded."""
-    out = []
+    out: list[tuple[bytes, bytes]] = []
     append = out.append
     pos, end = 0, len(buf)
     while pos < end:

@@ -57,8 +57,8 @@ class PreparedTensor(NamedTuple):
     data: np.ndarray | list[bytes]
 
 
-# Native numpy dtypes whose bytes are already the stored form of a DataType: (dtype, code) -> True.
-_NATIVE: dict[tuple[np.dtype, int], bool] = {}
+# (numpy dtype, DataType) pairs seen by `prepare` whose bytes are already the stored form, as they are.
+STORED_AS_IS: dict[tuple[np.dtype, int], bool] = {}
 
 
 def prepare(
@@ -66,7 +66,7 @@ def prepare(
 ) -> PreparedTensor:
     """Check a value and bring it to the on-disk layout: little-endian, and C order unless ``contiguous``
     is False (then a strided view is kept for a writer that gathers rows itself). Copies only if needed."""
-    if type(array) is np.ndarray and dtype is not None and (array.dtype, dtype) in _NATIVE:
+    if type(array) is np.ndarray and dtype is not None and (array.dtype, dtype) in STORED_AS_IS:
         # Seen before: a numeric dtype stored as is (checked below on first sight), so only the order matters.
         if contiguous and not array.flags.c_contiguous:
             array = np.ascontiguousarray(array)
@@ -90,8 +90,8 @@ def prepare(
         raise DTypeMismatchError(f"{what}: array of dtype {arr.dtype} cannot be stored as {datatype_name(code)}")
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    elif arr.dtype.isnative and len(_NATIVE) < 256:
-        _NATIVE[(arr.dtype, code)] = True
+    elif arr.dtype.isnative and len(STORED_AS_IS) < 256:
+        STORED_AS_IS[(arr.dtype, code)] = True
     return PreparedTensor(code, arr.shape, np.ascontiguousarray(arr) if contiguous else arr)
 
 
