@@ -61,6 +61,10 @@ def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, loc
     return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()}, dest)
 
 
+def _key(name: str | bytes) -> bytes:
+    return name.encode() if isinstance(name, str) else bytes(name)
+
+
 def _whole_everywhere(layout: Layout, shape: tuple[int, ...], local: Sequence[int],
                       full_boxes: dict[tuple[int, ...], tuple[tuple[int, int], ...]]) -> bool:
     """Whether every local device's shard of a tensor of ``shape`` is the whole tensor."""
@@ -70,20 +74,6 @@ def _whole_everywhere(layout: Layout, shape: tuple[int, ...], local: Sequence[in
     if full is None:
         full = full_boxes[shape] = tuple((0, d) for d in shape)
     return all(layout.shard_bounds(shape, d) == full for d in local)
-
-
-class _Whole:
-    """A tensor read whole by `BundleReader.read_many`, the same array on every local device."""
-
-    __slots__ = ("shape", "layout", "local", "array")
-
-    def __init__(self, shape: tuple[int, ...], layout: Layout, local: Sequence[int]) -> None:
-        self.shape, self.layout, self.local = shape, layout, local
-        self.array: np.ndarray | None = None
-
-    def result(self) -> DTensor:
-        assert self.array is not None
-        return DTensor.replicated(self.array, self.layout, self.local)
 
 
 class _Done:
@@ -164,29 +154,35 @@ def sharded_restore(
         for name, layout, spec, target in zip(tensor_names, layouts, specs, targets):
             if target is not None:
                 _check_destination(reader, name, layout, spec, target)
-        pending: list[_Pending | _Whole] = []
+        pending: list[_Pending | None] = []
         small: list[tuple[bytes, BundleEntry]] = []
-        whole: list[_Whole] = []
+        at: list[int] = []  # where each of `small` goes in the result
         full_boxes: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
-        for name, layout, spec, target in zip(tensor_names, layouts, specs, targets):
-            # Most tensors of a large model are small and restored whole onto every local device: their
-            # entries are gathered and read in runs (`read_many`), not one read each.
-            if not spec and target is None:
-                key = name.encode() if isinstance(name, str) else bytes(name)
-                entry = reader.entry(key)
-                if (not entry.slices and entry.dtype != DataType.STRING and entry.size < _POOL_BYTES
-                        and layout.rank == len(entry.shape) and _whole_everywhere(layout, entry.shape, local,
-                                                                                  full_boxes)):
+        string = DataType.STRING
+        # Most tensors of a large model are small and restored whole onto every local device: their entries
+        # are looked up together, and read in runs (`read_many`), not one read each.
+        simple = [not spec and target is None for spec, target in zip(specs, targets)]
+        keys = [name.encode() if type(name) is str else _key(name)
+                for name, ok in zip(tensor_names, simple) if ok]
+        found = iter(zip(keys, reader.entries_of(keys)))
+        for name, layout, spec, target, ok in zip(tensor_names, layouts, specs, targets, simple):
+            if ok:
+                key, entry = next(found)
+                if (not entry.slices and entry.dtype != string and entry.size < _POOL_BYTES
+                        and len(layout.sharding_specs) == len(entry.shape)
+                        and (layout.is_fully_replicated() or _whole_everywhere(layout, entry.shape, local,
+                                                                               full_boxes))):
                     small.append((key, entry))
-                    item = _Whole(entry.shape, layout, local)
-                    whole.append(item)
-                    pending.append(item)
+                    at.append(len(pending))
+                    pending.append(None)
                     continue
             pending.append(_restore_one(reader, name, layout, spec, local, verify, pool,
                                         None if target is None else target.shards))
-        for item, array in zip(whole, reader.read_many(small, verify=verify)):
-            item.array = array
-        return [p.result() for p in pending]
+        out: list[DTensor | None] = [None] * len(pending)
+        replicated = DTensor.replicated
+        for i, array in zip(at, reader.read_many(small, verify=verify)):
+            out[i] = replicated(array, layouts[i], local)
+        return [p.result() if p is not None else out[i] for i, p in enumerate(pending)]  # type: ignore[misc]
 
 
 def _check_destination(reader: BundleReader, name: str, layout: Layout, spec: str, target: DTensor) -> None:

@@ -316,15 +316,20 @@ def decode_entry(buf: bytes) -> BundleEntry:
             if tag != 0x18 and tag != 0x20 and tag != 0x28:
                 return _decode_entry_slow(buf)
             pos += 1
-            if pos < end and buf[pos] < 0x80:
-                v = buf[pos]
+            v = shift = 0
+            while True:  # a varint of at most 8 bytes (< 2^56: no sign to take), inline
+                if pos >= end or shift > 49:
+                    return _decode_entry_slow(buf)  # truncated or long: the general decoder reports it
+                b = buf[pos]
                 pos += 1
-            else:
-                v, pos = decode_varint(buf, pos, end, "BundleEntryProto")
+                v |= (b & 0x7F) << shift
+                if b < 0x80:
+                    break
+                shift += 7
             if tag == 0x20:
-                e.offset = to_int64(v)
+                e.offset = v
             elif tag == 0x28:
-                e.size = to_int64(v)
+                e.size = v
             else:
                 e.shard_id = to_int32(v)
         return e
