@@ -238,7 +238,7 @@ class BundleReader:
         if self._values is None and len(keys) + self._lookups > _BULK_AFTER:
             self._values = dict(self._table)
         values = self._values
-        out = []
+        out: list[BundleEntry] = []
         append, decode, validate = out.append, decode_entry, self._validate
         for key in keys:
             value = (values.get(key) if values is not None else self._get(key)) if key else None
