@@ -21,6 +21,7 @@ from .format.dtypes import DataType, to_numpy
 from .format.protos import BundleEntry
 from .format.reader import BundleReader, Verify
 from .format.slices import parse_shape_and_slice
+from .gcpause import paused_gc
 from .layout import Layout
 from .mesh import Mesh
 
@@ -149,7 +150,8 @@ def sharded_restore(
     if len(targets) != len(tensor_names):
         raise InvalidArgumentError(f"{len(tensor_names)} names but {len(targets)} destinations")
     workers = threads or min(4, os.cpu_count() or 1)
-    with (BundleReader(file_prefix, mmap=mmap) as reader,
+    # The collector is paused (see `gcpause`): the per-tensor loops below allocate a few objects per tensor.
+    with (paused_gc(), BundleReader(file_prefix, mmap=mmap) as reader,
           ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool):
         for name, layout, spec, target in zip(tensor_names, layouts, specs, targets):
             if target is not None:

@@ -62,6 +62,7 @@ from .format.parallel_writer import write_at, write_data_file, write_stream
 from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
 from .format.writer import STORED_AS_IS, PreparedTensor, prepare
+from .gcpause import paused_gc
 from .layout import Layout
 from .lease import PrefixLease
 from .mesh import Mesh
@@ -334,27 +335,32 @@ class _Save:
         try:
             fault_point("after_agree", self.rank)
             fault_point("after_plan", self.rank)
-            prepared = self.prepared(self.items)
-            midway = lambda: fault_point("mid_data_write", self.rank)  # noqa: E731
-            inode = 0
-            if self.remote:
-                stream = storage.open_stream(self.staging)
-                try:
-                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway)
-                except BaseException:
-                    stream.discard()  # abort the upload: no partial object
-                    raise
-                stream.close()
-            else:
-                written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
-                                                midway=midway)
-                inode = os.stat(self.staging).st_ino
-            fault_point("after_data_fsync", self.rank)
-            return _Written(pack_entries(_entries_for(self.items, self.specs, written)), None, size, inode)
+            with paused_gc():
+                return self._write_blocking()
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             return self.failed_write(exc)
         finally:
             self.timings["write"] = time.perf_counter() - t
+
+    def _write_blocking(self) -> _Written:
+        """The writes and the entries, with the cyclic collector paused (`gcpause`)."""
+        prepared = self.prepared(self.items)
+        midway = lambda: fault_point("mid_data_write", self.rank)  # noqa: E731
+        inode = 0
+        if self.remote:
+            stream = storage.open_stream(self.staging)
+            try:
+                written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway)
+            except BaseException:
+                stream.discard()  # abort the upload: no partial object
+                raise
+            stream.close()
+        else:
+            written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
+                                            midway=midway)
+            inode = os.stat(self.staging).st_ino
+        fault_point("after_data_fsync", self.rank)
+        return _Written(pack_entries(_entries_for(self.items, self.specs, written)), None, size, inode)
 
     def _give_up(self) -> None:
         """This client's part of a failed save: its staged file goes, and client 0 lets the prefix go."""
@@ -546,7 +552,9 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     specs: list[SaveTensor] = []
     dtensors: list[DTensor | np.ndarray] = []
     try:
-        specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
+        with paused_gc():
+            specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
+            digest = _describe(prefix, mesh, specs)
         if directory and not storage.is_remote(prefix):
             try:
                 os.makedirs(directory, exist_ok=True)
@@ -554,7 +562,7 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
                 raise _io_error(prefix, directory, "cannot create the directory", exc) from exc
     except CheckpointError as exc:
         local_error = exc
-    payload = {"digest": _describe(prefix, mesh, specs) if local_error is None else {},
+    payload = {"digest": digest if local_error is None else {},
                "devices": list(local), "error": _error_json(local_error) if local_error else None}
     lease_box: list[PrefixLease] = []
     try:
@@ -589,7 +597,8 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     # Each client plans only its own writes; the owners of other devices follow from the mesh (contiguous
     # blocks) unless the verdict lists every client's devices.
     owners = Owners(mesh, size, cast("list[Sequence[int]] | None", verdict["devices"]))
-    items = plan_local(specs, rank, owners)
+    with paused_gc():
+        items = plan_local(specs, rank, owners)
     timings["plan"] = time.perf_counter() - t
     return _Save(coord, session, wait, prefix, str(verdict["token"]), overwrite, durable, specs, dtensors, items,
                  timings, t0, lease_box[0] if lease_box else None)
@@ -875,7 +884,8 @@ class _StagedWrite:
                     in_flight -= nbytes
                 lent: list[np.ndarray] = []
                 try:
-                    prepared = s.prepared(wave, functools.partial(self._snapshot, lent))
+                    with paused_gc():
+                        prepared = s.prepared(wave, functools.partial(self._snapshot, lent))
                 except BaseException:
                     if self.pool is not None:
                         self.pool.give_back(lent)
@@ -898,7 +908,9 @@ class _StagedWrite:
                 os.fsync(self.fd)
             fault_point("after_data_fsync", s.rank)
             inode = os.fstat(self.fd).st_ino if self.fd is not None else 0
-            return _Written(pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end, inode)
+            with paused_gc():
+                blob = pack_entries(_entries_for(s.items, s.specs, self.entries))
+            return _Written(blob, None, self.end, inode)
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             return s.failed_write(exc)
         finally:
