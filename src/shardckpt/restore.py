@@ -236,7 +236,10 @@ def name_based_restore(
     expected: list[tuple[tuple[int, ...], np.dtype] | None] = []
     for name in names:
         target = name_tensor_map[name]
-        if isinstance(target, DTensor):
+        if type(target) is Layout:  # the common case first
+            layouts.append(target)
+            expected.append(None)
+        elif isinstance(target, DTensor):
             layouts.append(target.layout)
             expected.append((target.shape, target.dtype))
         elif isinstance(target, Layout):

@@ -548,7 +548,8 @@ class BundleReader:
                 f.read_into([buf.data], start)
             run = bulk[at:stop]
             if verify:  # every CRC of the run, then one vectorised comparison
-                got = [crc32c(buf[o - start : o - start + items[j][1].size].data) for _, o, j in run]
+                mv = memoryview(buf)  # type: ignore[arg-type]
+                got = [crc32c(mv[o - start : o - start + items[j][1].size]) for _, o, j in run]
                 want = np.array([items[j][1].crc32c for _, _, j in run], np.uint64)
                 rot = (want - np.uint64(0xA282EAD8)) & np.uint64(0xFFFFFFFF)  # unmask_crc, vectorised
                 want = ((rot >> np.uint64(17)) | (rot << np.uint64(15))) & np.uint64(0xFFFFFFFF)
@@ -568,12 +569,11 @@ class BundleReader:
                 if len(shape) > _NPY_MAXDIMS or not e.size and not _numpy_can_hold(shape, dtype.itemsize):
                     raise CorruptCheckpointError(f"{self.prefix}: tensor {_label(key)} in {f.path}: shape "
                                                  f"{list(shape)} cannot be held in a numpy array")
-                view = buf[offset - start : offset - start + e.size]
                 if (offset - start) % dtype.alignment:  # a view would be misaligned: its own memory instead
                     arr = np.empty(shape, dtype)
-                    arr.reshape(-1).view(np.uint8)[:] = view
+                    arr.reshape(-1).view(np.uint8)[:] = buf[offset - start : offset - start + e.size]
                 else:
-                    arr = view.view(dtype).reshape(shape)
+                    arr = np.ndarray(shape, dtype, buf, offset - start)
                 if swap and dtype.itemsize > 1:
                     arr.byteswap(inplace=True)
                 out[j] = arr
