@@ -6,9 +6,10 @@ survive long enough (the plan, the entries) start full collections that walk eve
 live object of the process, the caller's arrays and model included: on CPython 3.11
 that came to more than the rest of the save put together.  None of these loops makes
 reference cycles, so nothing is lost by not looking for them meanwhile; reference
-counting still frees everything at once.  The pause covers CPU-bound stretches only
-(never a wait on other clients), nests, is shared by threads, and leaves a collector
-the application turned off alone.
+counting still frees everything at once.  The pause covers stretches the calling thread
+spends in these loops and their reads and writes (a blocking save's writing, a
+restore), never a wait on other clients; it nests, is shared by threads, and leaves a
+collector the application turned off alone.
 """
 
 from __future__ import annotations

@@ -286,6 +286,20 @@ def _cached_shape(buf: bytes, pos: int, stop: int) -> tuple[int, ...]:
     return shape
 
 
+def _uvarint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A varint of at most 8 bytes (so below 2^56, no sign to take) at ``pos``, and the position after it;
+    (-1, end) for anything else (truncated, longer), which the general decoder then reports."""
+    v = shift = 0
+    while pos < end and shift <= 49:
+        b = buf[pos]
+        pos += 1
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return v, pos
+        shift += 7
+    return -1, end
+
+
 # The first two fields (dtype and shape) as TF writes them -> (dtype, shape): they repeat across entries.
 _head_decode_cache: dict[bytes, tuple[int, tuple[int, ...]]] = {}
 
@@ -303,36 +317,23 @@ def decode_entry(buf: bytes) -> BundleEntry:
             kind = (to_int32(buf[1]), shape)
             if len(_head_decode_cache) < 4096:
                 _head_decode_cache[head] = kind
-        e = BundleEntry(kind[0], kind[1])
-        pos = stop
-        while pos < end:
-            tag = buf[pos]
-            if tag == 0x35:
-                if end - pos < 5:
-                    raise CorruptCheckpointError("BundleEntryProto: truncated crc32c")
-                e.crc32c = _fixed32.unpack_from(buf, pos + 1)[0]
-                pos += 5
-                continue
-            if tag != 0x18 and tag != 0x20 and tag != 0x28:
+        # Then the location in TF's order, each field at most once; anything else goes the general way.
+        pos, shard, offset, size, crc = stop, 0, 0, 0, 0
+        if pos < end and buf[pos] == 0x18:
+            shard, pos = _uvarint(buf, pos + 1, end)
+            if shard < 0:
                 return _decode_entry_slow(buf)
-            pos += 1
-            v = shift = 0
-            while True:  # a varint of at most 8 bytes (< 2^56: no sign to take), inline
-                if pos >= end or shift > 49:
-                    return _decode_entry_slow(buf)  # truncated or long: the general decoder reports it
-                b = buf[pos]
-                pos += 1
-                v |= (b & 0x7F) << shift
-                if b < 0x80:
-                    break
-                shift += 7
-            if tag == 0x20:
-                e.offset = v
-            elif tag == 0x28:
-                e.size = v
-            else:
-                e.shard_id = to_int32(v)
-        return e
+            shard = to_int32(shard)
+        if pos < end and buf[pos] == 0x20:
+            offset, pos = _uvarint(buf, pos + 1, end)
+        if pos < end and buf[pos] == 0x28 and offset >= 0:
+            size, pos = _uvarint(buf, pos + 1, end)
+        if pos < end and buf[pos] == 0x35 and end - pos >= 5 and size >= 0:
+            crc = _fixed32.unpack_from(buf, pos + 1)[0]
+            pos += 5
+        if pos != end or offset < 0 or size < 0:
+            return _decode_entry_slow(buf)
+        return BundleEntry(kind[0], kind[1], shard, offset, size, crc)
     return _decode_entry_slow(buf)
 
 
