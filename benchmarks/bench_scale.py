@@ -375,7 +375,8 @@ def _peer_payloads(model: Model, prefix: str, template: str) -> tuple[Callable[[
     nbytes = ROWS * COLS * 4
 
     def agree(r: int) -> bytes:
-        return json.dumps({"digest": digest, "devices": [r], "error": None}).encode()
+        # "nth": the first save of each simulated client's coordinator, as the real clients' is.
+        return json.dumps({"digest": digest, "devices": [r], "error": None, "nth": 1}).encode()
 
     def entries(r: int) -> bytes:
         from shardckpt.format.protos import pack_entries
@@ -451,7 +452,7 @@ def _instrument() -> tuple[dict[tuple[str, str], float], Callable[[], None]]:
     from shardckpt import commit, save
 
     spent: dict[tuple[str, str], float] = defaultdict(float)
-    targets = [(commit, "_merge"), (commit, "build_index"), (save, "_normalize"), (save, "plan_save")]
+    targets = [(commit, "_merge"), (commit, "build_index"), (save, "_normalize"), (save, "plan_local")]
     originals = [(mod, name, getattr(mod, name)) for mod, name in targets]
 
     def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -599,12 +600,12 @@ def simulate(n: int, t: int, profile: str | None = None, verify: bool = True) ->
             "outcome_done": m0["saved"] - m0["before_barrier_committed"],
             "barrier": m0["end"] - m0["saved"],
             "merge": spent[("sim-client-0", "_merge")], "build_index": spent[("sim-client-0", "build_index")],
-            "normalize": spent[("sim-client-0", "_normalize")], "plan": spent[("sim-client-0", "plan_save")],
+            "normalize": spent[("sim-client-0", "_normalize")], "plan": spent[("sim-client-0", "plan_local")],
         },
         "client": {
             "agree_normalize_plan": m1["after_agree"] - m1["start"],
             "rest": m1["end"] - m1["after_agree"],
-            "normalize": spent[("sim-client-1", "_normalize")], "plan": spent[("sim-client-1", "plan_save")],
+            "normalize": spent[("sim-client-1", "_normalize")], "plan": spent[("sim-client-1", "plan_local")],
         },
         "root_timings": res0.timings,
     }

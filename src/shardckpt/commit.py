@@ -54,6 +54,7 @@ from .format.merge import combine_entry
 from .format.protos import BundleEntry, BundleHeader, decode_entry, decode_header, unpack_raw_entries
 from .format.table import Table
 from .format.writer import build_index, write_file_atomically
+from .gcpause import paused_gc
 
 log = logging.getLogger("shardckpt.commit")
 
@@ -116,10 +117,11 @@ def commit(prefix: str, token: str, files: list[StagedFile], pieces: list[bytes]
     """Client 0's part: check the staged files, merge every client's entries and publish (steps 1-5 above)."""
     size = len(files)
     verify_staged(prefix, token, files)
-    merged = _merge(pieces)
+    with paused_gc():
+        table = build_index(BundleHeader(num_shards=size), _merge(pieces))
     index = index_filename(prefix)
     staged_index = index + STAGING + token
-    write_file_atomically(staged_index, build_index(BundleHeader(num_shards=size), merged), durable=durable,
+    write_file_atomically(staged_index, table, durable=durable,
                           midway=lambda: hook("mid_index_write"))
     try:
         hook("after_index_staged")
@@ -298,7 +300,9 @@ def commit_remote(prefix: str, files: list[StagedFile], pieces: list[bytes]) -> 
     publishes them (an object appears whole or not at all).  An older index was removed before any data."""
     size = len(files)
     verify_staged(prefix, "", files)
-    storage.write_small(index_filename(prefix), build_index(BundleHeader(num_shards=size), _merge(pieces)))
+    with paused_gc():
+        table = build_index(BundleHeader(num_shards=size), _merge(pieces))
+    storage.write_small(index_filename(prefix), table)
     remove_stale_data_files(prefix, size)
 
 

@@ -17,9 +17,11 @@ import numpy as np
 from .coordination import Coordinator, resolve
 from .dtensor import DTensor
 from .errors import DTypeMismatchError, InvalidArgumentError, ShapeMismatchError
-from .format.dtypes import to_numpy
+from .format.dtypes import DataType, to_numpy
+from .format.protos import BundleEntry
 from .format.reader import BundleReader, Verify
 from .format.slices import parse_shape_and_slice
+from .gcpause import paused_gc
 from .layout import Layout
 from .mesh import Mesh
 
@@ -58,6 +60,21 @@ def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, loc
         else:  # a thread hand-off costs more than reading a small piece here
             reads[box] = _Done(reader.read_bounds(name, global_box, verify=verify, entry=entry, out=out))
     return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()}, dest)
+
+
+def _key(name: str | bytes) -> bytes:
+    return name.encode() if isinstance(name, str) else bytes(name)
+
+
+def _whole_everywhere(layout: Layout, shape: tuple[int, ...], local: Sequence[int],
+                      full_boxes: dict[tuple[int, ...], tuple[tuple[int, int], ...]]) -> bool:
+    """Whether every local device's shard of a tensor of ``shape`` is the whole tensor."""
+    if layout.is_fully_replicated():
+        return True
+    full = full_boxes.get(shape)
+    if full is None:
+        full = full_boxes[shape] = tuple((0, d) for d in shape)
+    return all(layout.shard_bounds(shape, d) == full for d in local)
 
 
 class _Done:
@@ -135,15 +152,41 @@ def sharded_restore(
     if len(targets) != len(tensor_names):
         raise InvalidArgumentError(f"{len(tensor_names)} names but {len(targets)} destinations")
     workers = threads or min(4, os.cpu_count() or 1)
-    with (BundleReader(file_prefix, mmap=mmap) as reader,
+    # The collector is paused (see `gcpause`): the per-tensor loops below allocate a few objects per tensor.
+    with (paused_gc(), BundleReader(file_prefix, mmap=mmap) as reader,
           ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-read") as pool):
         for name, layout, spec, target in zip(tensor_names, layouts, specs, targets):
             if target is not None:
                 _check_destination(reader, name, layout, spec, target)
-        pending = [_restore_one(reader, name, layout, spec, local, verify, pool,
-                                None if target is None else target.shards)
-                   for name, layout, spec, target in zip(tensor_names, layouts, specs, targets)]
-        return [p.result() for p in pending]
+        pending: list[_Pending | None] = []
+        small: list[tuple[bytes, BundleEntry]] = []
+        at: list[int] = []  # where each of `small` goes in the result
+        full_boxes: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
+        string = DataType.STRING
+        # Most tensors of a large model are small and restored whole onto every local device: their entries
+        # are looked up together, and read in runs (`read_many`), not one read each.
+        simple = [not spec and target is None for spec, target in zip(specs, targets)]
+        keys = [name.encode() if type(name) is str else _key(name)
+                for name, ok in zip(tensor_names, simple) if ok]
+        found = iter(zip(keys, reader.entries_of(keys)))
+        for name, layout, spec, target, ok in zip(tensor_names, layouts, specs, targets, simple):
+            if ok:
+                key, entry = next(found)
+                if (not entry.slices and entry.dtype != string and entry.size < _POOL_BYTES
+                        and len(layout.sharding_specs) == len(entry.shape)
+                        and (layout.is_fully_replicated() or _whole_everywhere(layout, entry.shape, local,
+                                                                               full_boxes))):
+                    small.append((key, entry))
+                    at.append(len(pending))
+                    pending.append(None)
+                    continue
+            pending.append(_restore_one(reader, name, layout, spec, local, verify, pool,
+                                        None if target is None else target.shards))
+        out: list[DTensor | None] = [None] * len(pending)
+        replicated = DTensor.replicated
+        for i, array in zip(at, reader.read_many(small, verify=verify)):
+            out[i] = replicated(array, layouts[i], local)
+        return [p.result() if p is not None else out[i] for i, p in enumerate(pending)]  # type: ignore[misc]
 
 
 def _check_destination(reader: BundleReader, name: str, layout: Layout, spec: str, target: DTensor) -> None:
@@ -195,7 +238,10 @@ def name_based_restore(
     expected: list[tuple[tuple[int, ...], np.dtype] | None] = []
     for name in names:
         target = name_tensor_map[name]
-        if isinstance(target, DTensor):
+        if type(target) is Layout:  # the common case first
+            layouts.append(target)
+            expected.append(None)
+        elif isinstance(target, DTensor):
             layouts.append(target.layout)
             expected.append((target.shape, target.dtype))
         elif isinstance(target, Layout):

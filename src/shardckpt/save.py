@@ -72,13 +72,17 @@ from .format.files import data_filename, index_filename
 from .format.parallel_writer import write_at, write_data_file, write_stream
 from .format.protos import BundleEntry, pack_entries
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
-from .format.writer import prepare
+from .format.writer import STORED_AS_IS, PreparedTensor, prepare
+from .gcpause import paused_gc
 from .layout import Layout
 from .lease import CLEANER, PrefixLease, holder_of, lease_filename
 from .mesh import Mesh
-from .plan import SaveTensor, WriteItem, plan_save
+from .plan import Owners, SaveTensor, WriteItem, plan_local
 
 log = logging.getLogger("shardckpt.save")
+
+# tuple.__new__ builds a NamedTuple without its Python-level __new__ (once per tensor of a save).
+_new = tuple.__new__
 
 # How long a client that gave up on a save still waits to learn client 0's decision, at most.
 _GRACE = 10.0
@@ -108,15 +112,35 @@ def _as_dtensor(value: object, mesh: Mesh, local: Sequence[int], replicated: dic
 
 
 def _describe(prefix: str, mesh: Mesh, tensors: Sequence[SaveTensor]) -> dict[str, str]:
-    """Per-aspect digests, so a mismatch can say which aspect differs."""
+    """Per-aspect digests, so a mismatch can say which aspect differs.
+
+    Layouts and dtypes repeat across tensors: each distinct one is spelled once and tensors refer to it by
+    number, so the digest costs a few C-level joins per 100,000 tensors instead of a repr each.
+    """
+    layouts: dict[int, int] = {}
+    spelled: dict[str, int] = {}
+    refs = []
+    boxes: dict[tuple, int] = {}
+    box_refs = []
+    for t in tensors:
+        layout = t.layout
+        n = layouts.get(id(layout))
+        if n is None:  # numbered by content: equal layouts built apart are still one layout
+            text = repr((layout.sharding_specs, layout.mesh.dim_names, layout.mesh.shape, layout.mesh.device_ids))
+            n = layouts[id(layout)] = spelled.setdefault(text, len(spelled))
+        refs.append(n)
+        box = (t.full_shape, t.region)
+        n = boxes.get(box)
+        if n is None:
+            n = boxes[box] = len(boxes)
+        box_refs.append(n)
     parts = {
         "prefix": prefix,
         "mesh": mesh.to_string().split("|", 4)[1] + "|" + ",".join(map(str, mesh.device_ids)),
         "names": json.dumps([t.name for t in tensors]),  # not joined: a name may hold any character
-        "shapes": repr([(t.full_shape, t.region) for t in tensors]),
+        "shapes": repr(list(boxes)) + "|" + ",".join(map(str, box_refs)),
         "dtypes": repr([t.dtype for t in tensors]),
-        "layouts": repr([(t.layout.sharding_specs, t.layout.mesh.dim_names, t.layout.mesh.shape,
-                          t.layout.mesh.device_ids) for t in tensors]),
+        "layouts": "\n".join(spelled) + "|" + ",".join(map(str, refs)),  # in order of first use
     }
     return {k: hashlib.sha256(v.encode()).hexdigest()[:16] for k, v in parts.items()}
 
@@ -149,19 +173,41 @@ def _remote_error(report: dict[str, object], default: type[CheckpointError] = Re
 def _normalize(
     mesh: Mesh, prefix: str, names: Sequence[str], slices: Sequence[str], values: Sequence[object],
     local: Sequence[int],
-) -> tuple[list[SaveTensor], list[DTensor]]:
+) -> tuple[list[SaveTensor], list[DTensor | np.ndarray]]:
+    """The save's arguments as `SaveTensor` specs, and per argument its DTensor, or the numpy array itself
+    (replicated: every local device holds it)."""
     if not (len(names) == len(slices) == len(values)):
         raise InvalidArgumentError(
             f"{prefix}: {len(names)} names, {len(slices)} shape_and_slices and {len(values)} tensors differ in length"
         )
     if not names:
         raise InvalidArgumentError(f"{prefix}: nothing to save")
-    specs, dtensors = [], []
+    specs: list[SaveTensor] = []
+    dtensors: list[DTensor | np.ndarray] = []
     replicated: dict[int, Layout] = {}
     mesh_devices = set(mesh.device_ids)
+    # A model's many small tensors share a few dtypes and shapes: what follows from them is worked out once.
+    kinds: dict[np.dtype, tuple[int, int]] = {}
+    regions: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
     for name, spec, value in zip(names, slices, values):
-        if not isinstance(name, str) or not name:
+        if type(name) is not str and not isinstance(name, str) or not name:
             raise InvalidArgumentError(f"{prefix}: tensor names must be non-empty strings, got {name!r}")
+        if type(value) is np.ndarray and not spec:
+            # The common case, a whole numpy array: replicated over the save mesh, no DTensor needed.
+            kind = kinds.get(value.dtype)
+            if kind is None:
+                code = from_numpy(value.dtype)
+                kind = kinds[value.dtype] = (int(code), 0 if code == DataType.STRING else value.dtype.itemsize)
+            shape = value.shape
+            region = regions.get(shape)
+            if region is None:
+                region = regions[shape] = tuple((0, d) for d in shape)
+            layout = replicated.get(len(shape))
+            if layout is None:
+                layout = replicated[len(shape)] = Layout.replicated(mesh, len(shape))
+            specs.append(_new(SaveTensor, (name, kind[0], kind[1], shape, region, layout)))
+            dtensors.append(value)
+            continue
         t = _as_dtensor(value, mesh, local, replicated)
         # A tensor may live on its own mesh (a sub-mesh or another shape) over devices of ``mesh``;
         # this client then holds the shards of its own devices in that mesh (maybe none).
@@ -198,10 +244,15 @@ def _entries_for(items: list[WriteItem], specs: list[SaveTensor],
                  written: list[BundleEntry]) -> list[tuple[bytes, BundleEntry]]:
     """Index entries of written shards: whole tensors under their name, slices under slice keys."""
     entries: list[tuple[bytes, BundleEntry]] = []
+    whole: dict[tuple[int, ...], tuple[tuple[int, int], ...]] = {}
     for item, entry in zip(items, written):
         spec = specs[item.arg]
         key = spec.name.encode()
-        if all(lo == 0 and hi == n for (lo, hi), n in zip(item.box, spec.full_shape)):
+        shape = spec.full_shape
+        full = whole.get(shape)
+        if full is None:
+            full = whole[shape] = tuple((0, n) for n in shape)
+        if item.box == full:
             entries.append((key, entry))
         else:
             tslice = TensorSlice.from_bounds(item.box)
@@ -247,7 +298,7 @@ class _Save:
     overwrite: bool
     durable: bool
     specs: list[SaveTensor]
-    dtensors: list[DTensor]
+    dtensors: list[DTensor | np.ndarray]
     items: list[WriteItem]
     timings: dict[str, float]
     t0: float
@@ -273,14 +324,21 @@ class _Save:
 
     def prepared(self, items: list[WriteItem], snapshot: Callable[[np.ndarray], np.ndarray] | None = None) -> list:
         out = []
+        staging = self.staging
+        specs, dtensors = self.specs, self.dtensors
         for item in items:
-            spec = self.specs[item.arg]
-            shard = self.dtensors[item.arg].shards[item.device]
+            spec = specs[item.arg]
+            held = dtensors[item.arg]
+            # A numpy array was given as is: the same on every device.
+            shard = held if isinstance(held, np.ndarray) else held.shards[item.device]
             if item.within is not None:
                 shard = np.asarray(shard)[tuple(slice(a, b) for a, b in item.within)]
             if snapshot is not None:  # a C-ordered copy the caller can no longer change
                 shard = snapshot(np.asarray(shard))
-            out.append(prepare(shard, spec.dtype, f"{self.staging}: tensor {spec.name}", contiguous=False))
+            if type(shard) is np.ndarray and (shard.dtype, spec.dtype) in STORED_AS_IS:
+                out.append(_new(PreparedTensor, (spec.dtype, shard.shape, shard)))  # what `prepare` would give
+                continue
+            out.append(prepare(shard, spec.dtype, f"{staging}: tensor {spec.name}", contiguous=False))
         return out
 
     def failed_write(self, exc: Exception) -> _Written:
@@ -294,29 +352,34 @@ class _Save:
         try:
             fault_point("after_agree", self.rank)
             fault_point("after_plan", self.rank)
-            prepared = self.prepared(self.items)
-            midway = lambda: fault_point("mid_data_write", self.rank)  # noqa: E731
-            inode = 0
-            if self.remote:
-                stream = storage.open_stream(self.staging)
-                sums = ChunkSums()  # chunk checksums: the sidecar
-                try:
-                    written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway, sums=sums)
-                except BaseException:
-                    stream.discard()  # abort the upload: no partial object
-                    raise
-                stream.close()
-                sums.save(sidecar_path(self.staging), size)
-            else:
-                written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
-                                                midway=midway, sidecar=sidecar_path(self.staging))
-                inode = os.stat(self.staging).st_ino
-            fault_point("after_data_fsync", self.rank)
-            return _Written(pack_entries(_entries_for(self.items, self.specs, written)), None, size, inode)
+            with paused_gc():
+                return self._write_blocking()
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             return self.failed_write(exc)
         finally:
             self.timings["write"] = time.perf_counter() - t
+
+    def _write_blocking(self) -> _Written:
+        """The writes and the entries, with the cyclic collector paused (`gcpause`)."""
+        prepared = self.prepared(self.items)
+        midway = lambda: fault_point("mid_data_write", self.rank)  # noqa: E731
+        inode = 0
+        if self.remote:
+            stream = storage.open_stream(self.staging)
+            sums = ChunkSums()  # chunk checksums: the sidecar
+            try:
+                written, size = write_stream(stream, prepared, shard_id=self.rank, midway=midway, sums=sums)
+            except BaseException:
+                stream.discard()  # abort the upload: no partial object
+                raise
+            stream.close()
+            sums.save(sidecar_path(self.staging), size)
+        else:
+            written, size = write_data_file(self.staging, prepared, shard_id=self.rank, durable=self.durable,
+                                            midway=midway, sidecar=sidecar_path(self.staging))
+            inode = os.stat(self.staging).st_ino
+        fault_point("after_data_fsync", self.rank)
+        return _Written(pack_entries(_entries_for(self.items, self.specs, written)), None, size, inode)
 
     def _give_up(self) -> None:
         """This client's part of a failed save: its staged file goes, and client 0 lets the prefix go."""
@@ -556,9 +619,11 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     directory = os.path.dirname(prefix)
     local_error: BaseException | None = None
     specs: list[SaveTensor] = []
-    dtensors: list[DTensor] = []
+    dtensors: list[DTensor | np.ndarray] = []
     try:
-        specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
+        with paused_gc():
+            specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
+            digest = _describe(prefix, mesh, specs)
         if directory and not storage.is_remote(prefix):
             try:
                 os.makedirs(directory, exist_ok=True)
@@ -566,7 +631,7 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
                 raise _io_error(prefix, directory, "cannot create the directory", exc) from exc
     except CheckpointError as exc:
         local_error = exc
-    payload = {"digest": _describe(prefix, mesh, specs) if local_error is None else {},
+    payload = {"digest": digest if local_error is None else {},
                "devices": list(local), "error": _error_json(local_error) if local_error else None, "nth": nth}
     lease_box: list[PrefixLease] = []
     try:
@@ -603,9 +668,11 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
         session.close()
         raise
     t = time.perf_counter()
-    devices = cast("list[Sequence[int]] | None", verdict["devices"]) or [mesh.client_devices(r, size)
-                                                                           for r in range(size)]
-    items = [it for it in plan_save(specs, devices) if it.client == rank]
+    # Each client plans only its own writes; the owners of other devices follow from the mesh (contiguous
+    # blocks) unless the verdict lists every client's devices.
+    owners = Owners(mesh, size, cast("list[Sequence[int]] | None", verdict["devices"]))
+    with paused_gc():
+        items = plan_local(specs, rank, owners)
     timings["plan"] = time.perf_counter() - t
     return _Save(coord, session, wait, prefix, str(verdict["token"]), overwrite, durable, specs, dtensors, items,
                  timings, t0, lease_box[0] if lease_box else None)
@@ -926,7 +993,8 @@ class _StagedWrite:
                     in_flight -= nbytes
                 lent: list[np.ndarray] = []
                 try:
-                    prepared = s.prepared(wave, functools.partial(self._snapshot, lent))
+                    with paused_gc():
+                        prepared = s.prepared(wave, functools.partial(self._snapshot, lent))
                 except BaseException:
                     if self.pool is not None:
                         self.pool.give_back(lent)
@@ -950,7 +1018,9 @@ class _StagedWrite:
             self.sums.save(sidecar_path(s.staging), self.end, s.durable)
             fault_point("after_data_fsync", s.rank)
             inode = os.fstat(self.fd).st_ino if self.fd is not None else 0
-            return _Written(pack_entries(_entries_for(s.items, s.specs, self.entries)), None, self.end, inode)
+            with paused_gc():
+                blob = pack_entries(_entries_for(s.items, s.specs, self.entries))
+            return _Written(blob, None, self.end, inode)
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             return s.failed_write(exc)
         finally:

@@ -101,7 +101,7 @@ class BlockBuilder:
 class Block:
     """A parsed view over one block's bytes (already checksum-verified by the table)."""
 
-    __slots__ = ("_data", "_restarts_at", "_num_restarts", "_where", "first_key", "last_key")
+    __slots__ = ("_data", "_restarts_at", "_num_restarts", "_where", "first_key", "last_key", "_keys", "_spans")
 
     def __init__(self, data: bytes, where: str) -> None:
         self._data = data
@@ -116,6 +116,9 @@ class Block:
         self._restarts_at = size - 4 * (n + 1)
         self.first_key: bytes | None = None
         self.last_key: bytes | None = None
+        # What the walk in `_check` decoded, kept for `__iter__`: every key, and (start, end) of each value.
+        self._keys: list[bytes] = []
+        self._spans: list[tuple[int, int]] = []
         self._check()
 
     def _check(self) -> None:
@@ -129,6 +132,7 @@ class Block:
                 raise CorruptCheckpointError(f"{where}: {n} restarts in a block without entries")
             return
         data = self._data
+        keys, spans = self._keys, self._spans
         pos, key, r, run, due = 0, b"", 0, 0, 0  # due: offset of the next restart not yet reached
         while pos < limit:
             if pos == due:
@@ -149,11 +153,15 @@ class Block:
                 stop = start + data[pos + 1]
                 if shared <= len(prev) and stop + data[pos + 2] <= limit:
                     new = prev[:shared] + data[start:stop] if shared else data[start:stop]
-                    pos = stop + data[pos + 2]
+                    end = stop + data[pos + 2]
+                    spans.append((stop, end))
+                    pos = end
                 else:
                     new, _, _, pos = self._entry(pos, prev)  # raises, naming the fault
             else:
-                new, _, _, pos = self._entry(pos, prev)
+                new, vstart, vend, pos = self._entry(pos, prev)
+                spans.append((vstart, vend))
+            keys.append(new)
             if self.first_key is None:
                 self.first_key = new
             elif new <= key:
@@ -191,9 +199,7 @@ class Block:
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         data = self._data
-        pos, limit, key = 0, self._restarts_at, b""
-        while pos < limit:
-            key, vstart, vend, pos = self._entry(pos, key)
+        for key, (vstart, vend) in zip(self._keys, self._spans):
             yield key, data[vstart:vend]
 
     def seek(self, target: bytes) -> Iterator[tuple[bytes, bytes]]:

@@ -87,10 +87,20 @@ def _run(fd: int, job: _Job, crcs: list[int], chunked: list[ChunkCrc | None]) ->
             crcs[index] = acc.finish() if acc is not None else crc
         return
     buffers: list[memoryview] = []
+    small: list[memoryview] = []  # consecutive short pieces: joined into one buffer, not an iovec each
     for index, pieces in job.tensors:
         if crcs[index] < 0:
             crcs[index] = _crc_of(pieces, chunked[index])
-        buffers.extend(pieces)
+        for piece in pieces:
+            if len(piece) < MIN_ROW:
+                small.append(piece)
+                continue
+            if small:
+                buffers.append(memoryview(b"".join(small)))
+                small = []
+            buffers.append(piece)
+    if small:
+        buffers.append(memoryview(b"".join(small)))
     if buffers:
         _pwritev_all(fd, buffers, job.offset)
 

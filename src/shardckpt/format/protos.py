@@ -120,20 +120,41 @@ def encode_slice(s: TensorSlice) -> bytes:
     return b"".join(parts)
 
 
+def _varint(value: int) -> bytes:
+    """`encode_varint`, with the sizes and offsets of a data file (under 2^28) spelled without a loop."""
+    if 0 <= value < 0x4000:
+        return encode_varint(value)
+    if 0 < value < 0x200000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, value >> 14))
+    if 0 < value < 0x10000000:
+        return bytes(((value & 0x7F) | 0x80, ((value >> 7) & 0x7F) | 0x80, ((value >> 14) & 0x7F) | 0x80,
+                      value >> 21))
+    return encode_varint(value)
+
+
+# (dtype, shape) -> the entry's first two fields: most entries of a model share a few of them.
+_head_cache: dict[tuple[int, tuple[int, ...]], bytes] = {}
+
+
 def encode_entry(e: BundleEntry) -> bytes:
     """The serialized ``BundleEntryProto``, byte-identical to TensorFlow's."""
-    out = [b"\x08" + encode_varint(e.dtype) if e.dtype else b"", encode_shape(e.shape)]
+    kind = (e.dtype, e.shape)
+    out = _head_cache.get(kind)
+    if out is None:
+        out = (b"\x08" + encode_varint(e.dtype) if e.dtype else b"") + encode_shape(e.shape)
+        if len(_head_cache) < 4096:
+            _head_cache[kind] = out
     if e.shard_id:
-        out.append(b"\x18" + encode_varint(e.shard_id))
+        out += b"\x18" + encode_varint(e.shard_id)
     if e.offset:
-        out.append(b"\x20" + encode_varint(e.offset))
+        out += b"\x20" + _varint(e.offset)
     if e.size:
-        out.append(b"\x28" + encode_varint(e.size))
+        out += b"\x28" + _varint(e.size)
     if e.crc32c:
-        out.append(b"\x35" + _fixed32.pack(e.crc32c))
+        out += b"\x35" + _fixed32.pack(e.crc32c)
     for s in e.slices:
-        out.append(_ld(b"\x3a", encode_slice(s)))
-    return b"".join(out)
+        out += _ld(b"\x3a", encode_slice(s))
+    return out
 
 
 # --- decoding -------------------------------------------------------------------------------------
@@ -265,8 +286,58 @@ def _cached_shape(buf: bytes, pos: int, stop: int) -> tuple[int, ...]:
     return shape
 
 
+def _uvarint(buf: bytes, pos: int, end: int) -> tuple[int, int]:
+    """A varint of at most 8 bytes (so below 2^56, no sign to take) at ``pos``, and the position after it;
+    (-1, end) for anything else (truncated, longer), which the general decoder then reports."""
+    v = shift = 0
+    while pos < end and shift <= 49:
+        b = buf[pos]
+        pos += 1
+        v |= (b & 0x7F) << shift
+        if b < 0x80:
+            return v, pos
+        shift += 7
+    return -1, end
+
+
+# The first two fields (dtype and shape) as TF writes them -> (dtype, shape): they repeat across entries.
+_head_decode_cache: dict[bytes, tuple[int, tuple[int, ...]]] = {}
+
+
 def decode_entry(buf: bytes) -> BundleEntry:
     """Decode a BundleEntryProto; the canonical single-byte tags take a fast path."""
+    end = len(buf)
+    if end > 4 and buf[0] == 0x08 and buf[1] < 0x80 and buf[2] == 0x12 and buf[3] < 0x80 and 4 + buf[3] <= end:
+        # TF's own layout: a one-byte dtype, then a short shape, seen before; then the location, by hand.
+        stop = 4 + buf[3]
+        head = buf[:stop]
+        kind = _head_decode_cache.get(head)
+        if kind is None:
+            shape = decode_shape(buf, 4, stop)
+            kind = (to_int32(buf[1]), shape)
+            if len(_head_decode_cache) < 4096:
+                _head_decode_cache[head] = kind
+        # Then the location in TF's order, each field at most once; anything else goes the general way.
+        pos, shard, offset, size, crc = stop, 0, 0, 0, 0
+        if pos < end and buf[pos] == 0x18:
+            shard, pos = _uvarint(buf, pos + 1, end)
+            if shard < 0:
+                return _decode_entry_slow(buf)
+            shard = to_int32(shard)
+        if pos < end and buf[pos] == 0x20:
+            offset, pos = _uvarint(buf, pos + 1, end)
+        if pos < end and buf[pos] == 0x28 and offset >= 0:
+            size, pos = _uvarint(buf, pos + 1, end)
+        if pos < end and buf[pos] == 0x35 and end - pos >= 5 and size >= 0:
+            crc = _fixed32.unpack_from(buf, pos + 1)[0]
+            pos += 5
+        if pos != end or offset < 0 or size < 0:
+            return _decode_entry_slow(buf)
+        return BundleEntry(kind[0], kind[1], shard, offset, size, crc)
+    return _decode_entry_slow(buf)
+
+
+def _decode_entry_slow(buf: bytes) -> BundleEntry:
     e = BundleEntry()
     pos, end = 0, len(buf)
     varint = decode_varint
@@ -336,11 +407,16 @@ def _decode_entry_general(buf: bytes) -> BundleEntry:
 
 def pack_entries(entries: list[tuple[bytes, BundleEntry]]) -> bytes:
     """Entries as ``(varint len, key, varint len, BundleEntryProto)*``: how clients ship index pieces."""
-    out = []
+    out: list[bytes] = []
+    small = _SMALL_VARINTS
     for key, entry in entries:
         value = encode_entry(entry)
-        out += [encode_varint(len(key)), key, encode_varint(len(value)), value]
+        n, m = len(key), len(value)
+        out += (small[n] if n < 128 else encode_varint(n), key, small[m] if m < 128 else encode_varint(m), value)
     return b"".join(out)
+
+
+_SMALL_VARINTS = [bytes((i,)) for i in range(128)]
 
 
 def unpack_entries(buf: bytes) -> list[tuple[bytes, BundleEntry]]:
@@ -350,17 +426,28 @@ def unpack_entries(buf: bytes) -> list[tuple[bytes, BundleEntry]]:
 
 def unpack_raw_entries(buf: bytes) -> list[tuple[bytes, bytes]]:
     """The (key, encoded entry) pairs of a `pack_entries` buffer, not decoded."""
-    out = []
+    out: list[tuple[bytes, bytes]] = []
+    append = out.append
     pos, end = 0, len(buf)
     while pos < end:
-        n, pos = decode_varint(buf, pos, end, "packed entries")
+        n = buf[pos]
+        if n < 0x80:  # one-byte lengths, the common case, without a call
+            pos += 1
+        else:
+            n, pos = decode_varint(buf, pos, end, "packed entries")
         if n > end - pos:
             raise CorruptCheckpointError("packed entries: key runs past the buffer")
         key = buf[pos : pos + n]
         pos += n
-        n, pos = decode_varint(buf, pos, end, "packed entries")
+        if pos >= end:
+            raise CorruptCheckpointError("packed entries: truncated entry length")
+        n = buf[pos]
+        if n < 0x80:
+            pos += 1
+        else:
+            n, pos = decode_varint(buf, pos, end, "packed entries")
         if n > end - pos:
             raise CorruptCheckpointError("packed entries: entry runs past the buffer")
-        out.append((key, buf[pos : pos + n]))
+        append((key, buf[pos : pos + n]))
         pos += n
     return out

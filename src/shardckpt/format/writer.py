@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
+from typing import NamedTuple
 
 import numpy as np
 
@@ -46,13 +46,19 @@ _SMALL_WRITE = 256 * 1024
 _CHUNK = 4 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class PreparedTensor:
-    """A tensor ready to write: its DataType, shape, and bytes (or string elements)."""
+class PreparedTensor(NamedTuple):
+    """A tensor ready to write: its DataType, shape, and bytes (or string elements).
+
+    A tuple, not a dataclass: a save of 100,000 small tensors makes one per tensor.
+    """
 
     dtype: int
     shape: tuple[int, ...]
     data: np.ndarray | list[bytes]
+
+
+# (numpy dtype, DataType) pairs seen by `prepare` whose bytes are already the stored form, as they are.
+STORED_AS_IS: dict[tuple[np.dtype, int], bool] = {}
 
 
 def prepare(
@@ -60,6 +66,11 @@ def prepare(
 ) -> PreparedTensor:
     """Check a value and bring it to the on-disk layout: little-endian, and C order unless ``contiguous``
     is False (then a strided view is kept for a writer that gathers rows itself). Copies only if needed."""
+    if type(array) is np.ndarray and dtype is not None and (array.dtype, dtype) in STORED_AS_IS:
+        # Seen before: a numeric dtype stored as is (checked below on first sight), so only the order matters.
+        if contiguous and not array.flags.c_contiguous:
+            array = np.ascontiguousarray(array)
+        return PreparedTensor(dtype, array.shape, array)
     arr = np.asarray(array)
     try:
         code = from_numpy(arr.dtype) if dtype is None else int(dtype)
@@ -79,6 +90,8 @@ def prepare(
         raise DTypeMismatchError(f"{what}: array of dtype {arr.dtype} cannot be stored as {datatype_name(code)}")
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
+    elif arr.dtype.isnative and len(STORED_AS_IS) < 256:
+        STORED_AS_IS[(arr.dtype, code)] = True
     return PreparedTensor(code, arr.shape, np.ascontiguousarray(arr) if contiguous else arr)
 
 
@@ -176,9 +189,8 @@ def build_index(header: BundleHeader, entries: Mapping[bytes, BundleEntry | byte
     """
     table = TableBuilder()
     table.add(b"", encode_header(header))
-    for key in sorted(entries):
-        entry = entries[key]
-        table.add(key, entry if isinstance(entry, bytes) else encode_entry(entry))
+    table.add_sorted([(key, entry if isinstance(entry, bytes) else encode_entry(entry))
+                      for key, entry in sorted(entries.items())])
     return table.finish()
 
 
