@@ -17,6 +17,7 @@ hang every other one.
 
 from __future__ import annotations
 
+import atexit
 import struct
 import time
 from typing import Any
@@ -65,9 +66,22 @@ class MPICoordinator(Coordinator):
         self._instance = _instances[key] = _instances.get(key, 0) + 1
         # (request, buffer) of messages still in flight when a collective returned or gave up.
         self._orphans: list[tuple[Any, Any]] = []
+        # Sends are never waited for, so the last broadcast of a program may still be in flight when it ends:
+        # deliver it before MPI is finalised (mpi4py finalises at exit too; handlers registered later run first).
+        atexit.register(self._drain, 10.0)
 
     def _tag(self, seq: int) -> int:
         return self._tag_top - (seq % self._tag_span)
+
+    def _drain(self, limit: float) -> None:
+        """Keep MPI moving our pending sends until they are delivered (or ``limit`` seconds pass)."""
+        deadline = time.monotonic() + limit
+        try:
+            while self._orphans and time.monotonic() < deadline and not self._MPI.Is_finalized():
+                self._reap_orphans()
+                time.sleep(0.001)
+        except self._MPI.Exception:
+            pass
 
     def _reap_orphans(self) -> None:
         alive = []
