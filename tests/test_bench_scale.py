@@ -12,6 +12,8 @@ import os
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 _PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_scale.py")
 _spec = importlib.util.spec_from_file_location("bench_scale", _PATH)
@@ -164,3 +166,42 @@ def test_the_root_merge_still_refuses_a_duplicate_or_a_disagreeing_entry() -> No
         commit._merge(_pieces(8, bad_shape_on=3))
     with pytest.raises(CorruptCheckpointError, match="client 1: partitioned tensor b "):
         commit._merge(_pieces(8, bad_shape_on=0))
+
+
+def _random_pieces(data) -> list[bytes]:
+    """Clients that hold any number of a tensor's row blocks and send its entry once per block or once with
+    all their blocks, beside tensors held whole by one client: every shape the merge must get right."""
+    from shardckpt.format.protos import BundleEntry, pack_entries
+    from shardckpt.format.slices import TensorSlice, encode_slice_key
+
+    n = data.draw(st.integers(1, 6))
+    per_client: list[list[tuple[bytes, BundleEntry]]] = [[] for _ in range(n)]
+    for t in range(data.draw(st.integers(1, 4))):
+        name = f"t{t}".encode()
+        blocks = data.draw(st.integers(1, 8))
+        shape = (blocks * 2, 3)
+        owner = [data.draw(st.integers(0, n - 1)) for _ in range(blocks)]
+        for r in range(n):
+            mine = [b for b in range(blocks) if owner[b] == r]
+            slices = [TensorSlice.from_bounds(((2 * b, 2 * b + 2), (0, 3))) for b in mine]
+            for b, s in zip(mine, slices):
+                per_client[r].append((encode_slice_key(name, s), BundleEntry(1, (2, 3), r, 24 * b, 24, 99 + b)))
+            if not slices:
+                continue
+            if data.draw(st.booleans()):
+                per_client[r].append((name, BundleEntry(dtype=1, shape=shape, slices=slices)))
+            else:
+                per_client[r] += [(name, BundleEntry(dtype=1, shape=shape, slices=[s])) for s in slices]
+    per_client[data.draw(st.integers(0, n - 1))].append((b"whole", BundleEntry(9, (), 0, 0, 8, 7)))
+    return [pack_entries(entries) for entries in per_client]
+
+
+@settings(max_examples=200, deadline=None)
+@given(data=st.data())
+def test_the_root_merge_equals_decoding_and_combining_every_entry(data) -> None:
+    from shardckpt import commit
+    from shardckpt.format.protos import BundleHeader
+    from shardckpt.format.writer import build_index
+
+    pieces = _random_pieces(data)
+    assert build_index(BundleHeader(num_shards=len(pieces)), commit._merge(pieces)) == _reference_index(pieces)
