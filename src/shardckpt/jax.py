@@ -438,7 +438,7 @@ def _to_jax(t: _Target, tensor: DTensor) -> jax.Array:
     return jax.make_array_from_single_device_arrays(t.shape, t.sharding, arrays)
 
 
-def _nest(prefix: str, names: Sequence[str], values: Sequence[np.ndarray]) -> dict[str, Any]:
+def _nest(prefix: str, names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
     """Nested dicts from ``/``-joined names: ``params/w`` -> ``{"params": {"w": ...}}``."""
     root: dict[str, Any] = {}
     for name, value in zip(names, values):

@@ -67,7 +67,7 @@ async def _noop() -> None:
     return None
 
 
-class ShardckptCheckpointHandler(ocp.AsyncCheckpointHandler):  # type: ignore[misc]
+class ShardckptCheckpointHandler(ocp.AsyncCheckpointHandler):
     """Saves a pytree of ``jax.Array`` (and numpy arrays, scalars) as one TF V2 bundle per item.
 
     ``coordinator``, ``timeout``, ``durable`` and ``max_staging_bytes`` go to every save (see
@@ -110,7 +110,7 @@ class ShardckptCheckpointHandler(ocp.AsyncCheckpointHandler):  # type: ignore[mi
         prefix = item_prefix(directory)
         with BundleReader(prefix) as reader:
             pairs = [(name, jax.ShapeDtypeStruct(tuple(e.shape), to_numpy(e.dtype))) for name, e in reader.entries()]
-        return sj._nest(prefix, [n for n, _ in pairs], [s for _, s in pairs])  # type: ignore[arg-type]
+        return sj._nest(prefix, [n for n, _ in pairs], [s for _, s in pairs])
 
     def finalize(self, directory: Any) -> None:
         """On the primary host, after every process's save returned: the bundle is complete, no lease is left."""
@@ -130,7 +130,7 @@ class ShardckptCheckpointHandler(ocp.AsyncCheckpointHandler):  # type: ignore[mi
 
 @ocp.args.register_with_handler(ShardckptCheckpointHandler, for_save=True)
 @dataclasses.dataclass
-class SaveArgs(ocp.args.CheckpointArgs):  # type: ignore[misc]
+class SaveArgs(ocp.args.CheckpointArgs):
     """Save ``tree`` (a pytree of ``jax.Array``, numpy arrays, Python scalars) as one bundle."""
 
     tree: Any
@@ -138,7 +138,7 @@ class SaveArgs(ocp.args.CheckpointArgs):  # type: ignore[misc]
 
 @ocp.args.register_with_handler(ShardckptCheckpointHandler, for_restore=True)
 @dataclasses.dataclass
-class RestoreArgs(ocp.args.CheckpointArgs):  # type: ignore[misc]
+class RestoreArgs(ocp.args.CheckpointArgs):
     """Restore into ``target`` (``jax.ShapeDtypeStruct`` with shardings, or arrays, as `shardckpt.jax.restore`
     takes), on any sharding; ``None``: every tensor whole as host numpy arrays in nested dicts by name."""
 
