@@ -82,7 +82,8 @@ def _tree(step: int) -> Any:
         return jax.make_array_from_callback(g.shape, NamedSharding(mesh, spec), lambda idx: g[idx])
 
     return {"params": {"w": put("params/w", P("x", "y")), "emb": put("params/emb", P(("x", "y")))},
-            "opt": [put("opt/0", P("y")), put("opt/1", P(None, "x"))], "rep": put("rep", P()), "step": step}
+            "opt": [put("opt/0", P("y")), put("opt/1", P(None, "x"))], "rep": global_value("rep", step).copy(),
+            "step": step}
 
 
 def _targets() -> Any:
@@ -161,22 +162,37 @@ def _restore(mgr: Any, step: int, target: Any) -> Any:
 
 
 def scenario_manager(directory: str, events: dict[str, Any]) -> None:
-    """Three steps through one manager (max_to_keep=2); the last one's arrays are deleted as soon as save
-    returns (the asynchronous save must have its own snapshot); restores onto another mesh and to host."""
+    """Three steps through one manager (max_to_keep=2), restored onto another mesh and to host.  Step 3's
+    writer is held at ``mid_data_write`` until ``mgr.save`` has returned (so the save is asynchronous) and the
+    numpy leaf has been overwritten and the arrays deleted (so it wrote its own snapshot)."""
+    import threading
+
     import jax
     import orbax.checkpoint as ocp
 
     import shardckpt.orbax as so
+    from shardckpt import faults
 
     mgr = _manager(directory)
     for step in (1, 2):
         _save(mgr, step)
     tree = _tree(3)
-    mgr.save(3, args=ocp.args.Composite(state=so.SaveArgs(tree)))
-    for leaf in jax.tree_util.tree_leaves(tree):
-        if isinstance(leaf, jax.Array):
-            leaf.delete()
-    mgr.wait_until_finished()
+    returned = threading.Event()
+    held: list[bool] = []
+
+    def hold(point: str, client: int) -> None:
+        if point == "mid_data_write":
+            held.append(returned.wait(20))  # False: save did not return while its write was unfinished
+
+    with faults.hook(hold):
+        mgr.save(3, args=ocp.args.Composite(state=so.SaveArgs(tree)))
+        tree["rep"][...] = -1
+        for leaf in jax.tree_util.tree_leaves(tree):
+            if isinstance(leaf, jax.Array):
+                leaf.delete()
+        returned.set()
+        mgr.wait_until_finished()
+    events["returned_before_write"] = held
     events["steps"] = list(mgr.all_steps())
     events["restored"] = {step: _check_restored(_restore(mgr, step, _targets()), step) for step in (2, 3)}
     events["host"] = _check_host(_restore(mgr, 3, None), 3)
@@ -255,6 +271,42 @@ def scenario_no_target(directory: str, events: dict[str, Any]) -> None:
     with_error(events, "clash", lambda: sj.restore(clash))
 
 
+def scenario_handler(directory: str, events: dict[str, Any]) -> None:
+    """`finalize` on its own (no index; a dead lease left; a live lease); a synchronous manager; a manager
+    that never saw the handler restores by the handler name Orbax recorded."""
+    import orbax.checkpoint as ocp
+
+    import shardckpt.jax as sj
+    import shardckpt.orbax as so
+    from shardckpt.lease import PrefixLease
+
+    handler = so.ShardckptCheckpointHandler()
+    item = Path(directory, "item")
+    item.mkdir()
+    with_error(events, "no_index", lambda: handler.finalize(item))
+    sj.save({"a": np.arange(3, dtype=np.float32)}, so.item_prefix(item))
+    lease = Path(so.item_prefix(item) + ".lease")
+    dead = ("import sys, os\nfrom shardckpt.lease import PrefixLease\n"
+            "PrefixLease.acquire(sys.argv[1], what='a save that died')\nos._exit(0)\n")
+    subprocess.run([sys.executable, "-c", dead, so.item_prefix(item)], check=True, timeout=60)
+    events["dead_lease_before"] = lease.exists()
+    handler.finalize(item)
+    events["dead_lease_after"] = lease.exists()
+    with PrefixLease.acquire(so.item_prefix(item), what="a live writer"):
+        with_error(events, "live_lease", lambda: handler.finalize(item))
+        events["live_lease_kept"] = lease.exists()
+
+    sync = ocp.CheckpointManager(os.path.join(directory, "sync"),
+                                 options=ocp.CheckpointManagerOptions(enable_async_checkpointing=False))
+    sync.save(4, args=ocp.args.Composite(state=so.SaveArgs(_tree(4))))
+    events["sync_steps"] = list(sync.all_steps())
+    sync.close()
+    fresh = ocp.CheckpointManager(os.path.join(directory, "sync"))
+    events["fresh_host"] = _check_host(fresh.restore(4).state, 4)
+    events["fresh_restored"] = _check_restored(_restore(fresh, 4, _targets()), 4)
+    fresh.close()
+
+
 def with_error(events: dict[str, Any], key: str, fn: Any) -> None:
     try:
         fn()
@@ -265,7 +317,8 @@ def with_error(events: dict[str, Any], key: str, fn: Any) -> None:
 
 
 SCENARIOS = {"manager": scenario_manager, "fault-raise": scenario_fault_raise, "killed": scenario_killed,
-             "after-kill": scenario_after_kill, "no-target": scenario_no_target}
+             "after-kill": scenario_after_kill, "no-target": scenario_no_target,
+             "handler": scenario_handler}
 
 
 def worker_main(argv: list[str]) -> int:
@@ -368,6 +421,7 @@ def saved_one(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 def test_one_process_eight_devices_restores_onto_another_sharding_bit_identical(saved_one) -> None:
     directory, ev = saved_one
     assert ev["steps"] == [2, 3]
+    assert ev["returned_before_write"] == [True]  # the handler is asynchronous
     assert ev["restored"] == {"2": _shards(8), "3": _shards(8)}
     assert ev["host"] == len(TENSORS)
     assert ev["metadata"] == {"params/w": [[8, 16], "float32"], "params/emb": [[8, 8], "bfloat16"],
@@ -423,6 +477,7 @@ def test_two_processes_save_through_the_manager_and_restore_onto_another_shardin
         assert ev["steps"] == [2, 3]
         assert ev["restored"] == {"2": _shards(2), "3": _shards(2)}
         assert ev["host"] == len(TENSORS)
+        assert ev["returned_before_write"] == [True]
     assert_clean_steps(tmp_path / "ckpt", [2, 3], 2)
 
 
@@ -459,6 +514,17 @@ def test_jax_restore_without_target_gives_host_numpy_in_nested_dicts(tmp_path: P
     clash = ev["clash"]
     assert clash["type"] == "InvalidArgumentError", clash
     assert "clash" in clash["message"] and "tensor a/b" in clash["message"], clash
+
+
+def test_finalize_requires_the_index_breaks_a_dead_lease_and_refuses_a_live_one(tmp_path: Path) -> None:
+    ev = run("handler", tmp_path, 1, 4)[0]["events"]
+    assert ev["no_index"]["type"] == "CheckpointNotFoundError" and "checkpoint.index" in ev["no_index"]["message"]
+    assert ev["dead_lease_before"] is True and ev["dead_lease_after"] is False
+    assert ev["live_lease"]["type"] == "PrefixBusyError" and "a live writer" in ev["live_lease"]["message"]
+    assert ev["live_lease_kept"] is True
+    assert ev["sync_steps"] == [4]
+    assert ev["fresh_host"] == len(TENSORS) and ev["fresh_restored"] == _shards(4)
+    assert_clean_steps(tmp_path / "sync", [4], 1)
 
 
 if __name__ == "__main__":
