@@ -306,6 +306,14 @@ def scenario_handler(directory: str, events: dict[str, Any]) -> None:
     events["fresh_restored"] = _check_restored(_restore(fresh, 4, _targets()), 4)
     fresh.close()
 
+    two = ocp.CheckpointManager(os.path.join(directory, "two"))  # two items: two bundles, saved one after the other
+    two.save(6, args=ocp.args.Composite(state=so.SaveArgs(_tree(6)), ema=so.SaveArgs(_tree(7))))
+    two.wait_until_finished()
+    out = two.restore(6, args=ocp.args.Composite(state=so.RestoreArgs(_targets()), ema=so.RestoreArgs(None)))
+    events["two_items"] = [_check_restored(out.state, 6), _check_host(out.ema, 7)]
+    events["two_items_files"] = sorted(os.listdir(os.path.join(directory, "two", "6")))
+    two.close()
+
 
 def with_error(events: dict[str, Any], key: str, fn: Any) -> None:
     try:
@@ -525,6 +533,8 @@ def test_finalize_requires_the_index_breaks_a_dead_lease_and_refuses_a_live_one(
     assert ev["sync_steps"] == [4]
     assert ev["fresh_host"] == len(TENSORS) and ev["fresh_restored"] == _shards(4)
     assert_clean_steps(tmp_path / "sync", [4], 1)
+    assert ev["two_items"] == [_shards(4), len(TENSORS)]
+    assert [n for n in ev["two_items_files"] if "." not in n and n[0] != "_"] == ["ema", "state"], ev["two_items_files"]
 
 
 if __name__ == "__main__":

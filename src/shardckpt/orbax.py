@@ -45,6 +45,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from . import jax as sj
+from . import storage
 from .coordination import Coordinator
 from .errors import CheckpointNotFoundError
 from .format.dtypes import to_numpy
@@ -115,10 +116,12 @@ class ShardckptCheckpointHandler(ocp.AsyncCheckpointHandler):
     def finalize(self, directory: Any) -> None:
         """On the primary host, after every process's save returned: the bundle is complete, no lease is left."""
         prefix = item_prefix(directory)
-        if not os.path.isfile(index_filename(prefix)):
-            raise CheckpointNotFoundError(f"{prefix}: no {index_filename(prefix)} after the save; the step is not "
-                                          "finalized")
-        if os.path.lexists(lease_filename(prefix)):
+        remote = storage.is_remote(prefix)
+        index = index_filename(prefix)
+        if not (storage.exists(index) if remote else os.path.isfile(index)):
+            raise CheckpointNotFoundError(f"{prefix}: no {index} after the save; the step is not finalized")
+        lease = lease_filename(prefix)
+        if storage.exists(lease) if remote else os.path.lexists(lease):
             # A lease outliving its save (a release whose unlink failed): taking it breaks a dead one, and a
             # live holder (a second writer into this temporary directory) raises PrefixBusyError instead.
             PrefixLease.acquire(prefix, what="orbax finalize").release()
