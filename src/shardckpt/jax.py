@@ -438,14 +438,53 @@ def _to_jax(t: _Target, tensor: DTensor) -> jax.Array:
     return jax.make_array_from_single_device_arrays(t.shape, t.sharding, arrays)
 
 
+def _nest(prefix: str, names: Sequence[str], values: Sequence[Any]) -> dict[str, Any]:
+    """Nested dicts from ``/``-joined names: ``params/w`` -> ``{"params": {"w": ...}}``."""
+    root: dict[str, Any] = {}
+    for name, value in zip(names, values):
+        parts = name.split("/")
+        node = root
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise InvalidArgumentError(
+                    f"{prefix}: tensor {name} lies under tensor {'/'.join(parts[:depth + 1])}, so the checkpoint "
+                    "has no nested-dict form; restore it with a target"
+                )
+            node = child
+        if parts[-1] in node:
+            raise InvalidArgumentError(
+                f"{prefix}: tensor {name} is also a prefix of other tensors' names, so the checkpoint has no "
+                "nested-dict form; restore it with a target"
+            )
+        node[parts[-1]] = value
+    return root
+
+
+def _restore_host(prefix: str | os.PathLike[str], verify: Any = True) -> dict[str, Any]:
+    """Every tensor of the checkpoint, whole, as a host numpy array in nested dicts by its name."""
+    with BundleReader(prefix) as reader:
+        entries = list(reader.entries())
+        whole = [(name.encode(), e) for name, e in entries if not e.slices]
+        arrays = dict(zip((k.decode() for k, _ in whole), reader.read_many(whole, verify=verify)))
+        values = [arrays[name] if name in arrays else reader.read(name, verify=verify) for name, _ in entries]
+        return _nest(reader.prefix, [name for name, _ in entries], values)
+
+
 def restore(
     prefix: str | os.PathLike[str],
-    target: Any,
+    target: Any = None,
     *,
     coordinator: Coordinator | None = None,
     **kwargs: Any,
 ) -> Any:
     """Read the checkpoint at ``prefix`` into a pytree shaped like ``target``, each leaf a ``jax.Array``.
+
+    Without a target (``target=None``) every tensor of the checkpoint is read whole into
+    a host numpy array, in nested dicts by its name (``params/w`` → ``out["params"]["w"]``;
+    list indices come back as string keys ``"0"``, ``"1"``; a single-leaf save as
+    ``{"value": ...}``); only ``verify`` of the ``kwargs`` applies.  Every process
+    reads everything, so use a target for arrays larger than one host's memory.
 
     A target leaf is a ``jax.ShapeDtypeStruct`` with a sharding (none: this process's first
     device), a ``jax.Array`` (its shape, dtype and sharding; its values are not used), or a
@@ -455,6 +494,13 @@ def restore(
     by TensorFlow).  ``kwargs`` go to `sharded_restore` (``verify``, ``threads``); no
     collective is needed, ``coordinator`` is accepted for symmetry with `save`.
     """
+    if target is None:
+        unknown = set(kwargs) - {"verify"}
+        if unknown:
+            raise InvalidArgumentError(
+                f"{os.fspath(prefix)}: {sorted(unknown)} need a target; without one only verify= applies"
+            )
+        return _restore_host(prefix, kwargs.get("verify", True))
     names, tree_leaves, treedef = _flatten(target)
     targets = [_target(n, leaf) for n, leaf in zip(names, tree_leaves)]
     if not targets:
