@@ -164,6 +164,54 @@ def test_get_many_waits_for_every_key_in_one_round_trip():
         server.stop()
 
 
+def test_a_put_wakes_only_the_gets_it_completes_so_a_collective_costs_linear_wakeups():
+    # N clients waiting for one broadcast while N others post their gather values: waking every waiter on
+    # every put (a store-wide notify) is N^2 wake-ups per collective; each get here is woken once.
+    n = 24
+    server = KVServer(size=n).start()
+    try:
+        clients = [client(server, r) for r in range(n)]
+        out: list[list[bytes] | BaseException] = [[] for _ in range(n)]
+
+        def run(r: int) -> None:
+            try:
+                for _ in range(3):
+                    out[r] = clients[r].all_gather(bytes([r]), "w", 60)
+            except BaseException as exc:  # reported below
+                out[r] = exc
+
+        before = server.store.wakeups
+        threads = [threading.Thread(target=run, args=(r,)) for r in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert all(o == [bytes([r]) for r in range(n)] for o in out), out
+        assert server.store.wakeups - before <= 3 * 2 * n  # three collectives, each a gather and a broadcast
+        assert not server.store.waiting  # no waiter left registered
+    finally:
+        server.stop()
+
+
+def test_a_key_deleted_before_the_others_arrive_is_waited_for_again():
+    server = KVServer(size=2).start()
+    try:
+        c0, c1 = client(server, 0), client(server, 1)
+        got: list[list[bytes | None]] = []
+        waiter = threading.Thread(target=lambda: got.append(c0._get_many(["k/a/1", "k/b/1"], 30)))
+        waiter.start()
+        c1._set("k/a/1", b"first")
+        c1._delete("k/a/1")
+        c1._set("k/b/1", b"b")
+        time.sleep(0.3)
+        assert waiter.is_alive()  # "a" is gone again: the get still waits
+        c1._set("k/a/1", b"second")
+        waiter.join(30)
+        assert got == [[b"second", b"b"]]
+    finally:
+        server.stop()
+
+
 def test_bytes_recorded_from_a_real_connection_are_refused_when_replayed():
     server = KVServer(size=2).start()
     try:

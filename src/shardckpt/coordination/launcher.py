@@ -125,15 +125,30 @@ def _error_reply(status: int, message: str) -> bytes:
     return bytes((status,)) + _u32.pack(len(text)) + text
 
 
+class _Waiter:
+    """A get waiting for keys: woken once, when the last of them arrives (not by every put to the store)."""
+
+    __slots__ = ("cond", "missing")
+
+    def __init__(self, lock: threading.Lock, missing: set[bytes]) -> None:
+        self.cond = threading.Condition(lock)
+        self.missing = missing
+
+
 class _Store:
     def __init__(self) -> None:
         self.data: dict[bytes, bytes | bytearray] = {}
         self.owner: dict[bytes, int] = {}
         self.held: dict[int, int] = {}  # bytes each rank's values take in the store
-        self.cond = threading.Condition()
+        self.lock = threading.Lock()
+        # Waiters by the key they lack.  A put wakes only the gets that were waiting for its key and now lack
+        # nothing: with N clients waiting for one broadcast while N others post, waking every waiter on every
+        # put would be N^2 wake-ups (and as many re-checks) per collective.
+        self.waiting: dict[bytes, dict[int, _Waiter]] = {}
+        self.wakeups = 0  # waiters woken, for tests and benchmarks
 
     def put(self, key: bytes, value: bytes | bytearray, rank: int, quota: int) -> None:
-        """Store ``value`` under ``key``, charged to ``rank``; the caller holds ``cond``."""
+        """Store ``value`` under ``key``, charged to ``rank``; the caller holds ``lock``."""
         old = self.data.get(key)
         old_owner = self.owner.get(key)
         credit = len(old) if old is not None and old_owner == rank else 0
@@ -144,13 +159,39 @@ class _Store:
         self.data[key] = value
         self.owner[key] = rank
         self.held[rank] = self.held.get(rank, 0) + len(value)
-        self.cond.notify_all()
+        waiters = self.waiting.pop(key, None)
+        if waiters:
+            for w in waiters.values():
+                w.missing.discard(key)
+                if not w.missing:
+                    self.wakeups += 1
+                    w.cond.notify()
 
     def pop(self, key: bytes) -> None:
         old = self.data.pop(key, None)
         if old is not None:
             owner = self.owner.pop(key)
             self.held[owner] -= len(old)
+
+    def wait_for(self, keys: list[bytes], deadline: float) -> None:
+        """Return once every key is present at once, or at ``deadline``; the caller holds ``lock``."""
+        missing = {k for k in keys if k not in self.data}
+        while missing and deadline > time.monotonic():
+            w = _Waiter(self.lock, missing)
+            for k in missing:
+                self.waiting.setdefault(k, {})[id(w)] = w
+            try:
+                while w.missing and (left := deadline - time.monotonic()) > 0:
+                    w.cond.wait(left)
+            finally:
+                for k in missing:
+                    mine = self.waiting.get(k)
+                    if mine is not None:
+                        mine.pop(id(w), None)
+                        if not mine:
+                            del self.waiting[k]
+            # A key that arrived may have been deleted since: wait again for what is gone.
+            missing = {k for k in keys if k not in self.data}
 
 
 def _may_write(rank: int, key: bytes) -> bool:
@@ -242,7 +283,7 @@ class _Handler(socketserver.BaseRequestHandler):
         if op in (b"S", b"D") and not _may_write(rank, key):
             raise _Refused(f"client {rank} may not {'set' if op == b'S' else 'delete'} {key.decode(errors='replace')!r}"
                            f": only keys ending in /{rank}")
-        with store.cond:
+        with store.lock:
             if op == b"S":
                 store.put(key, value, rank, server.max_client_bytes)
                 return [(_OK, b"")]
@@ -262,9 +303,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 keys, ms = _parse_many(value)
             else:
                 raise _Refused(f"unknown operation {bytes(op)!r}")
-            deadline = time.monotonic() + ms / 1000
-            while any(k not in store.data for k in keys) and (left := deadline - time.monotonic()) > 0:
-                store.cond.wait(left)
+            store.wait_for(keys, time.monotonic() + ms / 1000)
             found = [store.data.get(k) for k in keys]
         return [(_ABSENT, b"") if v is None else (_OK, v) for v in found]
 
