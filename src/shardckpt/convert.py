@@ -209,6 +209,15 @@ class CheckpointSource(TensorSource):
         """One whole tensor (partitioned ones assembled); raises `TensorNotFoundError` for an unknown name."""
         return self._reader.bundle.read(name_bytes(name))
 
+    def read_raw(self, name: str) -> bytes | None:
+        """The stored bytes of an unpartitioned tensor, CRC32C checked (how DT_VARIANT tensors are compared);
+        None for a partitioned one."""
+        bundle = self._reader.bundle
+        key = name_bytes(name)
+        if bundle.entry(key).slices:
+            return None
+        return bundle.read_raw(key)
+
     def close(self) -> None:
         """Close the checkpoint's data files."""
         self._reader.close()

@@ -131,7 +131,8 @@ class V1Reader:
 
     def _add_tensor(self, i: int, path: str, buf: bytes, pos: int, end: int) -> None:
         where = f"{self.prefix}: {path}: V1 metadata"
-        name, shape, dtype, slices = b"", (), 0, []
+        name, dtype, slices = b"", 0, []
+        shape: tuple[int, ...] = ()
         for number, wire, start, stop in _fields(buf, pos, end, where):
             if number == 1 and wire == 2:
                 name = buf[start:stop]
@@ -265,6 +266,15 @@ class V1Reader:
             return stored != 0
         # int_val/int64_val hold sign-extended 64-bit values: wrap to the target width as TensorFlow's cast does.
         return stored.view(np.int64).astype(dtype)
+
+    def stored_bytes(self, name: str) -> int:
+        """The bytes of the records holding a tensor's slices (its values as V1 encodes them)."""
+        t = self.tensors[name]
+        total = 0
+        for s, i in t.slices:
+            value = self._tables[i].get(encode_slice_key(name.encode("utf-8"), s))
+            total += len(value) if value is not None else 0
+        return total
 
     def close(self) -> None:
         """Drop the tables read (the files were read whole; nothing stays open)."""
