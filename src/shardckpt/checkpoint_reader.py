@@ -167,12 +167,16 @@ class CheckpointReader:
         """The whole tensor (partitioned ones assembled), CRC32C checked; a 0-d tensor as a numpy scalar or
         ``bytes``.  Raises `TensorNotFoundError` naming the closest names, `UnsupportedDTypeError` for
         DT_VARIANT or DT_RESOURCE entries."""
+        return _scalar(self.get_array(name))
+
+    def get_array(self, name: str) -> np.ndarray:
+        """`get_tensor`, but always an array (0-d for a scalar), for code that wants numpy arrays throughout."""
         if self._v1 is not None:
             if name not in self._v1.tensors:
                 raise self._missing(name)
-            return _scalar(self._v1.read(name))
+            return self._v1.read(name)
         assert self._bundle is not None
-        return _scalar(self._bundle.read(name))
+        return self._bundle.read(name)
 
     def get_slice(self, name: str, shape_and_slice: str) -> np.ndarray:
         """A slice as RestoreV2 takes it, e.g. ``"4 6 0,2:-"`` (always an array)."""
