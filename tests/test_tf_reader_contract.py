@@ -526,3 +526,42 @@ def test_no_checkpoint_at_all_is_not_found(tmp_path: Path) -> None:
     with pytest.raises(CheckpointNotFoundError):
         sc.load_checkpoint(str(tmp_path / "nothing-?????-of-00002"))
     assert not os.listdir(tmp_path)
+
+
+def test_a_resource_entry_is_listed_inspected_verified_and_merged_but_not_read(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """TensorFlow 2.21 cannot save a DT_RESOURCE tensor (SaveV2 CHECK-fails); a crafted one is kept as bytes."""
+    from shardckpt.format.coding import crc32c, mask_crc
+    from shardckpt.format.files import data_filename, index_filename
+    from shardckpt.format.protos import BundleEntry, BundleHeader
+    from shardckpt.format.writer import build_index
+
+    prefix = tmp_path / "r"
+    w = np.arange(3, dtype=np.float32).tobytes()
+    blob = b"\x01\x02\x03\x04\x05"
+    Path(data_filename(str(prefix), 0, 1)).write_bytes(w + blob)
+    Path(index_filename(str(prefix))).write_bytes(build_index(BundleHeader(), {
+        b"w": BundleEntry(dtype=1, shape=(3,), size=12, crc32c=mask_crc(crc32c(w))),
+        b"handle": BundleEntry(dtype=20, shape=(), offset=12, size=5, crc32c=mask_crc(crc32c(blob)))}))
+    reader = sc.load_checkpoint(prefix)
+    assert sc.list_variables(prefix) == [("handle", []), ("w", [3])]
+    assert reader.get_variable_to_dtype_map()["handle"] is sc.DataType.RESOURCE
+    assert reader.debug_string() == b"handle (DT_RESOURCE) []\nw (DT_FLOAT) [3]\n"
+    with pytest.raises(UnsupportedDTypeError, match="handle.*DT_RESOURCE"):
+        reader.get_tensor("handle")
+    assert reader.bundle.read_raw("handle") == blob
+    assert main(["inspect", str(prefix)]) == 0 and "DT_RESOURCE" in capsys.readouterr().out
+    assert main(["verify", "-q", str(prefix)]) == 0
+    capsys.readouterr()
+    sc.merge_bundles([str(prefix)], str(tmp_path / "m"))
+    assert sc.BundleReader(tmp_path / "m").read_raw("handle") == blob
+
+
+def test_diff_and_convert_take_a_v1_checkpoint(records: dict[str, Any], tmp_path: Path) -> None:
+    path = records["v1"]["path"]
+    report = diff_tensors(path, Path(path).parent)
+    assert report.identical and len(report.tensors) == 9
+    out = checkpoint_to_safetensors(path, tmp_path / "v1.safetensors", skip_unsupported=True)
+    assert sorted(n for n, _ in out.skipped) == ["ss", "st"]
+    back = diff_tensors(path, tmp_path / "v1.safetensors")
+    assert back.only_in_a == ["ss", "st"] and all(t.equal for t in back.tensors)

@@ -15,7 +15,7 @@ import re
 
 import numpy as np
 
-from .errors import CheckpointNotFoundError, InvalidArgumentError, TensorNotFoundError
+from .errors import CheckpointNotFoundError, InvalidArgumentError, TensorNotFoundError, UnsupportedDTypeError
 from .format.dtypes import DataType, to_numpy
 from .format.reader import OPAQUE, BundleReader, close_matches, not_found_message
 from .format.slices import encode_slice_key, parse_shape_and_slice
@@ -136,7 +136,10 @@ class CheckpointReader:
         dtype exists.  TensorFlow returns ``tf.DType`` objects: ``tf.as_dtype`` takes either."""
         out: dict[str, np.dtype | DataType] = {}
         for name, code in self._maps()[1].items():
-            out[name] = _dtype(code)
+            try:
+                out[name] = _dtype(code)
+            except UnsupportedDTypeError as exc:
+                raise UnsupportedDTypeError(f"{self.prefix}: tensor {name}: {exc}") from None
         return out
 
     def get_variable_to_datatype_map(self) -> dict[str, DataType | int]:
