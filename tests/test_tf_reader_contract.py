@@ -565,3 +565,12 @@ def test_diff_and_convert_take_a_v1_checkpoint(records: dict[str, Any], tmp_path
     assert sorted(n for n, _ in out.skipped) == ["ss", "st"]
     back = diff_tensors(path, tmp_path / "v1.safetensors")
     assert back.only_in_a == ["ss", "st"] and all(t.equal for t in back.tensors)
+
+
+def test_closest_names_among_many_find_a_typo_at_either_end_or_inside() -> None:
+    from shardckpt.format.reader import close_matches
+
+    names = [f"layer_{i}/dense/kernel" for i in range(20000)] + [f"layer_{i}/bias" for i in range(20000)]
+    assert close_matches("layer_5000/dense/kernal", names)[0] == "layer_5000/dense/kernel"
+    assert close_matches("layr_17/bias", names)[0] == "layer_17/bias"
+    assert close_matches("layer_123/dnse/kernel", names)[0] == "layer_123/dense/kernel"
