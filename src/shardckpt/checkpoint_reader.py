@@ -60,7 +60,7 @@ def checkpoint_state(directory: str | os.PathLike[str]) -> tuple[str | None, lis
 
 def checkpoint_exists(prefix: str) -> bool:
     """Whether a V2 checkpoint (``prefix.index``) or V1 checkpoint files (``prefix``, maybe a pattern) exist."""
-    return os.path.isfile(prefix + ".index") or is_v1_checkpoint(prefix)
+    return os.path.exists(prefix + ".index") or is_v1_checkpoint(prefix)
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> str | None:

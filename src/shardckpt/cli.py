@@ -59,7 +59,7 @@ def _describe_v1(prefix: str) -> list[dict[str, object]]:
 
     reader = V1Reader(prefix)
     return [{"name": name, "dtype": tf_dtype_name(t.dtype), "shape": list(t.shape),
-             "slices": [str(s) for s, _ in t.slices] if len(t.slices) > 1 else [],
+             "slices": [] if len(t.slices) == 1 and t.slices[0][0].covers(t.shape) else [str(s) for s, _ in t.slices],
              "bytes": reader.stored_bytes(name),
              "data_files": sorted({os.path.basename(reader.files[i]) for _, i in t.slices})}
             for name, t in sorted(reader.tensors.items())]
