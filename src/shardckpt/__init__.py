@@ -1,6 +1,6 @@
 """shardckpt: save and restore sharded tensors from many processes, in TensorFlow's V2 checkpoint format."""
 
-from .checkpoint_reader import CheckpointReader, latest_checkpoint, list_variables, load_checkpoint
+from .checkpoint_reader import CheckpointReader, latest_checkpoint, list_variables, load_checkpoint, load_variable
 from .coordination import Coordinator, LocalGroup
 from .dtensor import DTensor, pack, unpack
 from .errors import (
@@ -84,5 +84,6 @@ __all__ = [
     "latest_checkpoint",
     "list_variables",
     "load_checkpoint",
+    "load_variable",
     "merge_bundles",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -29,8 +30,47 @@ def _human(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def _target(path: str) -> tuple[str, dict[str, object]]:
+    """The checkpoint a command-line argument names, and (for a directory with a TensorFlow ``checkpoint``
+    state file) the checkpoints that file lists: ``{"directory", "checkpoints": [{prefix, exists, latest}]}``."""
+    from .checkpoint_reader import checkpoint_exists, checkpoint_state, resolve_checkpoint
+
+    prefix = resolve_checkpoint(path)
+    if prefix == path:
+        return prefix, {}
+    model, paths = checkpoint_state(path)
+    if model is not None and model not in paths:
+        paths.append(model)
+    listed = [{"prefix": p, "exists": checkpoint_exists(p), "latest": p == prefix} for p in paths]
+    return prefix, {"directory": path, "checkpoints": listed}
+
+
+def _print_listing(listing: dict[str, object]) -> None:
+    if listing:
+        print(f"checkpoints in {listing['directory']} (its 'checkpoint' state file):")
+        for c in listing["checkpoints"]:  # type: ignore[attr-defined]
+            mark = " (latest, inspected below)" if c["latest"] else ("" if c["exists"] else " (missing)")
+            print(f"  {c['prefix']}{mark}")
+
+
+def _describe_v1(prefix: str) -> list[dict[str, object]]:
+    from .checkpoint_reader import tf_dtype_name
+    from .format.v1 import V1Reader
+
+    reader = V1Reader(prefix)
+    return [{"name": name, "dtype": tf_dtype_name(t.dtype), "shape": list(t.shape),
+             "slices": [] if len(t.slices) == 1 and t.slices[0][0].covers(t.shape) else [str(s) for s, _ in t.slices],
+             "bytes": reader.stored_bytes(name),
+             "data_files": sorted({os.path.basename(reader.files[i]) for _, i in t.slices})}
+            for name, t in sorted(reader.tensors.items())]
+
+
 def describe(prefix: str) -> list[dict[str, object]]:
     """One record per tensor: name, dtype, shape, slices, bytes and the data files holding it."""
+    from .format.v1 import is_v1_checkpoint
+
+    if not os.path.exists(prefix + ".index") and is_v1_checkpoint(prefix):
+        return _describe_v1(prefix)
     rows = []
     with BundleReader(prefix) as reader:
         num_shards = reader.header.num_shards
@@ -62,10 +102,12 @@ def _print_json(document: object) -> None:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``shardckpt inspect``: print one row per tensor (or a JSON report); exit status 0."""
-    rows = describe(args.prefix)
+    prefix, listing = _target(args.prefix)
+    rows = describe(prefix)
     if args.json:
-        _print_json({"prefix": args.prefix, "tensors": rows})
+        _print_json({"prefix": prefix, **listing, "tensors": rows})
         return 0
+    _print_listing(listing)
     header = ("name", "dtype", "shape", "slices", "bytes", "data file")
     table = [
         (
@@ -82,7 +124,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     for row in [header, tuple("-" * w for w in widths), *table]:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
     total = sum(int(r["bytes"]) for r in rows)  # type: ignore[call-overload]
-    print(f"{len(rows)} tensors, {_human(total)} in {args.prefix}")
+    print(f"{len(rows)} tensors, {_human(total)} in {prefix}")
     return 0
 
 
@@ -91,6 +133,17 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
     from tqdm import tqdm
 
     problems: list[str] = []
+    from .format.v1 import V1Reader, is_v1_checkpoint
+
+    if not os.path.exists(prefix + ".index") and is_v1_checkpoint(prefix):
+        # A V1 file is one table: opening it checks every block's CRC, reading a tensor decodes its records.
+        v1 = V1Reader(prefix)
+        for name in v1.names():
+            try:
+                v1.read(name)
+            except CheckpointError as exc:
+                problems.append(str(exc))
+        return len(v1.tensors), sum(os.path.getsize(f) for f in v1.files), problems
     # Mapped, not copied: the CRC reads the page cache in place and nothing is kept.
     with BundleReader(prefix, mmap=True) as reader:
         items = list(reader.entries())  # walks and checks every index block
@@ -106,7 +159,7 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
                   desc="verify", file=sys.stderr) as bar:
             for p in pieces:
                 try:
-                    reader.read_stored(p)
+                    reader.check_stored(p)  # DT_VARIANT too, as its stored bytes
                 except CheckpointError as exc:
                     problems.append(str(exc))
                 done += p.entry.size
@@ -117,6 +170,7 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
 def cmd_verify(args: argparse.Namespace) -> int:
     """``shardckpt verify``: check every checksum; exit status 0 when all match, 1 otherwise."""
     start = time.perf_counter()
+    args.prefix, _ = _target(args.prefix)  # a directory: its latest checkpoint
     count, nbytes, problems = verify_checkpoint(args.prefix, progress=None if not args.quiet else False)
     for problem in ([] if args.json else problems):
         print(f"FAIL: {problem}")
@@ -291,14 +345,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("inspect", help="list the tensors of a checkpoint",
                        description="List every tensor: name, dtype, shape, slices, bytes and data file.")
-    p.add_argument("prefix", help="checkpoint prefix (the path without .index)")
+    p.add_argument("prefix", help="checkpoint prefix (the path without .index), a V1 checkpoint file, or a "
+                   "directory with a 'checkpoint' state file (its checkpoints are listed, the latest inspected)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("verify", help="check every checksum of a checkpoint",
                        description="Read every index block and every tensor and check their CRC32C. "
                        "Exit status 0 when all match, 1 otherwise.")
-    p.add_argument("prefix", help="checkpoint prefix (the path without .index)")
+    p.add_argument("prefix", help="checkpoint prefix (the path without .index), a V1 checkpoint file, or a "
+                   "directory with a 'checkpoint' state file (its latest checkpoint)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="machine-readable result (exit status as without it)")
     p.set_defaults(func=cmd_verify)

@@ -183,6 +183,18 @@ class CheckpointSource(TensorSource):
 
     def tensors(self) -> dict[str, TensorInfo]:
         """Every tensor by name in key order (not per-slice keys); variant and resource are listed but unreadable."""
+        if self._infos is None and self._reader.format_version == 1:  # a V1 checkpoint: by name
+            datatypes = self._reader.get_variable_to_datatype_map()
+            self._infos = {}
+            for name, shape in sorted(self._reader.get_variable_to_shape_map().items()):
+                code = int(datatypes[name])
+                try:
+                    np_dtype: np.dtype | None = to_numpy(code)
+                except UnsupportedDTypeError:
+                    np_dtype = None
+                count = int(np.prod(shape, dtype=object)) if shape else 1
+                nbytes = count * (np_dtype.itemsize if np_dtype is not None and code != DataType.STRING else 1)
+                self._infos[name] = TensorInfo(name, _tf_label(code), tuple(shape), nbytes, np_dtype, code)
         if self._infos is None:
             bundle = self._reader.bundle
             infos: dict[str, TensorInfo] = {}
@@ -196,7 +208,7 @@ class CheckpointSource(TensorSource):
                 name = key.decode("utf-8", "surrogateescape")
                 try:
                     entry = bundle.entry(key)
-                    np_dtype: np.dtype | None = to_numpy(entry.dtype)
+                    np_dtype = to_numpy(entry.dtype)
                     nbytes = sum(p.entry.size for p in bundle.stored_slices(key, entry))
                 except UnsupportedDTypeError:  # variant, resource: listed, never read
                     entry, np_dtype, nbytes = raw, None, raw.size
@@ -207,7 +219,20 @@ class CheckpointSource(TensorSource):
 
     def read(self, name: str) -> np.ndarray:
         """One whole tensor (partitioned ones assembled); raises `TensorNotFoundError` for an unknown name."""
+        if self._reader.format_version == 1:
+            return self._reader.get_array(name)
         return self._reader.bundle.read(name_bytes(name))
+
+    def read_raw(self, name: str) -> bytes | None:
+        """The stored bytes of an unpartitioned tensor, CRC32C checked (how DT_VARIANT tensors are compared);
+        None for a partitioned one."""
+        if self._reader.format_version == 1:
+            return None  # V1 has no opaque types
+        bundle = self._reader.bundle
+        key = name_bytes(name)
+        if bundle.entry(key).slices:
+            return None
+        return bundle.read_raw(key)
 
     def close(self) -> None:
         """Close the checkpoint's data files."""

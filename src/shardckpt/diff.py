@@ -170,7 +170,16 @@ def diff_tensors(a: str | os.PathLike[str], b: str | os.PathLike[str], *, atol: 
             if ia.shape != ib.shape:
                 notes.append("shapes differ")
             readable = ia.numpy_dtype is not None and ib.numpy_dtype is not None
-            if not readable:
+            raw_a = getattr(src_a, "read_raw", None) if not readable and ia.tf_dtype == ib.tf_dtype else None
+            raw_b = getattr(src_b, "read_raw", None) if raw_a is not None else None
+            if raw_a is not None and raw_b is not None and ia.shape == ib.shape:  # DT_VARIANT: the stored bytes
+                ba, bb = raw_a(name), raw_b(name)
+                if ba is None or bb is None:
+                    notes.append("cannot be read")
+                else:
+                    d.equal = ba == bb
+                    notes.append("stored bytes " + ("identical" if d.equal else "differ"))
+            elif not readable:
                 notes.append("cannot be read")
             elif ia.shape == ib.shape and (ia.dtype == ib.dtype or (_numeric(ia) and _numeric(ib))):
                 va, vb = src_a.read(name), src_b.read(name)

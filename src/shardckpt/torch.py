@@ -498,7 +498,7 @@ def read_state_dict(prefix: str | os.PathLike[str], *, nested: bool = True) -> d
     with load_checkpoint(prefix) as reader:
         dtypes = reader.get_variable_to_dtype_map()
         for name in sorted(reader.get_variable_to_shape_map()):
-            arr = reader.get_tensor(name)
+            arr = reader.get_array(name)  # 0-d arrays, not the numpy scalars get_tensor gives
             torch_dtype = next((t for t, (_, npd) in _VIEWED.items() if npd == dtypes[name]), None)
             if arr.dtype == object:
                 raise UnsupportedDTypeError(f"{prefix}: {name} holds strings, which torch cannot represent")

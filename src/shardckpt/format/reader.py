@@ -10,10 +10,13 @@ and cover the request, so the output is never larger than bytes that exist.
 
 from __future__ import annotations
 
+import bisect
+import difflib
 import math
 import os
+import struct
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -30,13 +33,14 @@ from ..errors import (
     ShapeMismatchError,
     TensorNotFoundError,
     TruncatedFileError,
+    UnsupportedDTypeError,
 )
 from ..storage import Identity, RandomAccess, identity, open_random, read_small
 from . import chunks, strings
 from .buffers import IOV_MAX, byte_views
 from .chunks import ChunkTable, combine_chunks, sidecar_filename
-from .coding import crc32c, unmask_crc
-from .dtypes import DataType, to_numpy
+from .coding import crc32c, decode_varint, unmask_crc
+from .dtypes import DataType, datatype_name, to_numpy
 from .files import data_filename, index_filename, normalize_prefix
 from .protos import BIG_ENDIAN, BundleEntry, BundleHeader, decode_entry, decode_header
 from .slices import (
@@ -107,6 +111,10 @@ def _itemsizes() -> dict[int, int]:
 
 
 _ITEMSIZE = _itemsizes()
+
+# Types whose elements are objects of the writing process (a dataset iterator's state, a resource handle):
+# listed, verified and copied as stored bytes, never turned into arrays.
+OPAQUE = frozenset({int(DataType.VARIANT), int(DataType.RESOURCE)})
 
 
 class _Where:
@@ -242,7 +250,7 @@ class BundleReader:
         key = _as_key(name)
         value = self._get(key) if key else None  # key "" is the header, not a tensor
         if value is None:
-            raise TensorNotFoundError(f"Key {_label(key)} not found in checkpoint {self.prefix}")
+            raise self._not_found(key)
         return self._validate(key, self._decode(key, value))
 
     def entries_of(self, keys: Sequence[bytes]) -> list[BundleEntry]:
@@ -255,7 +263,7 @@ class BundleReader:
         for key in keys:
             value = (values.get(key) if values is not None else self._get(key)) if key else None
             if value is None:
-                raise TensorNotFoundError(f"Key {_label(key)} not found in checkpoint {self.prefix}")
+                raise self._not_found(key)
             try:
                 entry = decode(value)
             except CorruptCheckpointError as exc:
@@ -263,6 +271,11 @@ class BundleReader:
                     f"{self.prefix}: tensor {_label(key)} in {self.index_path}: {exc}") from None
             append(validate(key, entry))
         return out
+
+    def _not_found(self, key: bytes) -> TensorNotFoundError:
+        """TensorFlow's message, with the closest names the checkpoint does hold (one pass over the index)."""
+        names = (_label(k) for k, _ in self._table if k and k[0] != 0)
+        return TensorNotFoundError(not_found_message(_label(key), self.prefix, close_matches(_label(key), names)))
 
     def _decode(self, key: bytes, value: bytes) -> BundleEntry:
         try:
@@ -282,8 +295,9 @@ class BundleReader:
 
     def _validate_fully(self, key: bytes, e: BundleEntry) -> BundleEntry:
         where = _Where(self.prefix, key)
+        opaque = e.dtype in OPAQUE
         try:
-            dtype = to_numpy(e.dtype)
+            dtype = np.dtype(np.uint8) if opaque else to_numpy(e.dtype)
         except CheckpointError as exc:
             raise type(exc)(f"{where}: {exc}") from None
         if e.shape and min(e.shape) < 0:
@@ -305,7 +319,9 @@ class BundleReader:
                 f"{where}: bad location shard={e.shard_id} offset={e.offset} size={e.size} "
                 f"(bundle has {self.header.num_shards} shards)"
             )
-        if e.dtype == DataType.STRING:
+        if opaque:  # listed and copied as bytes, never decoded: only their place in the data file matters
+            pass
+        elif e.dtype == DataType.STRING:
             if count > e.size:
                 raise CorruptCheckpointError(f"{where}: {count} strings cannot fit in {e.size} bytes")
         elif e.size != count * dtype.itemsize:
@@ -427,6 +443,8 @@ class BundleReader:
         return np.frombuffer(mapping, np.uint8, nbytes, at).view(dtype).reshape(shape)
 
     def _read_whole(self, key: bytes, e: BundleEntry, verify: Verify, out: np.ndarray | None = None) -> np.ndarray:
+        if e.dtype in OPAQUE:
+            raise self._refuse_opaque(key, e)
         f = self._locate(key, e)
         where = f"{self.prefix}: tensor {_label(key)} in {f.path}"
         dtype = to_numpy(e.dtype)
@@ -612,7 +630,7 @@ class BundleReader:
         for i, (key, e) in enumerate(items):
             if e.slices:
                 raise InvalidArgumentError(f"{self.prefix}: tensor {_label(key)} is partitioned; read it whole")
-            if e.dtype == DataType.STRING or e.size >= _BULK_MAX:
+            if e.dtype == DataType.STRING or e.dtype in OPAQUE or e.size >= _BULK_MAX:
                 out[i] = self._read_whole(key, e, verify)
             else:
                 bulk.append((e.shard_id, e.offset, i))
@@ -671,6 +689,57 @@ class BundleReader:
             at = stop
         return out  # type: ignore[return-value]
 
+    def _refuse_opaque(self, key: bytes, e: BundleEntry) -> UnsupportedDTypeError:
+        path = data_filename(self.prefix, e.shard_id, self.header.num_shards)
+        return UnsupportedDTypeError(
+            f"{self.prefix}: tensor {_label(key)} in {path} is {datatype_name(e.dtype)} (shape {list(e.shape)}, "
+            f"{e.size} bytes): its elements are TensorFlow objects, not numbers, so it cannot be read as an "
+            "array; it is listed, verified and copied as stored bytes (`read_raw`)"
+        )
+
+    def read_raw(self, name: str | bytes, *, verify: bool = True) -> bytes:
+        """The stored bytes of an unpartitioned entry of any dtype (DT_VARIANT too), as they sit in its data file.
+
+        With ``verify``, checked against the entry's CRC32C as TensorFlow computes it: over the bytes for
+        fixed-size types, the DT_STRING layout's own rule, and for DT_VARIANT over each element's length as
+        8 little-endian bytes, its serialized bytes and its 4-byte element checksum (so the elements are
+        walked, and one running past the entry or an element count that differs from the shape is
+        `CorruptCheckpointError`).  DT_RESOURCE entries, which TensorFlow never writes, are not checked.
+        """
+        key = _as_key(name)
+        e = self.entry(key)
+        if e.slices:
+            raise InvalidArgumentError(f"{self.prefix}: tensor {_label(key)} is partitioned; read its stored "
+                                       "slices (`stored_slices`) one by one")
+        return self._raw(key, e, verify)
+
+    def _raw(self, key: bytes, e: BundleEntry, verify: bool) -> bytes:
+        f = self._locate(key, e)
+        buf = bytearray(e.size)
+        if e.size:
+            f.read_into([memoryview(buf)], e.offset)
+        data = bytes(buf)
+        if not verify or e.dtype == DataType.RESOURCE:
+            return data
+        where = f"{self.prefix}: tensor {_label(key)} in {f.path}"
+        if e.dtype == DataType.VARIANT:
+            crc = variant_crc(data, math.prod(e.shape), where)
+        elif e.dtype == DataType.STRING:
+            strings.decode(data, math.prod(e.shape), where, unmask_crc(e.crc32c))
+            return data
+        else:
+            crc = crc32c(data)
+        if crc != unmask_crc(e.crc32c):
+            raise _crc_error(where, e, crc)
+        return data
+
+    def check_stored(self, piece: StoredSlice) -> None:
+        """Read one stored piece and check its CRC32C (DT_VARIANT and DT_RESOURCE as stored bytes, `read_raw`)."""
+        if piece.entry.dtype in OPAQUE:
+            self._raw(piece.key, piece.entry, True)
+        else:
+            self._read_whole(piece.key, piece.entry, True)
+
     def read_stored(self, piece: StoredSlice, *, verify: Verify = True) -> np.ndarray:
         """The bytes of one stored piece as an array (CRC32C checked when ``verify``)."""
         return self._read_whole(piece.key, piece.entry, verify)
@@ -723,6 +792,8 @@ class BundleReader:
                 )
         if out is not None:
             want = tuple(hi - lo for lo, hi in box)
+            if e.dtype in OPAQUE:
+                raise self._refuse_opaque(key, e)
             if tuple(out.shape) != want or out.dtype != to_numpy(e.dtype):
                 raise ShapeMismatchError(
                     f"{self.prefix}: tensor {_label(key)}: the output array is {out.dtype}{list(out.shape)}, "
@@ -736,6 +807,8 @@ class BundleReader:
         # for 0 elements (TF accepts both).  Every array below has the shape of the request or of a
         # stored piece it reads, so those are checked, not the full shape: TF reads a small slice of a
         # tensor whose full size would not fit in int64 bytes.
+        if e.dtype in OPAQUE:
+            raise self._refuse_opaque(key, e)
         itemsize = to_numpy(e.dtype).itemsize
         shape = tuple(hi - lo for lo, hi in bounds)
         if len(e.shape) > _NPY_MAXDIMS or not _numpy_can_hold(shape, itemsize):
@@ -801,6 +874,33 @@ class BundleReader:
             pass
 
 
+_CLOSE_WINDOW = 300
+
+
+def close_matches(name: str, names: Iterable[str], n: int = 3) -> list[str]:
+    """Up to ``n`` of ``names`` closest to ``name`` (``difflib.get_close_matches``), best first.
+
+    difflib costs tens of microseconds a name, seconds for 100,000; so from a large checkpoint only the
+    names next to ``name`` in sorted order and in sorted order of reversed names (those sharing the
+    longest prefix or suffix with it, where a typo's neighbours are) are compared.
+    """
+    pool = sorted(set(names))
+    if len(pool) > 4 * _CLOSE_WINDOW:
+        at = bisect.bisect_left(pool, name)
+        near = pool[max(0, at - _CLOSE_WINDOW) : at + _CLOSE_WINDOW]
+        backwards = sorted(p[::-1] for p in pool)
+        at = bisect.bisect_left(backwards, name[::-1])
+        near += [p[::-1] for p in backwards[max(0, at - _CLOSE_WINDOW) : at + _CLOSE_WINDOW]]
+        pool = sorted(set(near))
+    return difflib.get_close_matches(name, pool, n=n)
+
+
+def not_found_message(name: str, prefix: str, close: Sequence[str]) -> str:
+    """TensorFlow's "Key ... not found in checkpoint" message, naming the checkpoint and the closest names."""
+    hint = f"; closest names: {', '.join(close)}" if close else ""
+    return f"Key {name} not found in checkpoint {prefix}{hint}"
+
+
 def _numpy_can_hold(shape: Sequence[int], itemsize: int) -> bool:
     """numpy's own limit: the product of the non-zero dims times the item size must fit in intp."""
     nbytes = itemsize
@@ -845,3 +945,27 @@ def _check_cover(prefix: str, key: bytes, want: Bounds, boxes: list[Bounds]) -> 
             f"{prefix}: does not have sufficient slices for partitioned tensor {_label(key)} to read "
             f"{TensorSlice.from_bounds(want)}; stored slices overlapping it: {have}{more}"
         )
+
+
+def variant_crc(data: bytes, count: int, where: str) -> int:
+    """The CRC32C TensorFlow records for a DT_VARIANT entry of ``count`` elements stored as ``data``.
+
+    Each element is stored as a varint length, that many bytes of its serialized ``VariantTensorDataProto``
+    and a 4-byte checksum; the entry's CRC covers, per element, the length as a little-endian uint64 (not
+    the varint), the bytes and the checksum.  Every length is checked against the bytes that remain.
+    """
+    crc, pos, end = 0, 0, len(data)
+    for i in range(count):
+        n, body = decode_varint(data, pos, end, f"{where}: DT_VARIANT element {i}")
+        if n > end - body - 4:
+            raise CorruptCheckpointError(
+                f"{where}: DT_VARIANT element {i} of {n} bytes at offset {pos} runs past the entry's {end} bytes")
+        crc = crc32c(data[body : body + n + 4], crc32c(_U64.pack(n), crc))
+        pos = body + n + 4
+    if pos != end:
+        raise CorruptCheckpointError(
+            f"{where}: {count} DT_VARIANT elements take {pos} of the entry's {end} bytes")
+    return crc
+
+
+_U64 = struct.Struct("<Q")
