@@ -87,6 +87,40 @@ def test_table_built_in_one_pass_is_byte_identical():
         TableBuilder().add_sorted([(b"b", b""), (b"a", b"")])
 
 
+def test_table_built_a_window_at_a_time_is_byte_identical(monkeypatch):
+    # The numpy window path: short keys and values (one-byte lengths), restarts and block ends inside and
+    # across windows, a builder already part-way through a block, and windows the scalar path must take.
+    from shardckpt.format import table as table_module
+
+    rng = random.Random(12)
+    for trial in range(120):
+        monkeypatch.setattr(table_module, "_WINDOW", rng.choice([1, 7, 16, 100, 16384]))
+        prefix = bytes(rng.choice(b"\x00ab") for _ in range(rng.choice([0, 5, 40])))
+        keys = sorted({prefix + bytes(rng.choice(b"\x00\x01ab\xff") for _ in range(rng.randint(0, 9)))
+                       for _ in range(rng.choice([1, 15, 16, 17, 400, 3000]))} - {b""})
+        long_at = rng.choice([None, 0, len(keys) // 2])
+        pairs = [(k, bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 20, 127]))) if i != long_at
+                  else b"v" * 128) for i, k in enumerate(keys)]
+        split = rng.randint(0, len(pairs))
+        size = rng.choice([32, 300, 4096, 262144])
+        one, many = TableBuilder(size), TableBuilder(size)
+        header = b"h" * rng.choice([1, 20])
+        for builder in (one, many):
+            builder.add(b"", header)
+        for k, v in pairs:
+            one.add(k, v)
+        for k, v in pairs[:split]:  # part-way through a block, with its restart counter anywhere
+            many.add(k, v)
+        many.add_sorted(pairs[split:])
+        assert one.finish() == many.finish(), trial
+    with pytest.raises(ValueError, match="out of order"):
+        TableBuilder().add_sorted([(b"a", b""), (b"c", b""), (b"b", b"")])
+    builder = TableBuilder()
+    builder.add(b"m", b"")
+    with pytest.raises(ValueError, match="out of order"):
+        builder.add_sorted([(b"a", b"")])
+
+
 def _mixed() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(5)
     out: dict[str, np.ndarray] = {}

@@ -23,9 +23,12 @@ its own (with `Block`'s rules, keys strictly increase across the whole table).
 from __future__ import annotations
 
 import bisect
+import operator
 import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+
+import numpy as np
 
 from ..errors import ChecksumMismatchError, CorruptCheckpointError, TruncatedFileError
 from .block import Block, BlockBuilder
@@ -75,6 +78,9 @@ def short_successor(key: bytes) -> bytes:
 
 
 _SMALL_HEADS = [[bytes((a, b)) for b in range(128)] for a in range(128)]
+_ONE_BYTE = [bytes((i,)) for i in range(128)]
+_FLAT_HEADS = [head for row in _SMALL_HEADS for head in row]  # shared * 128 + non_shared -> the two bytes
+_WINDOW = 16384  # entries add_sorted encodes per numpy pass (a window's key matrix stays a few MiB)
 
 
 def _trailer(block: bytes, kind: int) -> bytes:
@@ -113,8 +119,82 @@ class TableBuilder:
             self._flush()
 
     def add_sorted(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
-        """`add` for many entries at once, the same bytes; a data block's entry is encoded inline (an index of
-        100,000 tensors spends most of its time here)."""
+        """`add` for many entries at once, the same bytes (a million-key index spends most of its time here).
+
+        Runs of entries whose keys and values are all shorter than 128 bytes (one-byte varints: every index
+        entry of a sharded save) are encoded a window at a time with numpy: shared prefixes, restart points
+        and block ends computed as arrays, the block's pieces placed by list slicing.  Anything else goes
+        through `_add_scalar`, which is `add` inlined."""
+        pairs = pairs if isinstance(pairs, list) else list(pairs)
+        self.add_sorted_columns([k for k, _ in pairs], [v for _, v in pairs])
+
+    def add_sorted_columns(self, keys: list[bytes], values: list[bytes]) -> None:
+        """`add_sorted` of ``zip(keys, values)``, for a caller that has the two lists already."""
+        for start in range(0, len(keys), _WINDOW):
+            ks, vs = keys[start : start + _WINDOW], values[start : start + _WINDOW]
+            if not self._add_window(ks, vs):
+                self._add_scalar(zip(ks, vs))
+
+    def _add_window(self, keys: list[bytes], values: list[bytes]) -> bool:
+        """Add the entries with array arithmetic; False (nothing added) when they need `_add_scalar`."""
+        m = len(keys)
+        if not m:
+            return True
+        nk = np.fromiter(map(len, keys), np.int64, m)
+        nv = np.fromiter(map(len, values), np.int64, m)
+        if (int(nk.max()) >= 128 or int(nv.max()) >= 128 or int((nk + nv).max()) >= 2 * self._block_size
+                or self._data._interval != DATA_RESTART_INTERVAL):
+            return False  # multi-byte lengths, or an entry that gets a block of its own
+        if self._num_entries and not keys[0] > self._last_key or not all(map(operator.lt, keys, keys[1:])):
+            return False  # out of order: `_add_scalar` raises the error naming the pair
+        data = self._data
+        interval, block_size = data._interval, self._block_size
+        # Shared prefix of each key with the one before it (the block's last key for the first), by comparing
+        # the keys as rows of a zero-padded byte matrix; padding never counts, as lengths cap the result.
+        prev = data._last_key
+        width = max(int(nk.max()), len(prev), 1)
+        rows = np.frombuffer(b"".join(k.ljust(width, b"\0") for k in [prev, *keys]), np.uint8).reshape(m + 1, width)
+        differ = rows[1:] != rows[:-1]
+        first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
+        lengths = np.concatenate(([len(prev)], nk))
+        shared_all = np.minimum(first, np.minimum(lengths[:-1], lengths[1:]))
+        pos = 0
+        while pos < m:
+            if self._pending is not None:
+                self._index.add(shortest_separator(self._last_key, keys[pos]), self._pending.encode())
+                self._pending = None
+            size0, counter0 = data._size, data._counter
+            k = np.arange(m - pos)
+            lead = interval - counter0  # the first entry that restarts (its counter reaches the interval)
+            restart = (k >= lead) & ((k - lead) % interval == 0)
+            shared = np.where(restart, 0, shared_all[pos:])
+            if size0 == 0:
+                shared[0] = 0
+            esize = 3 + nk[pos:] - shared + nv[pos:]
+            cum = size0 + np.cumsum(esize)
+            full = cum + 4 * (len(data._restarts) + np.cumsum(restart)) + 4 >= block_size
+            end = int(full.argmax()) + 1 if full.any() else m - pos
+            shared, restart = shared[:end], restart[:end]
+            non_shared = nk[pos : pos + end] - shared
+            parts: list[bytes] = [b""] * (4 * end)
+            parts[0::4] = list(map(_FLAT_HEADS.__getitem__, (shared * 128 + non_shared).tolist()))
+            parts[1::4] = list(map(_ONE_BYTE.__getitem__, nv[pos : pos + end].tolist()))
+            parts[2::4] = [key[s:] if s else key for key, s in zip(keys[pos : pos + end], shared.tolist())]
+            parts[3::4] = values[pos : pos + end]
+            data._parts += parts
+            data._restarts += (cum[:end] - esize[:end])[restart].tolist()
+            data._size = int(cum[end - 1])
+            hits = np.flatnonzero(restart)
+            data._counter = end - int(hits[-1]) if hits.size else counter0 + end
+            data._last_key = self._last_key = keys[pos + end - 1]
+            self._num_entries += end
+            pos += end
+            if data._size + 4 * len(data._restarts) + 4 >= block_size:
+                self._flush()
+        return True
+
+    def _add_scalar(self, pairs: Iterable[tuple[bytes, bytes]]) -> None:
+        """`add` inlined (the entry of a data block encoded in place), for entries `_add_window` cannot take."""
         data = self._data
         interval, block_size = data._interval, self._block_size
         small = _SMALL_HEADS

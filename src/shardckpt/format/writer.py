@@ -189,8 +189,10 @@ def build_index(header: BundleHeader, entries: Mapping[bytes, BundleEntry | byte
     """
     table = TableBuilder()
     table.add(b"", encode_header(header))
-    table.add_sorted([(key, entry if isinstance(entry, bytes) else encode_entry(entry))
-                      for key, entry in sorted(entries.items())])
+    keys = sorted(entries)
+    given = list(map(entries.__getitem__, keys))
+    values = [v if isinstance(v, bytes) else encode_entry(v) for v in given]
+    table.add_sorted_columns(keys, values)
     return table.finish()
 
 
