@@ -521,3 +521,12 @@ def read_state_dict(prefix: str | os.PathLike[str], *, nested: bool = True) -> d
             node[last] = tensor
     return out
 
+
+
+def __getattr__(name: str) -> Any:
+    # The DCP storage layer imports torch.distributed.checkpoint: only when asked for.
+    if name in ("StorageWriter", "StorageReader"):
+        from . import dcp
+
+        return getattr(dcp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
