@@ -31,7 +31,11 @@ Leaves
       the ranks.
     * ``int``, ``float``, ``bool`` and numpy arrays/scalars: saved as (0-d) numpy
       arrays; `load` puts the value back into the dict with the target's type.
-    * anything else (``None``, strings, lists, ...) is an `InvalidArgumentError`.
+    * ``None``, ``str``, lists and tuples (an optimizer's ``param_groups``): stored
+      without pickle, as JSON in a DT_STRING scalar (`shardckpt.objects`, the same
+      encoding as the DCP layer); `load` and `read_state_dict` give them back.
+      Anything JSON cannot hold faithfully (sets, bytes, custom classes, tensors
+      inside lists) is an `InvalidArgumentError` naming the entry.
 
 Memory
     CPU tensors are handed to shardckpt as zero-copy numpy views (bfloat16 and the
@@ -54,6 +58,7 @@ import numpy as np
 import torch
 import torch.distributed
 
+from . import objects
 from .checkpoint_reader import load_checkpoint
 from .coordination import Coordinator, SingleClient, default_timeout
 from .dtensor import DTensor as _NpDTensor
@@ -287,6 +292,29 @@ def _coordinator(coordinator: Coordinator | None) -> Coordinator:
     return _coordinator_cache[1]
 
 
+def _is_object(value: object) -> bool:
+    """A leaf stored as JSON (`shardckpt.objects`): None, a str, a list or a tuple."""
+    return value is None or isinstance(value, (str, list, tuple))
+
+
+def _read_object(prefix: str | os.PathLike[str], name: str) -> Any:
+    with load_checkpoint(prefix) as reader:
+        if not reader.has_tensor(name):
+            from .errors import TensorNotFoundError
+
+            raise TensorNotFoundError(f"{prefix}: no entry {name} in the checkpoint")
+        arr = reader.get_tensor(name)
+    return _decoded(arr, prefix, name)
+
+
+def _decoded(arr: np.ndarray, prefix: str | os.PathLike[str], name: str) -> Any:
+    data = arr[()] if arr.dtype == object and arr.ndim == 0 else None
+    if not isinstance(data, bytes) or objects.kind(data) != "json":
+        raise InvalidArgumentError(f"{prefix}: {name} is not a stored object (a tensor or a pickle); the target "
+                                   "wants one")
+    return objects.decode(data, f"{prefix}: {name}")
+
+
 @dataclass
 class _Leaf:
     name: str
@@ -325,10 +353,13 @@ def _prepare(state_dict: Mapping[Any, Any], rank: int) -> list[_Leaf]:
             if arr.dtype.kind in "OUSV":
                 raise InvalidArgumentError(f"{name}: numpy arrays of dtype {arr.dtype} are not supported")
             leaves.append(_Leaf(name, arr, None))
+        elif _is_object(value):
+            leaves.append(_Leaf(name, np.array(objects.encode(value, name), dtype=object), None))
         else:
             raise InvalidArgumentError(
                 f"{name}: cannot save a {type(value).__name__} (state dict leaves must be tensors, DTensors, "
-                "ints, floats, bools or numpy arrays; nest dicts for structure)")
+                "ints, floats, bools, numpy arrays, or None, str, lists and tuples of plain values; nest dicts "
+                "for structure)")
     for device in cuda:  # the non-blocking copies into pinned buffers are done after this
         torch.cuda.synchronize(device)
     return leaves
@@ -440,7 +471,9 @@ def load(state_dict: MutableMapping[Any, Any], prefix: str | os.PathLike[str], *
     plain = Mesh(["rank"], [1], device_ids=[rank], local_device_ids=[rank])
     groups: dict[Mesh, list[tuple[str, Layout, Any, Any]]] = {}
     for name, parent, key, value in _flatten(state_dict):
-        if dtensor_cls is not None and isinstance(value, dtensor_cls):
+        if _is_object(value):
+            parent[key] = _read_object(prefix, name)
+        elif dtensor_cls is not None and isinstance(value, dtensor_cls):
             layout = torch_layout(value, rank)
             groups.setdefault(layout.mesh, []).append((name, layout, value, (parent, key)))
         elif isinstance(value, (torch.Tensor, bool, int, float, np.ndarray, np.generic)):
@@ -449,7 +482,7 @@ def load(state_dict: MutableMapping[Any, Any], prefix: str | os.PathLike[str], *
         else:
             raise InvalidArgumentError(
                 f"{name}: cannot load into a {type(value).__name__} (state dict leaves must be tensors, "
-                "DTensors, ints, floats, bools or numpy arrays)")
+                "DTensors, ints, floats, bools, numpy arrays, or None, str, lists and tuples)")
     for mesh, entries in groups.items():
         into = [_destination(target, layout, rank, dtensor_cls) for _name, layout, target, _where in entries]
         restored = sharded_restore(mesh, prefix, [e[0] for e in entries], [e[1] for e in entries], into=into,
@@ -491,7 +524,8 @@ def read_state_dict(prefix: str | os.PathLike[str], *, nested: bool = True) -> d
     """Every tensor of a checkpoint, whole, as CPU torch tensors (no template needed; any process).
 
     Names are split at ``"/"`` into nested dicts unless ``nested=False``.  Numbers
-    saved from ints/floats come back as 0-d tensors.  Meant for inspection and
+    saved from ints/floats come back as 0-d tensors; stored objects (``param_groups``)
+    as the objects.  Meant for inspection and
     conversion: every rank that calls it reads everything.
     """
     out: dict[str, Any] = {}
@@ -500,12 +534,17 @@ def read_state_dict(prefix: str | os.PathLike[str], *, nested: bool = True) -> d
         for name in sorted(reader.get_variable_to_shape_map()):
             arr = reader.get_tensor(name)
             torch_dtype = next((t for t, (_, npd) in _VIEWED.items() if npd == dtypes[name]), None)
+            tensor: Any
             if arr.dtype == object:
-                raise UnsupportedDTypeError(f"{prefix}: {name} holds strings, which torch cannot represent")
-            try:
-                tensor = _from_numpy(arr, torch_dtype) if torch_dtype is not None else torch.from_numpy(arr)
-            except TypeError:
-                raise UnsupportedDTypeError(f"{prefix}: {name} has dtype {arr.dtype}, which torch lacks") from None
+                data = arr[()] if arr.ndim == 0 else None
+                if not isinstance(data, bytes) or objects.kind(data) != "json":
+                    raise UnsupportedDTypeError(f"{prefix}: {name} holds strings, which torch cannot represent")
+                tensor = objects.decode(data, f"{prefix}: {name}")
+            else:
+                try:
+                    tensor = _from_numpy(arr, torch_dtype) if torch_dtype is not None else torch.from_numpy(arr)
+                except TypeError:
+                    raise UnsupportedDTypeError(f"{prefix}: {name} has dtype {arr.dtype}, which torch lacks") from None
             if not nested:
                 out[name] = tensor
                 continue
@@ -520,7 +559,6 @@ def read_state_dict(prefix: str | os.PathLike[str], *, nested: bool = True) -> d
                 raise InvalidArgumentError(f"{prefix}: {name} is both a tensor and a prefix of others")
             node[last] = tensor
     return out
-
 
 
 def __getattr__(name: str) -> Any:
