@@ -308,6 +308,8 @@ def _read_object(prefix: str | os.PathLike[str], name: str) -> Any:
 
 
 def _decoded(arr: np.ndarray, prefix: str | os.PathLike[str], name: str) -> Any:
+    if arr.dtype != object and arr.ndim == 0:
+        return arr.item()  # a number where the target had an object: the number
     data = arr[()] if arr.dtype == object and arr.ndim == 0 else None
     if not isinstance(data, bytes) or objects.kind(data) != "json":
         raise InvalidArgumentError(f"{prefix}: {name} is not a stored object (a tensor or a pickle); the target "
@@ -513,6 +515,9 @@ def load(state_dict: MutableMapping[Any, Any], prefix: str | os.PathLike[str], *
                     parent[key] = arr
             else:
                 arr = got.shards[rank]
+                if arr.dtype == object:  # the checkpoint holds an object where the target has a number
+                    parent[key] = _decoded(arr, prefix, name)
+                    continue
                 if arr.ndim != 0:
                     raise ShapeMismatchError(f"{prefix}: {name} is {list(arr.shape)} in the checkpoint, the "
                                              f"target is the number {target!r}")
