@@ -351,7 +351,7 @@ def test_the_bundle_holds_every_fqn_whole_and_partitioned(runs) -> None:
         names = {name: e for name, e in r.entries()}
         assert sorted(names) == sorted([*tensors, *objs])
         # 6 rows over tp=2 (Colwise): slices of 3 rows, each written once although dp=2 replicates them.
-        w = names["model.0.weight"]
+
         def boxes(name: str) -> list:
             return sorted(s.bounds(names[name].shape) for s in names[name].slices)
 

@@ -124,7 +124,8 @@ def _dec(doc: Any, where: str, depth: int) -> Any:
             try:
                 hash(key)
             except TypeError:
-                raise CorruptCheckpointError(f"{where}: a $dict key must be hashable, got {type(key).__name__}") from None
+                raise CorruptCheckpointError(
+                    f"{where}: a $dict key must be hashable, got {type(key).__name__}") from None
             out[key] = _dec(pair[1], where, depth + 1)
         return out
     raise CorruptCheckpointError(f"{where}: unknown or malformed tag {tag!r} in a stored object")
