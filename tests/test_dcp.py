@@ -131,7 +131,9 @@ def scenario_four(rank: int, directory: str, events: dict) -> None:
     opt.step()
     msd, osd = get_state_dict(model, opt)
     uneven = distribute_tensor(torch.arange(7.0), mesh["tp"], [Shard(0)])  # 4 and 3 rows
-    state = {"model": msd, "optim": osd, "extra": dict(EXTRA), "uneven": uneven}
+    tiny = distribute_tensor(torch.ones(1), mesh["tp"], [Shard(0)])  # one element: the second shard is empty
+    state = {"model": msd, "optim": osd, "extra": dict(EXTRA), "uneven": uneven, "tiny": tiny,
+             "empty": torch.zeros(0, 3)}
     tensors, objs = _flat_full(state)
     if rank == 0:
         np.savez(os.path.join(directory, "expected.npz"), **{k.replace("/", "|"): v for k, v in tensors.items()})
@@ -203,7 +205,8 @@ def scenario_two(rank: int, directory: str, events: dict) -> None:
         extra = {"epoch": 0, "note": "", "none": 0, "hist": [], "pair": None,
                  "nested": [{"k": None}, {"k": None}]}  # lists of dicts: DCP flattens them, the template too
         uneven = distribute_tensor(torch.zeros(7), mesh, [Replicate()])
-        state = {"model": msd, "optim": osd, "extra": extra, "uneven": uneven}
+        state = {"model": msd, "optim": osd, "extra": extra, "uneven": uneven,
+                 "tiny": distribute_tensor(torch.zeros(1), mesh, [Replicate()]), "empty": torch.ones(0, 3)}
         events[f"{which}_placements"] = str(msd["0.weight"].placements)
         dcp.load(state, storage_reader=StorageReader(os.path.join(directory, which)))
         tensors, objs = _flat_full(state)
@@ -358,6 +361,8 @@ def test_the_bundle_holds_every_fqn_whole_and_partitioned(runs) -> None:
         assert boxes("model.0.weight") == [((0, 3), (0, 8)), ((3, 6), (0, 8))]
         assert boxes("uneven") == [((0, 4),), ((4, 7),)]
         assert boxes("model.2.weight") == [((0, 5), (0, 3)), ((0, 5), (3, 6))]
+        # One element over 2 shards: the empty shard adds nothing, the other is the whole tensor.
+        assert not names["tiny"].slices and names["tiny"].shape == (1,) and names["empty"].shape == (0, 3)
         assert not names["model.2.bias"].slices  # Replicate: one whole piece
         for fqn, want in objs.items():
             got = objects.decode(r.read(fqn)[()], fqn)

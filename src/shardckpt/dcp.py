@@ -215,7 +215,6 @@ class StorageWriter(_DcpWriter):
         self.allow_pickle = allow_pickle
         self.durable = durable
         self.is_coordinator = False
-        self._token: str | None = None  # the coordinator's, between prepare_global_plan and finish
 
     @property
     def prefix(self) -> str:
@@ -234,7 +233,6 @@ class StorageWriter(_DcpWriter):
     def reset(self, checkpoint_id: str | os.PathLike[str] | None = None) -> None:
         if checkpoint_id is not None:
             self.path = os.fspath(checkpoint_id)
-        self._token = None
 
     @classmethod
     def validate_checkpoint_id(cls, checkpoint_id: str | os.PathLike[str]) -> bool:
@@ -271,7 +269,6 @@ class StorageWriter(_DcpWriter):
         except BaseException:
             _drop_hold(self.prefix, hold.token)
             raise
-        self._token = token
         world = len(plans)
         return [dataclasses.replace(p, storage_data=_PlanData(token, r, world)) for r, p in enumerate(plans)]
 
@@ -383,7 +380,7 @@ class StorageWriter(_DcpWriter):
                                        "published")
         files = [f for f in ranks if f is not None]
         token = files[0].token
-        if any(f.token != token for f in files) or token != (self._token or token):
+        if any(f.token != token for f in files):
             raise InvalidArgumentError(f"{prefix}: the ranks wrote under different staging tokens; nothing was "
                                        "published")
         with _holds_lock:
@@ -411,7 +408,6 @@ class StorageWriter(_DcpWriter):
             with _holds_lock:
                 hold.committing = False
             _drop_hold(prefix, token)
-            self._token = None
 
     def _write_state_file(self) -> None:
         """TensorFlow's ``checkpoint`` file naming the bundle, written only when it differs (it never changes)."""
@@ -510,8 +506,7 @@ class StorageReader(_DcpReader):
 
     def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
         """DCP's `Metadata` from the bundle's index: tensors with their stored slices as chunks, objects as bytes."""
-        if kwargs.get("rank") is not None:
-            raise InvalidArgumentError(f"{self.path}: a shardckpt bundle has no rank-local metadata")
+        # DCP retries with rank=R for rank-local metadata only when this raised: the same error is the answer.
         prefix = _resolve_prefix(self.path)
         items: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         names: dict[str, str] = {}
