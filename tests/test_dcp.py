@@ -555,6 +555,27 @@ def test_a_live_second_writer_is_refused_and_the_old_checkpoint_stays(tmp_path) 
     assert torch.equal(got["x"], torch.full((3,), 2.0))
 
 
+def test_the_lease_is_held_from_the_plan_to_the_commit(tmp_path) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from shardckpt import faults
+    from shardckpt.lease import holder_of
+    from shardckpt.torch import StorageWriter
+
+    prefix = str(tmp_path / "model")
+    seen: dict[str, Any] = {}
+
+    def look(point: str, client: int) -> None:
+        holder = holder_of(prefix)
+        seen[point] = holder.what if holder is not None else None
+
+    with faults.hook(look):
+        dcp.save({"x": torch.ones(300_000)}, storage_writer=StorageWriter(tmp_path), no_dist=True)
+    assert seen["after_plan"] == seen["mid_data_write"] == seen["after_index_staged"] == "shardckpt.dcp save"
+    assert holder_of(prefix) is None and not (tmp_path / "model.lease").exists()
+
+
 def test_the_writer_pickles_for_process_based_async_save(tmp_path) -> None:
     from shardckpt.torch import StorageWriter
 

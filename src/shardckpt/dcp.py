@@ -41,12 +41,15 @@ Guarantees (the same as `sharded_save`'s)
     write results; the coordinator commits in ``finish`` (`commit.commit`: index
     staged, files checked, renames, index last) and then lets the lease go.  If any
     rank fails, DCP raises on every rank and never calls ``finish``: nothing is
-    published and the previous checkpoint stays readable.  Such a save's lease stays
-    with the coordinator's process (a second writer from elsewhere keeps being refused
-    while it lives); the next save of that process to the same path takes it over,
-    since only one save of a process can be past ``prepare_global_plan`` and not yet
-    in ``finish`` for a path at a time without losing: a save whose lease was taken
-    over refuses to commit.  Coordination uses DCP's own collectives only.
+    published and the previous checkpoint stays readable.  The writer is not told, so
+    that save's lease stays with the coordinator's process (released at once only when
+    the coordinator's own ``write_data`` failed): writers in other processes keep being
+    refused while it lives, and the next save of the same process to the path takes the
+    lease over (unless that earlier save is inside its commit: then it waits for it).
+    A save whose lease was taken over refuses to commit, so two overlapping saves of
+    one process to one path end with the later one published, never a mix.
+    Coordination uses DCP's own collectives only; ``use_collectives=False`` and plan
+    caching are refused (each save needs one coordinator and a fresh token).
 """
 
 from __future__ import annotations
@@ -107,7 +110,7 @@ from .format.protos import BundleEntry, pack_entries
 from .format.reader import BundleReader
 from .format.slices import TensorSlice, encode_slice_key
 from .format.writer import PreparedTensor, prepare, write_file_atomically
-from .lease import PrefixLease
+from .lease import CLEANER, PrefixLease, holder_of, lease_filename
 from .manager import STATE_FILENAME, format_state
 
 __all__ = ["PREFIX_NAME", "StorageReader", "StorageWriter"]
@@ -116,6 +119,8 @@ log = logging.getLogger("shardckpt.dcp")
 
 PREFIX_NAME = "model"  # the bundle's prefix inside a DCP checkpoint directory
 _DATA_FILE = "\x00shardckpt data file"  # the fqn of each rank's extra write result (never a real fqn)
+_WHAT = "shardckpt.dcp save"  # the lease holder's description, in other writers' PrefixBusyError
+_CLEAN_WAIT = 10.0  # seconds a save waits for `shardckpt clean` to let the prefix go
 _TAKEOVER_WAIT = 60.0  # seconds a new save waits for an earlier one of this process that is committing
 
 
@@ -136,8 +141,6 @@ _holds_lock = threading.Lock()
 def _take_prefix(prefix: str, token: str) -> _Hold:
     """The prefix's lease for a new save; one left by an earlier save of this process (which never reached
     ``finish``: DCP raised on every rank) is taken over, one that is committing is waited for."""
-    from .save import _take_lease  # the wait for `shardckpt clean` that sharded_save uses
-
     deadline = time.monotonic() + _TAKEOVER_WAIT
     while True:
         with _holds_lock:
@@ -152,11 +155,24 @@ def _take_prefix(prefix: str, token: str) -> _Hold:
     if old is not None:
         log.warning("%s: taking over the lease of save %s, which never finished", prefix, old.token)
         old.lease.release()
-    lease = _take_lease(prefix, token, 10.0)
-    hold = _Hold(lease, token)
+    hold = _Hold(_acquire(prefix, token), token)
     with _holds_lock:
         _holds[prefix] = hold
     return hold
+
+
+def _acquire(prefix: str, token: str) -> PrefixLease:
+    """The lease; held by `shardckpt clean` (a short recovery) it is waited for, as `sharded_save` does."""
+    deadline = time.monotonic() + _CLEAN_WAIT
+    while True:
+        try:
+            return PrefixLease.acquire(prefix, what=_WHAT, token=token)
+        except PrefixBusyError:
+            holder = holder_of(prefix)
+            cleaning = holder.what == CLEANER if holder is not None else not os.path.lexists(lease_filename(prefix))
+            if not cleaning or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.01)
 
 
 def _drop_hold(prefix: str, token: str) -> None:
