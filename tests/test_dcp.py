@@ -316,7 +316,9 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         stdout, stderr = tf.communicate()
     out["tf"] = (tf.returncode, stdout.decode(), stderr.decode(), base / "tf.npz")
     out["elapsed"] = time.monotonic() - t
-    print(f"dcp launches: 4 ranks {four.elapsed:.1f} s, 2 ranks {out['two'].elapsed:.1f} s, all {out['elapsed']:.1f} s")
+    ev = four.results.get(0, {}).get("events", {})
+    print(f"dcp launches: 4 ranks {four.elapsed:.1f} s (save {ev.get('sync_s', 0):.2f} s, async_save "
+          f"{ev.get('async_s', 0):.2f} s), 2 ranks {out['two'].elapsed:.1f} s, all {out['elapsed']:.1f} s")
     return out
 
 

@@ -7,6 +7,9 @@
     sct.load(state, "/ckpt/step-100")                          # in place, any mesh / rank count
     model.load_state_dict(state)
 
+``StorageWriter`` / ``StorageReader`` (imported on first use from `shardckpt.dcp`) are
+storage layers for ``torch.distributed.checkpoint`` (DCP) over the same format.
+
 Each torch rank is one shardckpt client (a `TorchCoordinator` over the default
 process group when torch.distributed is initialised, else a single client).
 
