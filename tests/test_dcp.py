@@ -596,6 +596,14 @@ def test_storage_reader_loads_a_shardckpt_torch_checkpoint(tmp_path) -> None:
     got: dict[str, Any] = {"layer": {"w": torch.zeros(2, 3)}}
     dcp.load(got, storage_reader=StorageReader(tmp_path / "ckpt"), no_dist=True)
     assert torch.equal(got["layer"]["w"], torch.arange(6.0).reshape(2, 3))
+    # A DCP key holding "/" is stored as it is and found again under it.
+    from shardckpt.torch import StorageWriter
+
+    dcp.save({"a/b": torch.ones(2), "a": {"b": torch.zeros(2)}}, storage_writer=StorageWriter(tmp_path / "d"),
+             no_dist=True)
+    back: dict[str, Any] = {"a/b": torch.zeros(2), "a": {"b": torch.ones(2)}}
+    dcp.load(back, storage_reader=StorageReader(tmp_path / "d"), no_dist=True)
+    assert torch.equal(back["a/b"], torch.ones(2)) and torch.equal(back["a"]["b"], torch.zeros(2))
 
 
 def test_shardckpt_torch_saves_optimizer_param_groups_without_pickle(tmp_path) -> None:

@@ -494,7 +494,7 @@ class StorageReader(_DcpReader):
 
     ``path`` is a checkpoint directory (``path/model``, or the bundle its TensorFlow
     ``checkpoint`` file names) or a bundle's prefix.  Bundle names with ``/`` (saved by
-    ``shardckpt.torch.save``) are offered to DCP with ``.`` instead, DCP's separator.
+    ``shardckpt.torch.save``) are offered to DCP also with ``.``, DCP's separator, unless taken.
     Every read is served from the stored slices that overlap it, with CRC32C checks
     (``verify=False`` skips them).  Pickled objects (``StorageWriter(allow_pickle=True)``)
     are refused unless ``allow_pickle=True``.
@@ -527,12 +527,12 @@ class StorageReader(_DcpReader):
         items: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         names: dict[str, str] = {}
         with BundleReader(prefix) as reader:
-            for name, entry in reader.entries():
-                fqn = name.replace("/", ".")
-                if fqn in items:  # two names that differ only in separators: offer them as they are
-                    fqn = name
+            listed = list(reader.entries())
+            present = {name for name, _ in listed}
+            for name, entry in listed:
+                md: TensorStorageMetadata | BytesStorageMetadata
                 if entry.dtype == DataType.STRING:
-                    items[fqn] = BytesStorageMetadata()
+                    md = BytesStorageMetadata()
                 else:
                     dtype = _torch_dtype(entry.dtype)
                     if dtype is None:
@@ -541,9 +541,13 @@ class StorageReader(_DcpReader):
                     chunks = [ChunkStorageMetadata(offsets=torch.Size([lo for lo, _ in p.bounds]),
                                                    sizes=torch.Size([hi - lo for lo, hi in p.bounds]))
                               for p in reader.stored_slices(name, entry)]
-                    items[fqn] = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(entry.shape), chunks)
-                if fqn != name:
-                    names[fqn] = name
+                    md = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(entry.shape), chunks)
+                items[name] = md
+                # shardckpt.torch.save joins nested keys with "/", DCP with ".": offer both unless taken.
+                dotted = name.replace("/", ".")
+                if dotted != name and dotted not in present and dotted not in names:
+                    items[dotted] = md
+                    names[dotted] = name
         data = _ReadData(prefix, names)
         self._data = data
         return Metadata(state_dict_metadata=dict(items), storage_data=data,
