@@ -91,7 +91,7 @@ from torch.distributed.checkpoint.storage import StorageWriter as _DcpWriter
 from torch.distributed.checkpoint.storage import WriteResult
 from torch.futures import Future
 
-from . import objects
+from . import objects, storage
 from .checkpoint_reader import latest_checkpoint
 from .commit import STAGING, StagedFile, commit, recover, sidecar_path
 from .errors import (
@@ -259,6 +259,9 @@ class StorageWriter(_DcpWriter):
 
     def set_up_storage_writer(self, is_coordinator: bool, *args: Any, **kwargs: Any) -> None:
         self.is_coordinator = is_coordinator
+        if storage.is_remote(self.path):
+            raise InvalidArgumentError(f"{self.path}: shardckpt's DCP StorageWriter writes to local or shared POSIX "
+                                       "file systems only (use shardckpt.torch.save for object storage)")
         if kwargs.get("use_collectives", True) is False:
             world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
             if world > 1:
