@@ -7,6 +7,9 @@
     sct.load(state, "/ckpt/step-100")                          # in place, any mesh / rank count
     model.load_state_dict(state)
 
+``StorageWriter`` / ``StorageReader`` (imported on first use from `shardckpt.dcp`) are
+storage layers for ``torch.distributed.checkpoint`` (DCP) over the same format.
+
 Each torch rank is one shardckpt client (a `TorchCoordinator` over the default
 process group when torch.distributed is initialised, else a single client).
 
@@ -31,7 +34,11 @@ Leaves
       the ranks.
     * ``int``, ``float``, ``bool`` and numpy arrays/scalars: saved as (0-d) numpy
       arrays; `load` puts the value back into the dict with the target's type.
-    * anything else (``None``, strings, lists, ...) is an `InvalidArgumentError`.
+    * ``None``, ``str``, lists and tuples (an optimizer's ``param_groups``): stored
+      without pickle, as JSON in a DT_STRING scalar (`shardckpt.objects`, the same
+      encoding as the DCP layer); `load` and `read_state_dict` give them back.
+      Anything JSON cannot hold faithfully (sets, bytes, custom classes, tensors
+      inside lists) is an `InvalidArgumentError` naming the entry.
 
 Memory
     CPU tensors are handed to shardckpt as zero-copy numpy views (bfloat16 and the
@@ -54,6 +61,7 @@ import numpy as np
 import torch
 import torch.distributed
 
+from . import objects
 from .checkpoint_reader import load_checkpoint
 from .coordination import Coordinator, SingleClient, default_timeout
 from .dtensor import DTensor as _NpDTensor
@@ -287,6 +295,31 @@ def _coordinator(coordinator: Coordinator | None) -> Coordinator:
     return _coordinator_cache[1]
 
 
+def _is_object(value: object) -> bool:
+    """A leaf stored as JSON (`shardckpt.objects`): None, a str, a list or a tuple."""
+    return value is None or isinstance(value, (str, list, tuple))
+
+
+def _read_object(prefix: str | os.PathLike[str], name: str) -> Any:
+    with load_checkpoint(prefix) as reader:
+        if not reader.has_tensor(name):
+            from .errors import TensorNotFoundError
+
+            raise TensorNotFoundError(f"{prefix}: no entry {name} in the checkpoint")
+        arr = reader.get_tensor(name)
+    return _decoded(arr, prefix, name)
+
+
+def _decoded(arr: np.ndarray, prefix: str | os.PathLike[str], name: str) -> Any:
+    if arr.dtype != object and arr.ndim == 0:
+        return arr.item()  # a number where the target had an object: the number
+    data = arr[()] if arr.dtype == object and arr.ndim == 0 else None
+    if not isinstance(data, bytes) or objects.kind(data) != "json":
+        raise InvalidArgumentError(f"{prefix}: {name} is not a stored object (a tensor or a pickle); the target "
+                                   "wants one")
+    return objects.decode(data, f"{prefix}: {name}")
+
+
 @dataclass
 class _Leaf:
     name: str
@@ -325,10 +358,13 @@ def _prepare(state_dict: Mapping[Any, Any], rank: int) -> list[_Leaf]:
             if arr.dtype.kind in "OUSV":
                 raise InvalidArgumentError(f"{name}: numpy arrays of dtype {arr.dtype} are not supported")
             leaves.append(_Leaf(name, arr, None))
+        elif _is_object(value):
+            leaves.append(_Leaf(name, np.array(objects.encode(value, name), dtype=object), None))
         else:
             raise InvalidArgumentError(
                 f"{name}: cannot save a {type(value).__name__} (state dict leaves must be tensors, DTensors, "
-                "ints, floats, bools or numpy arrays; nest dicts for structure)")
+                "ints, floats, bools, numpy arrays, or None, str, lists and tuples of plain values; nest dicts "
+                "for structure)")
     for device in cuda:  # the non-blocking copies into pinned buffers are done after this
         torch.cuda.synchronize(device)
     return leaves
@@ -440,7 +476,9 @@ def load(state_dict: MutableMapping[Any, Any], prefix: str | os.PathLike[str], *
     plain = Mesh(["rank"], [1], device_ids=[rank], local_device_ids=[rank])
     groups: dict[Mesh, list[tuple[str, Layout, Any, Any]]] = {}
     for name, parent, key, value in _flatten(state_dict):
-        if dtensor_cls is not None and isinstance(value, dtensor_cls):
+        if _is_object(value):
+            parent[key] = _read_object(prefix, name)
+        elif dtensor_cls is not None and isinstance(value, dtensor_cls):
             layout = torch_layout(value, rank)
             groups.setdefault(layout.mesh, []).append((name, layout, value, (parent, key)))
         elif isinstance(value, (torch.Tensor, bool, int, float, np.ndarray, np.generic)):
@@ -449,7 +487,7 @@ def load(state_dict: MutableMapping[Any, Any], prefix: str | os.PathLike[str], *
         else:
             raise InvalidArgumentError(
                 f"{name}: cannot load into a {type(value).__name__} (state dict leaves must be tensors, "
-                "DTensors, ints, floats, bools or numpy arrays)")
+                "DTensors, ints, floats, bools, numpy arrays, or None, str, lists and tuples)")
     for mesh, entries in groups.items():
         into = [_destination(target, layout, rank, dtensor_cls) for _name, layout, target, _where in entries]
         restored = sharded_restore(mesh, prefix, [e[0] for e in entries], [e[1] for e in entries], into=into,
@@ -480,6 +518,9 @@ def load(state_dict: MutableMapping[Any, Any], prefix: str | os.PathLike[str], *
                     parent[key] = arr
             else:
                 arr = got.shards[rank]
+                if arr.dtype == object:  # the checkpoint holds an object where the target has a number
+                    parent[key] = _decoded(arr, prefix, name)
+                    continue
                 if arr.ndim != 0:
                     raise ShapeMismatchError(f"{prefix}: {name} is {list(arr.shape)} in the checkpoint, the "
                                              f"target is the number {target!r}")
@@ -491,7 +532,8 @@ def read_state_dict(prefix: str | os.PathLike[str], *, nested: bool = True) -> d
     """Every tensor of a checkpoint, whole, as CPU torch tensors (no template needed; any process).
 
     Names are split at ``"/"`` into nested dicts unless ``nested=False``.  Numbers
-    saved from ints/floats come back as 0-d tensors.  Meant for inspection and
+    saved from ints/floats come back as 0-d tensors; stored objects (``param_groups``)
+    as the objects.  Meant for inspection and
     conversion: every rank that calls it reads everything.
     """
     out: dict[str, Any] = {}
@@ -500,12 +542,17 @@ def read_state_dict(prefix: str | os.PathLike[str], *, nested: bool = True) -> d
         for name in sorted(reader.get_variable_to_shape_map()):
             arr = reader.get_array(name)  # 0-d arrays, not the numpy scalars get_tensor gives
             torch_dtype = next((t for t, (_, npd) in _VIEWED.items() if npd == dtypes[name]), None)
+            tensor: Any
             if arr.dtype == object:
-                raise UnsupportedDTypeError(f"{prefix}: {name} holds strings, which torch cannot represent")
-            try:
-                tensor = _from_numpy(arr, torch_dtype) if torch_dtype is not None else torch.from_numpy(arr)
-            except TypeError:
-                raise UnsupportedDTypeError(f"{prefix}: {name} has dtype {arr.dtype}, which torch lacks") from None
+                data = arr[()] if arr.ndim == 0 else None
+                if not isinstance(data, bytes) or objects.kind(data) != "json":
+                    raise UnsupportedDTypeError(f"{prefix}: {name} holds strings, which torch cannot represent")
+                tensor = objects.decode(data, f"{prefix}: {name}")
+            else:
+                try:
+                    tensor = _from_numpy(arr, torch_dtype) if torch_dtype is not None else torch.from_numpy(arr)
+                except TypeError:
+                    raise UnsupportedDTypeError(f"{prefix}: {name} has dtype {arr.dtype}, which torch lacks") from None
             if not nested:
                 out[name] = tensor
                 continue
@@ -521,3 +568,11 @@ def read_state_dict(prefix: str | os.PathLike[str], *, nested: bool = True) -> d
             node[last] = tensor
     return out
 
+
+def __getattr__(name: str) -> Any:
+    # The DCP storage layer imports torch.distributed.checkpoint: only when asked for.
+    if name in ("StorageWriter", "StorageReader"):
+        from . import dcp
+
+        return getattr(dcp, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
