@@ -388,13 +388,22 @@ def _agree_locally_prepared(coord: Coordinator, error: BaseException | None, tim
             raise error
         return
     mine = json.dumps({"error": f"{type(error).__name__}: {error}" if error is not None else None}).encode()
-    replies = [json.loads(r) for r in coord.all_gather(mine, "torch-prepare", timeout)]
+
+    def first_error(replies: list[bytes]) -> bytes:
+        # Only the verdict travels back: each rank receives one short value, not every rank's reply.
+        for r, raw in enumerate(replies):
+            reply = json.loads(raw)
+            if reply["error"]:
+                return json.dumps({"rank": r, "error": reply["error"]}).encode()
+        return b"{}"
+
+    with coord.session("torch-prepare") as session:
+        verdict = json.loads(session.reduce(mine, first_error, timeout))
     if error is not None:
         raise error
-    for r, reply in enumerate(replies):
-        if reply["error"]:
-            raise RemoteClientError(f"shardckpt.torch.save: rank {r} could not prepare its state dict: "
-                                    f"{reply['error']}")
+    if verdict:
+        raise RemoteClientError(f"shardckpt.torch.save: rank {verdict['rank']} could not prepare its state dict: "
+                                f"{verdict['error']}")
 
 
 def save(state_dict: Mapping[Any, Any], prefix: str | os.PathLike[str], *, coordinator: Coordinator | None = None,
