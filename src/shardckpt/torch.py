@@ -306,7 +306,7 @@ def _read_object(prefix: str | os.PathLike[str], name: str) -> Any:
             from .errors import TensorNotFoundError
 
             raise TensorNotFoundError(f"{prefix}: no entry {name} in the checkpoint")
-        arr = reader.get_tensor(name)
+        arr = reader.get_array(name)
     return _decoded(arr, prefix, name)
 
 
