@@ -168,7 +168,8 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if value is not None and not 0 < value < 1 << 32:
             raise SystemExit(f"shardckpt launch: {flag} must be between 1 and 2^32-1, not {value}")
     return launch(args.nproc, args.command_line, host=args.host, port=args.port,
-                  max_frame_bytes=args.max_frame_bytes, max_client_bytes=args.max_client_bytes)
+                  max_frame_bytes=args.max_frame_bytes, max_client_bytes=args.max_client_bytes,
+                  master_addr=args.master_addr, master_port=args.master_port, prefix_output=not args.no_prefix)
 
 
 class _Bar:
@@ -313,11 +314,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start N copies of a script (or command) on this machine. Each gets "
                        "SHARDCKPT_RANK, SHARDCKPT_WORLD_SIZE, SHARDCKPT_COORDINATOR and its own "
                        "SHARDCKPT_COORDINATOR_KEY (the coordinator admits only connections that prove they hold "
-                       "such a key), so shardckpt calls in it coordinate with no further setup. If one client "
-                       "fails, the others are stopped and the launcher exits non-zero.")
+                       "such a key), so shardckpt calls in it coordinate with no further setup; and what torchrun "
+                       "sets (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so "
+                       "torch.distributed.init_process_group() works too. Output lines are prefixed [rankN]. "
+                       "If one client fails, the others are stopped and the launcher exits non-zero.")
     p.add_argument("-n", "--nproc", type=int, required=True, help="number of clients")
     p.add_argument("--host", default="127.0.0.1", help="address the coordinator binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="coordinator port (default: any free port)")
+    p.add_argument("--master-addr", default="127.0.0.1",
+                   help="MASTER_ADDR given to the clients for torch.distributed (default 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=0,
+                   help="MASTER_PORT given to the clients (default: a port free at launch)")
+    p.add_argument("--no-prefix", action="store_true",
+                   help="pass the clients' output through as is, without the [rankN] line prefixes")
     p.add_argument("--max-frame-bytes", type=int, default=None, metavar="N",
                    help="largest value one client may send the coordinator in one collective "
                    "(default: SHARDCKPT_MAX_FRAME_BYTES or 256 MiB)")
