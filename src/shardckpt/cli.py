@@ -9,16 +9,36 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 from .format.dtypes import datatype_name
 from .format.reader import BundleReader
 
 log = logging.getLogger("shardckpt")
+
+
+# One unit system in every output: binary (KiB, MiB, GiB and GiB/s), in the bars as in the summaries.
+BAR_UNITS: dict[str, Any] = {
+    "unit": "iB", "unit_scale": True, "unit_divisor": 1024,
+    "bar_format": "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}iB/{total_fmt}iB [{elapsed}<{remaining}, {rate_fmt}]",
+}
+# Below this many bytes a command is over before a bar would tell anything.
+BAR_MIN_BYTES = 64 << 20
+
+
+def bars_wanted(quiet: bool = False, json_output: bool = False) -> bool:
+    """Progress bars go to stderr only when it is a terminal, and never with --quiet or --json."""
+    if quiet or json_output:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _human(n: float) -> str:
@@ -27,6 +47,31 @@ def _human(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} TiB"
+
+
+def interrupted_save_hint(prefix: object) -> str | None:
+    """What an interrupted save left at ``prefix`` (staged or temporary files, a lease) and what to do, or None."""
+    if not isinstance(prefix, str) or "://" in prefix:
+        return None
+    from .commit import leftovers
+    from .lease import lease_filename
+
+    files = sorted(f for group in leftovers(prefix).values() for f in group)
+    lease = lease_filename(prefix)
+    if os.path.lexists(lease):
+        files.append(lease)
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        try:
+            total += os.lstat(f).st_size
+        except OSError:
+            pass
+    shown = "\n".join(f"  {f}" for f in files[:10]) + (f"\n  ... and {len(files) - 10} more" if len(files) > 10
+                                                        else "")
+    return (f"{prefix}: no index, but {len(files)} file(s) ({_human(total)}) of an interrupted save:\n{shown}\n"
+            f"run 'shardckpt clean {prefix}' to finish it (if it passed its commit point) or remove them")
 
 
 def describe(prefix: str) -> list[dict[str, object]]:
@@ -87,7 +132,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, int, list[str]]:
-    """Check every index block and every stored tensor's CRC32C; returns (tensors, bytes, problems)."""
+    """Check every index block and every stored tensor's CRC32C; returns (tensors, bytes, problems).
+
+    ``progress``: draw a bar on stderr (None: when stderr is a terminal)."""
     from tqdm import tqdm
 
     problems: list[str] = []
@@ -102,8 +149,9 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
                 problems.append(str(exc))
         total = sum(p.entry.size for p in pieces)
         done = 0
-        with tqdm(total=total, unit="B", unit_scale=True, disable=progress is False or total < (64 << 20),
-                  desc="verify", file=sys.stderr) as bar:
+        show = bars_wanted() if progress is None else progress
+        with tqdm(total=total, **BAR_UNITS, disable=not show or total < BAR_MIN_BYTES, desc="verify",
+                  file=sys.stderr) as bar:
             for p in pieces:
                 try:
                     reader.read_stored(p)
@@ -117,7 +165,7 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
 def cmd_verify(args: argparse.Namespace) -> int:
     """``shardckpt verify``: check every checksum; exit status 0 when all match, 1 otherwise."""
     start = time.perf_counter()
-    count, nbytes, problems = verify_checkpoint(args.prefix, progress=None if not args.quiet else False)
+    count, nbytes, problems = verify_checkpoint(args.prefix, progress=bars_wanted(args.quiet, args.json))
     for problem in ([] if args.json else problems):
         print(f"FAIL: {problem}")
     elapsed = time.perf_counter() - start
@@ -173,18 +221,26 @@ def cmd_launch(args: argparse.Namespace) -> int:
 
 
 class _Bar:
-    """A byte progress bar on stderr, created on first use (hidden with --quiet, and below 64 MiB)."""
+    """A byte progress bar on stderr, drawn once the first progress call gives the total (only on a terminal,
+    never with --quiet or --json, and not below 64 MiB).
 
-    def __init__(self, desc: str, quiet: bool) -> None:
-        self.desc, self.quiet = desc, quiet
+    Its clock starts when the command starts, not at that first call: the first call comes after the first
+    tensor was read, and timing that tensor's bytes from then on gave a rate of nearly nothing over nearly no
+    time (a ``diff`` of one large tensor showed tens of GB/s).
+    """
+
+    def __init__(self, desc: str, quiet: bool, json_output: bool = False) -> None:
+        self.desc, self.show = desc, bars_wanted(quiet, json_output)
         self._bar: Any = None
+        self._start = time.time()  # tqdm's own clock
 
     def __call__(self, done: int, total: int) -> None:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=self.desc, file=sys.stderr,
-                             disable=self.quiet or total < (64 << 20))
+            self._bar = tqdm(total=total, **BAR_UNITS, desc=self.desc, file=sys.stderr,
+                             disable=not self.show or total < BAR_MIN_BYTES)
+            self._bar.start_t = self._bar.last_print_t = self._start
         self._bar.update(done)
 
     def close(self) -> None:
@@ -204,7 +260,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print("shardckpt convert: exactly one of SOURCE and DESTINATION must end in .safetensors "
               f"(got {args.source!r} and {args.destination!r})", file=sys.stderr)
         return 2
-    bar = _Bar("convert", args.quiet)
+    bar = _Bar("convert", args.quiet, args.json)
     try:
         convert = safetensors_to_checkpoint if from_st else checkpoint_to_safetensors
         report = convert(args.source, args.destination, skip_unsupported=args.skip_unsupported,
@@ -260,7 +316,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     """``shardckpt diff``: compare two checkpoints; exit status 0 identical, 1 different, 2 unreadable input."""
     from .diff import diff_tensors
 
-    bar = _Bar("diff", args.quiet)
+    bar = _Bar("diff", args.quiet, args.json)
     try:
         report = diff_tensors(args.a, args.b, atol=args.atol, progress=bar)
     except (CheckpointError, OSError) as exc:
@@ -399,6 +455,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        hint = interrupted_save_hint(getattr(args, "prefix", None)) if isinstance(exc, CheckpointNotFoundError) \
+            else None
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. `clean` in a read-only directory: no traceback, and say where
         where = getattr(args, "prefix", None)

@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import BinaryIO, TextIO
+from typing import IO, TextIO
 
 from .coordination.launcher import ENV_ADDRESS, ENV_KEY, ENV_RANK, ENV_SIZE, KVServer
 
@@ -64,14 +64,14 @@ class _Relay:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
-    def start(self, source: BinaryIO, sink: Sink, prefix: bytes) -> threading.Thread:
+    def start(self, source: IO[bytes], sink: Sink, prefix: bytes) -> threading.Thread:
         t = threading.Thread(target=self._copy, args=(source, sink, prefix), daemon=True,
                              name="shardckpt-launch-output")
         t.start()
         self._threads.append(t)
         return t
 
-    def _copy(self, source: BinaryIO, sink: Sink, prefix: bytes) -> None:
+    def _copy(self, source: IO[bytes], sink: Sink, prefix: bytes) -> None:
         at_start = True
         with source:
             while True:
@@ -166,8 +166,9 @@ def launch(num_clients: int, argv: Sequence[str], *, host: str = "127.0.0.1", po
             if p.poll() is None:
                 p.send_signal(signum)
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        previous[sig] = signal.signal(sig, forward)
+    if threading.current_thread() is threading.main_thread():  # only there can Python take signals
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, forward)
     try:
         pipe = subprocess.PIPE if prefix_output else None
         for rank in range(num_clients):
