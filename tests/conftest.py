@@ -21,6 +21,10 @@ _ORIGINAL_TMP = tempfile.gettempdir()
 SESSION_TMP = tempfile.mkdtemp(prefix="shardckpt-tests-", dir=_ORIGINAL_TMP)
 os.environ["TMPDIR"] = SESSION_TMP  # inherited by every subprocess
 tempfile.tempdir = None  # recomputed from TMPDIR on next use (pytest's tmp_path included)
+# Caches a framework keeps on purpose (torch's inductor makes TMPDIR/torchinductor_USER on import of
+# torch.distributed.tensor) go to one directory of the session, removed with it; anything else is a leak.
+CACHES = "caches"
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(SESSION_TMP, CACHES, "torchinductor"))
 
 SHM = "/dev/shm"
 SHM_PATTERNS = ("shardckpt", "mpich_shm_", "ucx_", "torch_", "sem.", "psm_", "psm2_", "jax", "xla")
@@ -39,7 +43,7 @@ def leftovers_in(directory: str) -> list[str]:
         names = os.listdir(directory)
     except FileNotFoundError:
         return []
-    return sorted(n for n in names if not n.startswith("pytest-of-"))
+    return sorted(n for n in names if not n.startswith("pytest-of-") and n != CACHES)
 
 
 @pytest.fixture(scope="session", autouse=True)
