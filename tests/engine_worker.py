@@ -99,7 +99,40 @@ def init_mpi() -> Engine:
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
+    _record_shared_memory(comm.Get_rank())
     return Engine(comm.Get_rank(), comm.Get_size(), resolve(None), "MPICoordinator")
+
+
+def _record_shared_memory(rank: int) -> None:
+    """Name the /dev/shm segments MPI mapped for this rank, so the launcher can remove them if the rank dies.
+
+    MPICH unlinks its segments at MPI_Finalize; a rank killed on purpose never gets there.  Nothing else tells
+    which of the machine's ``mpich_shm_*`` files are this job's (other users run MPI too).
+    """
+    results = os.environ.get("WORKER_RESULTS")
+    if not results:
+        return
+    with open("/proc/self/maps") as f:
+        names = sorted({tok for line in f for tok in line.split() if tok.startswith("/dev/shm/")})
+    with open(os.path.join(results, f"shm-{rank}.txt"), "w") as f:
+        f.write("\n".join(names))
+
+
+def remove_recorded_shared_memory(results: str) -> list[str]:
+    """Unlink the /dev/shm segments the ranks recorded that still exist (their job is over); returns them."""
+    removed = []
+    for name in os.listdir(results):
+        if not name.startswith("shm-"):
+            continue
+        with open(os.path.join(results, name)) as f:
+            for path in filter(None, f.read().split("\n")):
+                if os.path.dirname(path) == "/dev/shm":
+                    try:
+                        os.unlink(path)
+                        removed.append(path)
+                    except FileNotFoundError:
+                        pass
+    return removed
 
 
 ENGINES: dict[str, Callable[[], Engine]] = {"torch": init_torch, "mpi": init_mpi}
@@ -734,6 +767,7 @@ def run_clients(engine: str, n: int, scenario: str, directory: str | os.PathLike
                 out[res["rank"]] = res
         return Run(codes, out, output, elapsed)
     finally:
+        remove_recorded_shared_memory(results)  # the job's processes are all gone by now
         shutil.rmtree(results, ignore_errors=True)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -365,16 +366,19 @@ def launch(n: int, scenario: str, directory: Path) -> Any:
     import engine_worker as ew
 
     results = tempfile.mkdtemp(prefix="shardckpt-torch-adapter-")
-    env = ew._base_env(results)
-    env["GLOO_SOCKET_IFNAME"] = "lo"
-    t = time.monotonic()
-    codes, output = ew.launch_torch(n, [__file__, "worker", scenario, os.fspath(directory)], env, RUN_TIMEOUT)
-    out = {}
-    for name in os.listdir(results):
-        with open(os.path.join(results, name)) as f:
-            res = json.load(f)
-        out[res["rank"]] = res
-    return ew.Run(codes, out, output, time.monotonic() - t)
+    try:
+        env = ew._base_env(results)
+        env["GLOO_SOCKET_IFNAME"] = "lo"
+        t = time.monotonic()
+        codes, output = ew.launch_torch(n, [__file__, "worker", scenario, os.fspath(directory)], env, RUN_TIMEOUT)
+        out = {}
+        for name in os.listdir(results):
+            with open(os.path.join(results, name)) as f:
+                res = json.load(f)
+            out[res["rank"]] = res
+        return ew.Run(codes, out, output, time.monotonic() - t)
+    finally:
+        shutil.rmtree(results, ignore_errors=True)
 
 
 TF_READER = r"""

@@ -86,3 +86,58 @@ def test_demo_runs_end_to_end(tmp_path):
     result = _cli("demo", "--size-mb", "32", "--dir", str(tmp_path), timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every value verified" in result.stdout and result.stdout.rstrip().endswith("OK")
+
+
+TORCH_SCRIPT = """
+import os, torch, torch.distributed as dist
+dist.init_process_group("gloo")                         # env://: what the launcher set, as under torchrun
+t = torch.tensor([float(dist.get_rank() + 1)])
+dist.all_reduce(t)
+seen = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
+print("sum", int(t.item()), "rank", dist.get_rank(), "of", dist.get_world_size(), sorted(seen.items()))
+dist.destroy_process_group()
+"""
+
+
+def test_a_plain_torch_script_runs_under_launch(tmp_path):
+    script = tmp_path / "allreduce.py"
+    script.write_text(TORCH_SCRIPT)
+    result = _cli("launch", "-n", "2", str(script), timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = sorted(line for line in result.stdout.splitlines() if " sum " in line)
+    assert len(lines) == 2, result.stdout
+    for rank, line in enumerate(lines):
+        env = [("LOCAL_RANK", str(rank)), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
+               ("RANK", str(rank)), ("WORLD_SIZE", "2")]
+        assert line == f"[rank{rank}] sum 3 rank {rank} of 2 {env}"
+
+
+CHATTY = """
+import os, sys
+rank = int(os.environ["RANK"])
+mark = "ab"[rank]
+for i in range(300):
+    stream = sys.stdout if i % 2 else sys.stderr
+    for _ in range(40):                                 # each line in 40 separate writes
+        stream.write(mark * 100)
+        stream.flush()
+    stream.write("\\n")
+sys.stdout.write("no newline at the end " + mark)
+"""
+
+
+def test_every_output_line_is_whole_and_prefixed_with_its_rank(tmp_path):
+    script = tmp_path / "chatty.py"
+    script.write_text(CHATTY)
+    result = _cli("launch", "-n", "2", str(script))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for stream, lines_per_rank in ((result.stdout, 151), (result.stderr, 150)):
+        counts = {0: 0, 1: 0}
+        for line in stream.splitlines():
+            prefix, _, body = line.partition(" ")
+            rank = {"[rank0]": 0, "[rank1]": 1}[prefix]
+            mark = "ab"[rank]
+            assert body == mark * 4000 or body == "no newline at the end " + mark, line[:80]
+            counts[rank] += 1
+        assert counts == {0: lines_per_rank, 1: lines_per_rank}
+    assert "shardckpt launch" not in result.stderr

@@ -326,3 +326,73 @@ def test_back_to_back_async_saves_queue_and_retention_follows_each(tmp_path):
     assert sc.CheckpointManager(d).all_steps() == [4, 5]
     assert tf.train.latest_checkpoint(d) == os.path.join(d, "ckpt-5")
     np.testing.assert_array_equal(tf.train.load_checkpoint(d).get_tensor("dense/kernel"), _model(5)["dense/kernel"])
+
+
+def test_restore_waits_for_the_managers_own_pending_async_save(tmp_path):
+    d = str(tmp_path / "run")
+    armed, restored = threading.Event(), threading.Event()
+
+    def hold_step_2(point: str, client: int) -> None:
+        # Client 0's background save of step 2 is held before it writes, until its restore returned (or 3 s):
+        # a restore that does not wait for the pending save finds only step 1.
+        if armed.is_set() and point == "after_plan" and client == 0:
+            restored.wait(3)
+
+    def client(coord):
+        manager = sc.CheckpointManager(d, coordinator=coord)
+        manager.save(1, MESH, _sharded(coord, 1), timeout=30)
+        coord.barrier("saved-1", 30)
+        if coord.rank == 0:
+            armed.set()
+        coord.barrier("armed", 30)
+        manager.save(2, MESH, _sharded(coord, 2), blocking=False, timeout=30)
+        out = manager.restore(MESH, {"dense/bias": BIAS}, timeout=30)
+        if coord.rank == 0:
+            restored.set()
+        manager.close()
+        return sorted({int(v) for shard in out["dense/bias"].shards.values() for v in shard})
+
+    with sc.faults.hook(hold_step_2):
+        assert sc.LocalGroup(2).run(client) == [[2], [2]]
+
+
+def test_clients_agree_on_the_latest_step_when_their_listings_differ(tmp_path):
+    d = tmp_path / "run"
+    listed = threading.Event()
+
+    def publish_step_3() -> None:
+        # Step 3 appears (its data files, then its index) after client 0 chose and before client 1 looks.
+        names = sorted(os.listdir(d))
+        for name in names:
+            if name.startswith("ckpt-2.") and not name.startswith("ckpt-2.index"):
+                os.link(d / name, d / ("ckpt-3." + name[len("ckpt-2."):]))
+        os.link(d / "ckpt-2.index", d / "ckpt-3.index")
+
+    def client(coord):
+        manager = sc.CheckpointManager(d, coordinator=coord)
+        for step in (1, 2):
+            manager.save(step, MESH, _sharded(coord, step), timeout=30)
+        coord.barrier("saved", 30)
+        if coord.rank == 1:
+            assert listed.wait(30)
+        out = manager.restore(MESH, {"dense/bias": BIAS}, timeout=30)
+        latest = manager.latest(timeout=30)
+        if coord.rank == 0:
+            publish_step_3()
+            listed.set()
+        values = sorted({int(v) for shard in out["dense/bias"].shards.values() for v in shard})
+        return values, latest, manager.latest_step()
+
+    # Each client's own view differs (client 1 sees step 3); restore and latest follow client 0's listing.
+    assert sc.LocalGroup(2).run(client) == [([2], 2, 3), ([2], 2, 3)]
+
+
+def test_latest_of_an_empty_directory_is_none_everywhere_and_restore_says_so(tmp_path):
+    def client(coord):
+        manager = sc.CheckpointManager(tmp_path / "none", coordinator=coord)
+        latest = manager.latest(timeout=30)
+        with pytest.raises(sc.CheckpointNotFoundError, match="no ckpt-<step> checkpoint"):
+            manager.restore(MESH, {"dense/bias": BIAS}, timeout=30)
+        return latest
+
+    assert sc.LocalGroup(3).run(client) == [None, None, None]

@@ -107,3 +107,45 @@ def test_a_dim_sharded_over_several_mesh_dims():
     assert sc.Layout([("x",), sc.UNSHARDED], mesh).sharding_specs == ("x", sc.UNSHARDED)
     with pytest.raises(sc.InvalidArgumentError):
         sc.Layout([("x", "y"), "y"], mesh)
+
+
+MESH_SCRIPT = """
+import json, os, sys
+import numpy as np
+import shardckpt as sc
+if sys.argv[1] == "torch":                              # no launcher variables: torch.distributed tells the rank
+    for name in ("SHARDCKPT_COORDINATOR", "SHARDCKPT_RANK", "SHARDCKPT_WORLD_SIZE", "SHARDCKPT_COORDINATOR_KEY"):
+        os.environ.pop(name)
+    import torch.distributed as dist
+    dist.init_process_group("gloo")
+mesh = sc.create_mesh([("x", 2), ("y", 3)])
+w = sc.DTensor.from_global(np.arange(36).reshape(6, 6), sc.Layout(["x", "y"], mesh))
+small = sc.create_mesh([("z", 2)])                      # fewer devices than clients: no local block
+print(json.dumps({"rank": int(os.environ["RANK"]), "local": list(mesh.local_device_ids),
+                  "shards": sorted(w.shards), "small": small.local_device_ids}))
+"""
+
+
+@pytest.mark.parametrize("engine", ["launch", "torch"])
+def test_create_mesh_knows_this_clients_devices_in_a_launched_process(tmp_path, engine):
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "mesh.py"
+    script.write_text(MESH_SCRIPT)
+    result = subprocess.run([sys.executable, "-m", "shardckpt", "launch", "-n", "4", str(script), engine],
+                            capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr
+    seen = sorted((json.loads(line.partition(" ")[2]) for line in result.stdout.splitlines()),
+                  key=lambda r: r["rank"])
+    # 6 devices among 4 clients: DTensor's contiguous blocks, uneven (6*r//4 .. 6*(r+1)//4).
+    blocks = [[0], [1, 2], [3], [4, 5]]
+    assert seen == [{"rank": r, "local": blocks[r], "shards": blocks[r], "small": None} for r in range(4)]
+
+
+def test_create_mesh_in_a_process_on_its_own_names_no_local_devices():
+    # In-process groups (LocalGroup) pass device ids or ask their coordinator; the mesh must stay neutral.
+    mesh = sc.create_mesh([("x", 4)])
+    assert mesh.local_device_ids is None and mesh.local_devices(1, 2) == (2, 3)
+    assert sc.create_mesh([("x", 4)], local_device_ids=[3]).local_device_ids == (3,)

@@ -282,7 +282,9 @@ def test_torchrun_without_init_process_group_fails_in_every_process(tmp_path):
         "except sc.EngineNotInitializedError as exc:\n"
         "    print('refused:', exc, flush=True)\n")  # exit 0: torchrun would stop the other process
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-addr", "127.0.0.1", "--master-port", "0", str(script)],
+                           "--master-addr", "127.0.0.1", "--master-port", "0",
+                           "--log-dir", str(tmp_path / "torchrun-logs"),  # else a torchelastic_* dir in TMPDIR
+                           str(script)],
                           capture_output=True, text=True, timeout=120)
     assert proc.stdout.count("refused:") == 2, proc.stdout + proc.stderr
     assert "init_process_group" in proc.stdout

@@ -15,11 +15,30 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CheckpointError
+from .errors import CheckpointError, CheckpointNotFoundError
 from .format.dtypes import datatype_name
 from .format.reader import BundleReader
 
 log = logging.getLogger("shardckpt")
+
+
+# One unit system in every output: binary (KiB, MiB, GiB and GiB/s), in the bars as in the summaries.
+BAR_UNITS: dict[str, Any] = {
+    "unit": "iB", "unit_scale": True, "unit_divisor": 1024,
+    "bar_format": "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}iB/{total_fmt}iB [{elapsed}<{remaining}, {rate_fmt}]",
+}
+# Below this many bytes a command is over before a bar would tell anything.
+BAR_MIN_BYTES = 64 << 20
+
+
+def bars_wanted(quiet: bool = False, json_output: bool = False) -> bool:
+    """Progress bars go to stderr only when it is a terminal, and never with --quiet or --json."""
+    if quiet or json_output:
+        return False
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
 
 
 def _human(n: float) -> str:
@@ -63,6 +82,31 @@ def _describe_v1(prefix: str) -> list[dict[str, object]]:
              "bytes": reader.stored_bytes(name),
              "data_files": sorted({os.path.basename(reader.files[i]) for _, i in t.slices})}
             for name, t in sorted(reader.tensors.items())]
+
+
+def interrupted_save_hint(prefix: object) -> str | None:
+    """What an interrupted save left at ``prefix`` (staged or temporary files, a lease) and what to do, or None."""
+    if not isinstance(prefix, str) or "://" in prefix:
+        return None
+    from .commit import leftovers
+    from .lease import lease_filename
+
+    files = sorted(f for group in leftovers(prefix).values() for f in group)
+    lease = lease_filename(prefix)
+    if os.path.lexists(lease):
+        files.append(lease)
+    if not files:
+        return None
+    total = 0
+    for f in files:
+        try:
+            total += os.lstat(f).st_size
+        except OSError:
+            pass
+    shown = "\n".join(f"  {f}" for f in files[:10]) + (f"\n  ... and {len(files) - 10} more" if len(files) > 10
+                                                        else "")
+    return (f"{prefix}: no index, but {len(files)} file(s) ({_human(total)}) of an interrupted save:\n{shown}\n"
+            f"run 'shardckpt clean {prefix}' to finish it (if it passed its commit point) or remove them")
 
 
 def describe(prefix: str) -> list[dict[str, object]]:
@@ -129,7 +173,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, int, list[str]]:
-    """Check every index block and every stored tensor's CRC32C; returns (tensors, bytes, problems)."""
+    """Check every index block and every stored tensor's CRC32C; returns (tensors, bytes, problems).
+
+    ``progress``: draw a bar on stderr (None: when stderr is a terminal)."""
     from tqdm import tqdm
 
     problems: list[str] = []
@@ -155,8 +201,9 @@ def verify_checkpoint(prefix: str, progress: bool | None = None) -> tuple[int, i
                 problems.append(str(exc))
         total = sum(p.entry.size for p in pieces)
         done = 0
-        with tqdm(total=total, unit="B", unit_scale=True, disable=progress is False or total < (64 << 20),
-                  desc="verify", file=sys.stderr) as bar:
+        show = bars_wanted() if progress is None else progress
+        with tqdm(total=total, **BAR_UNITS, disable=not show or total < BAR_MIN_BYTES, desc="verify",
+                  file=sys.stderr) as bar:
             for p in pieces:
                 try:
                     reader.check_stored(p)  # DT_VARIANT too, as its stored bytes
@@ -171,7 +218,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     """``shardckpt verify``: check every checksum; exit status 0 when all match, 1 otherwise."""
     start = time.perf_counter()
     args.prefix, _ = _target(args.prefix)  # a directory: its latest checkpoint
-    count, nbytes, problems = verify_checkpoint(args.prefix, progress=None if not args.quiet else False)
+    count, nbytes, problems = verify_checkpoint(args.prefix, progress=bars_wanted(args.quiet, args.json))
     for problem in ([] if args.json else problems):
         print(f"FAIL: {problem}")
     elapsed = time.perf_counter() - start
@@ -222,22 +269,31 @@ def cmd_launch(args: argparse.Namespace) -> int:
         if value is not None and not 0 < value < 1 << 32:
             raise SystemExit(f"shardckpt launch: {flag} must be between 1 and 2^32-1, not {value}")
     return launch(args.nproc, args.command_line, host=args.host, port=args.port,
-                  max_frame_bytes=args.max_frame_bytes, max_client_bytes=args.max_client_bytes)
+                  max_frame_bytes=args.max_frame_bytes, max_client_bytes=args.max_client_bytes,
+                  master_addr=args.master_addr, master_port=args.master_port, prefix_output=not args.no_prefix)
 
 
 class _Bar:
-    """A byte progress bar on stderr, created on first use (hidden with --quiet, and below 64 MiB)."""
+    """A byte progress bar on stderr, drawn once the first progress call gives the total (only on a terminal,
+    never with --quiet or --json, and not below 64 MiB).
 
-    def __init__(self, desc: str, quiet: bool) -> None:
-        self.desc, self.quiet = desc, quiet
+    Its clock starts when the command starts, not at that first call: the first call comes after the first
+    tensor was read, and timing that tensor's bytes from then on gave a rate of nearly nothing over nearly no
+    time (a ``diff`` of one large tensor showed tens of GB/s).
+    """
+
+    def __init__(self, desc: str, quiet: bool, json_output: bool = False) -> None:
+        self.desc, self.show = desc, bars_wanted(quiet, json_output)
         self._bar: Any = None
+        self._start = time.time()  # tqdm's own clock
 
     def __call__(self, done: int, total: int) -> None:
         if self._bar is None:
             from tqdm import tqdm
 
-            self._bar = tqdm(total=total, unit="B", unit_scale=True, desc=self.desc, file=sys.stderr,
-                             disable=self.quiet or total < (64 << 20))
+            self._bar = tqdm(total=total, **BAR_UNITS, desc=self.desc, file=sys.stderr,
+                             disable=not self.show or total < BAR_MIN_BYTES)
+            self._bar.start_t = self._bar.last_print_t = self._start
         self._bar.update(done)
 
     def close(self) -> None:
@@ -257,7 +313,7 @@ def cmd_convert(args: argparse.Namespace) -> int:
         print("shardckpt convert: exactly one of SOURCE and DESTINATION must end in .safetensors "
               f"(got {args.source!r} and {args.destination!r})", file=sys.stderr)
         return 2
-    bar = _Bar("convert", args.quiet)
+    bar = _Bar("convert", args.quiet, args.json)
     try:
         convert = safetensors_to_checkpoint if from_st else checkpoint_to_safetensors
         report = convert(args.source, args.destination, skip_unsupported=args.skip_unsupported,
@@ -313,7 +369,7 @@ def cmd_diff(args: argparse.Namespace) -> int:
     """``shardckpt diff``: compare two checkpoints; exit status 0 identical, 1 different, 2 unreadable input."""
     from .diff import diff_tensors
 
-    bar = _Bar("diff", args.quiet)
+    bar = _Bar("diff", args.quiet, args.json)
     try:
         report = diff_tensors(args.a, args.b, atol=args.atol, progress=bar)
     except (CheckpointError, OSError) as exc:
@@ -369,11 +425,19 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Start N copies of a script (or command) on this machine. Each gets "
                        "SHARDCKPT_RANK, SHARDCKPT_WORLD_SIZE, SHARDCKPT_COORDINATOR and its own "
                        "SHARDCKPT_COORDINATOR_KEY (the coordinator admits only connections that prove they hold "
-                       "such a key), so shardckpt calls in it coordinate with no further setup. If one client "
-                       "fails, the others are stopped and the launcher exits non-zero.")
+                       "such a key), so shardckpt calls in it coordinate with no further setup; and what torchrun "
+                       "sets (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR, MASTER_PORT), so "
+                       "torch.distributed.init_process_group() works too. Output lines are prefixed [rankN]. "
+                       "If one client fails, the others are stopped and the launcher exits non-zero.")
     p.add_argument("-n", "--nproc", type=int, required=True, help="number of clients")
     p.add_argument("--host", default="127.0.0.1", help="address the coordinator binds (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=0, help="coordinator port (default: any free port)")
+    p.add_argument("--master-addr", default="127.0.0.1",
+                   help="MASTER_ADDR given to the clients for torch.distributed (default 127.0.0.1)")
+    p.add_argument("--master-port", type=int, default=0,
+                   help="MASTER_PORT given to the clients (default: a port free at launch)")
+    p.add_argument("--no-prefix", action="store_true",
+                   help="pass the clients' output through as is, without the [rankN] line prefixes")
     p.add_argument("--max-frame-bytes", type=int, default=None, metavar="N",
                    help="largest value one client may send the coordinator in one collective "
                    "(default: SHARDCKPT_MAX_FRAME_BYTES or 256 MiB)")
@@ -446,6 +510,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        hint = interrupted_save_hint(getattr(args, "prefix", None)) if isinstance(exc, CheckpointNotFoundError) \
+            else None
+        if hint:
+            print(hint, file=sys.stderr)
         return 1
     except OSError as exc:  # e.g. `clean` in a read-only directory: no traceback, and say where
         where = getattr(args, "prefix", None)

@@ -12,12 +12,38 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
+from typing import Any
 
 import numpy as np
 
 SAVE_CLIENTS = 4
 RESTORE_CLIENTS = 3
+POLL_SECONDS = 0.2
+
+
+def _progress_path(workdir: str, phase: str, rank: int) -> str:
+    return os.path.join(workdir, f".demo-{phase}-{rank}.progress")
+
+
+def _report_progress(workdir: str, phase: str, rank: int, done: int) -> None:
+    """Tell the parent how many tensors this client has built (save) or checked (restore)."""
+    path = _progress_path(workdir, phase, rank)
+    with open(path + ".tmp", "w") as f:
+        f.write(str(done))
+    os.replace(path + ".tmp", path)
+
+
+def _progress_of(workdir: str, phase: str, clients: int) -> int:
+    done = 0
+    for r in range(clients):
+        try:
+            with open(_progress_path(workdir, phase, r)) as f:
+                done += int(f.read() or 0)
+        except (OSError, ValueError):
+            pass
+    return done
 
 
 def expected(k: int, box: tuple[tuple[int, int], ...]) -> np.ndarray:
@@ -64,6 +90,8 @@ def _client(phase: str, workdir: str, size_mb: int) -> int:
             layout = sc.Layout(layouts[kind], mesh)
             shards = {d: expected(k, layout.shard_bounds(shape, d)) for d in local}
             tensors.append(sc.DTensor(shape, np.dtype(np.float32), layout, shards))
+            _report_progress(workdir, phase, coord.rank, k + 1)
+        _report_progress(workdir, phase, coord.rank, len(spec))
         start = time.perf_counter()
         result = sc.sharded_save(mesh, prefix, [n for n, _, _ in spec], [""] * len(spec), tensors,
                                  overwrite=True, blocking=True)
@@ -83,10 +111,45 @@ def _client(phase: str, workdir: str, size_mb: int) -> int:
                 if not np.array_equal(shard, expected(k, t.bounds(d))):
                     print(f"client {coord.rank}: MISMATCH in {spec[k][0]} device {d}", file=sys.stderr)
                     ok = False
+            _report_progress(workdir, phase, coord.rank, k + 1)
         report = {"seconds": seconds, "bytes": nbytes, "ok": ok}
     with open(os.path.join(workdir, f".demo-{phase}-{coord.rank}.json"), "w") as f:
         json.dump(report, f)
     return 0 if report["ok"] else 1
+
+
+def _run_phase(phase: str, clients: int, workdir: str, size_mb: int, tensors: int, show: bool) -> int:
+    """Launch one phase's clients; on a terminal, a bar of the tensors they built (save) or checked (restore)."""
+    from .launch import launch
+
+    argv = ["-m", "shardckpt.demo", phase, workdir, str(size_mb)]
+    if not show:
+        return launch(clients, argv)
+    from tqdm import tqdm
+
+    total = tensors * clients
+    steps = {"save": ("building shards", "writing the checkpoint"), "restore": ("restoring", "verifying")}[phase]
+    finished = threading.Event()
+
+    def follow(bar: Any) -> None:  # the launcher keeps the main thread (it forwards signals from there)
+        label = f"{phase}: {steps[0]}"
+        while not finished.wait(POLL_SECONDS):
+            done = _progress_of(workdir, phase, clients)
+            if done > bar.n:
+                bar.update(done - bar.n)
+            now = f"{phase}: {steps[1] if done > 0 and (phase == 'restore' or done >= total) else steps[0]}"
+            if now != label:
+                label = now
+                bar.set_description(label)
+
+    with tqdm(total=total, desc=f"{phase}: {steps[0]}", unit="tensor", file=sys.stderr, leave=False) as bar:
+        follower = threading.Thread(target=follow, args=(bar,), name="shardckpt-demo-progress", daemon=True)
+        follower.start()
+        try:
+            return launch(clients, argv)
+        finally:
+            finished.set()
+            follower.join()
 
 
 def run_demo(args: argparse.Namespace) -> int:
@@ -94,7 +157,7 @@ def run_demo(args: argparse.Namespace) -> int:
 
     Writes under ``args.dir`` (kept) or a temporary directory (removed); ``args.size_mb`` is the model size in MiB.
     """
-    from .launch import launch
+    from .cli import bars_wanted
 
     workdir = args.dir or tempfile.mkdtemp(prefix="shardckpt-demo-")
     os.makedirs(workdir, exist_ok=True)
@@ -105,7 +168,7 @@ def run_demo(args: argparse.Namespace) -> int:
     try:
         for phase, n in (("save", SAVE_CLIENTS), ("restore", RESTORE_CLIENTS)):
             start = time.perf_counter()
-            code = launch(n, ["-m", "shardckpt.demo", phase, workdir, str(args.size_mb)])
+            code = _run_phase(phase, n, workdir, args.size_mb, len(spec), bars_wanted())
             wall = time.perf_counter() - start
             if code != 0:
                 print(f"{phase} failed (exit status {code})")
@@ -122,17 +185,21 @@ def run_demo(args: argparse.Namespace) -> int:
                 phases = {k: max(rep["timings"].get(k, 0.0) for rep in reports) for k in reports[0]["timings"]}
                 detail = ", ".join(f"{k} {v:.2f}s" for k, v in phases.items() if k != "total")
                 print(f"save:    {n} clients wrote {nbytes / (1 << 30):.2f} GiB into {len(files)} files in "
-                      f"{slowest:.2f} s = {nbytes / slowest / 1e9:.2f} GB/s ({detail}); "
+                      f"{slowest:.2f} s = {nbytes / slowest / (1 << 30):.2f} GiB/s ({detail}); "
                       f"with process start-up {wall:.1f} s")
             else:
                 print(f"restore: {n} clients on a 1-D mesh of {n} (columns resharded) read "
-                      f"{nbytes / (1 << 30):.2f} GiB in {slowest:.2f} s = {nbytes / slowest / 1e9:.2f} GB/s; "
+                      f"{nbytes / (1 << 30):.2f} GiB in {slowest:.2f} s = {nbytes / slowest / (1 << 30):.2f} GiB/s; "
                       f"every value verified; with process start-up {wall:.1f} s")
         print("OK")
         return 0
     finally:
         if args.dir is None:
             shutil.rmtree(workdir, ignore_errors=True)
+        else:
+            for name in os.listdir(workdir):
+                if name.startswith(".demo-") and (name.endswith(".progress") or name.endswith(".progress.tmp")):
+                    os.unlink(os.path.join(workdir, name))
 
 
 if __name__ == "__main__":

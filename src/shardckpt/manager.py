@@ -312,14 +312,38 @@ class CheckpointManager:
 
     # --- restoring ---------------------------------------------------------------------------------
 
-    def restore(self, mesh: Mesh, name_tensor_map: Mapping[str, Target], step: int | None = None,
-                **kwargs: Any) -> dict[str, DTensor]:
+    def latest(self, timeout: float | None = None) -> int | None:
+        """The newest step with a complete checkpoint, the same on every client (or None); a collective.
+
+        Every client calls it.  It first waits for this manager's pending asynchronous save (so that save's
+        step counts once it committed); then client 0 lists the directory and broadcasts what it found: one
+        collective of O(clients) messages, so clients whose views of a shared directory differ for a moment
+        (caching, a step visible to some clients only) still agree.  `latest_step` is this client's own view.
+        """
+        self.wait_until_finished()
+        coord = self.coordinator
+        wait = default_timeout(timeout)
+        mine = self.latest_step() if coord.rank == 0 else None
+        with coord.session("manager-latest") as session:
+            reply = session.broadcast("out", json.dumps({"step": mine}).encode() if coord.rank == 0 else None,
+                                      wait)
+        step = json.loads(reply)["step"]
+        if step is not None and (isinstance(step, bool) or not isinstance(step, int) or step < 0):
+            raise InvalidArgumentError(f"{self.directory}: client 0 reported latest step {step!r}")
+        return step
+
+    def restore(self, mesh: Mesh, name_tensor_map: Mapping[str, Target], step: int | None = None, *,
+                timeout: float | None = None, **kwargs: Any) -> dict[str, DTensor]:
         """Restore ``{name: target}`` from checkpoint ``step`` (default: the newest), as `name_based_restore`.
 
-        Raises `CheckpointNotFoundError` when the directory has no checkpoint, or none for ``step``.
+        Waits for this manager's pending asynchronous save first.  Without ``step`` every client calls it: the
+        newest step is `latest` (client 0's listing, shared), so all clients restore the same checkpoint.
+        ``timeout`` bounds that agreement; other ``kwargs`` go to `name_based_restore`.  Raises
+        `CheckpointNotFoundError` when the directory has no checkpoint, or none for ``step``.
         """
+        self.wait_until_finished()
         if step is None:
-            step = self.latest_step()
+            step = self.latest(timeout)
             if step is None:
                 raise CheckpointNotFoundError(
                     f"{self.directory}: no {self.checkpoint_name}-<step> checkpoint to restore")

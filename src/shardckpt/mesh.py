@@ -8,6 +8,8 @@ Unless told otherwise, client ``c`` of ``n`` owns the ``c``-th contiguous block 
 from __future__ import annotations
 
 import math
+import os
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -156,8 +158,48 @@ def _block_of(pos: int, size: int, num_clients: int) -> int:
     return c
 
 
+def this_client() -> tuple[int, int] | None:
+    """(rank, client count) of this process in the job it was started as, or None when it is on its own.
+
+    Read from what the launcher or an initialised engine already holds, in the order coordination's engine
+    detection uses: ``shardckpt launch``'s variables, then torch.distributed, JAX's distributed runtime,
+    TensorFlow DTensor's variables and MPI.  Nothing is imported or initialised here.
+    """
+    rank, size = os.environ.get("SHARDCKPT_RANK", ""), os.environ.get("SHARDCKPT_WORLD_SIZE", "")
+    if os.environ.get("SHARDCKPT_COORDINATOR") and rank.isdigit() and size.isdigit():
+        return int(rank), int(size)
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        return int(dist.get_rank()), int(dist.get_world_size())
+    jax_dist = sys.modules.get("jax._src.distributed")
+    state = getattr(jax_dist, "global_state", None)
+    if state is not None and getattr(state, "client", None) is not None:
+        return int(state.process_id), int(state.num_processes)
+    rank, size = os.environ.get("DTENSOR_CLIENT_ID", ""), os.environ.get("DTENSOR_NUM_CLIENTS", "")
+    if "tensorflow" in sys.modules and os.environ.get("DTENSOR_JOBS") and rank.isdigit() and size.isdigit():
+        return int(rank), int(size)
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized() and mpi.COMM_WORLD.Get_size() > 1:
+        return int(mpi.COMM_WORLD.Get_rank()), int(mpi.COMM_WORLD.Get_size())
+    return None
+
+
 def create_mesh(dims: Sequence[tuple[str, int]], *, device_ids: Sequence[int] | None = None,
                 local_device_ids: Sequence[int] | None = None, name: str = "") -> Mesh:
-    """``create_mesh([("x", 2), ("y", 4)])``, as ``tf.experimental.dtensor.create_mesh``."""
-    return Mesh([d for d, _ in dims], [s for _, s in dims], device_ids=device_ids,
+    """``create_mesh([("x", 2), ("y", 4)])``, as ``tf.experimental.dtensor.create_mesh``.
+
+    As DTensor's ``create_distributed_mesh``, a process that is client ``r`` of ``n`` (started by ``shardckpt
+    launch``, or with torch.distributed, JAX's distributed runtime, TF DTensor or MPI initialised) gets a mesh
+    whose ``local_device_ids`` are its contiguous block of ``device_ids``, so `DTensor.from_global` keeps only
+    this client's shards; pass ``local_device_ids`` to say otherwise.  A mesh with fewer devices than clients
+    names no local devices (a restore then asks its coordinator).
+    """
+    mesh = Mesh([d for d, _ in dims], [s for _, s in dims], device_ids=device_ids,
                 local_device_ids=local_device_ids, name=name)
+    if local_device_ids is not None:
+        return mesh
+    client = this_client()
+    if client is None or client[1] <= 1 or client[1] > mesh.size or not 0 <= client[0] < client[1]:
+        return mesh
+    return Mesh(mesh.dim_names, mesh.shape, device_ids=mesh.device_ids,
+                local_device_ids=mesh.client_devices(*client), name=name)

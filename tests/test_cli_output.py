@@ -1,0 +1,125 @@
+"""What the command line prints: one unit system, bars only on a terminal (never with --json), a sane rate,
+and a useful word about an interrupted save."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+import threading
+import time
+
+import numpy as np
+
+import shardckpt as sc
+from shardckpt import cli
+
+BIG = 80 << 20  # above the 64 MiB below which no bar is drawn
+
+
+def _run(argv: list[str], *, tty: bool, timeout: float = 300) -> tuple[int, str, str]:
+    """Run the CLI with stdout piped and stderr a pseudo-terminal (``tty``) or a pipe; (status, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "shardckpt", *argv]
+    env = dict(os.environ, COLUMNS="120")
+    if not tty:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        return r.returncode, r.stdout, r.stderr
+    master, slave = pty.openpty()
+    # A terminal of 120 columns (a fresh pseudo-terminal has 0, and a bar of 0 columns is empty).
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:  # EIO: the other side is closed
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    try:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, text=True, env=env)
+        os.close(slave)
+        slave = -1
+        reader.start()
+        out, _ = proc.communicate(timeout=timeout)
+        reader.join(30)
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    return proc.returncode, out, b"".join(chunks).decode(errors="replace")
+
+
+def _big_checkpoint(prefix: str) -> None:
+    with sc.BundleWriter(prefix) as w:
+        w.add("big", np.ones(BIG // 4, np.float32))
+
+
+def test_verify_draws_a_binary_unit_bar_only_on_a_terminal_and_never_with_json(tmp_path):
+    prefix = str(tmp_path / "big")
+    _big_checkpoint(prefix)
+    code, out, err = _run(["verify", prefix], tty=True)
+    assert code == 0 and out.startswith("OK") and "80.0 MiB verified" in out, (out, err)
+    assert "verify" in err and "80.0MiB/80.0MiB" in err and re.search(r"\d+(\.\d+)?[MG]iB/s", err), err
+    assert not re.search(r"\d(k|M|G)B\b", err), err  # no decimal units next to the binary ones
+    code, out, err = _run(["verify", "--json", prefix], tty=True)
+    assert code == 0 and json.loads(out)["ok"] and err == "", err
+    code, out, err = _run(["verify", prefix], tty=False)
+    assert code == 0 and err == "", err
+
+
+def test_a_bars_clock_starts_with_the_command_not_at_its_first_report():
+    # diff and convert report after each tensor: a bar made at the first report timed that tensor's bytes
+    # over almost no time.  Its start must be no later than a moment between creation and the first report.
+    bar = cli._Bar("diff", quiet=False)
+    bar.show = True
+    between = time.time()
+    while time.time() == between:
+        pass
+    try:
+        bar(BIG, 2 * BIG)
+        assert bar._bar.start_t <= between
+        assert bar._bar.n == BIG and bar._bar.total == 2 * BIG
+    finally:
+        bar.close()
+
+
+def test_bars_are_wanted_only_on_a_terminal(capsys):
+    assert cli.bars_wanted(quiet=True) is False and cli.bars_wanted(json_output=True) is False
+    assert cli.bars_wanted() is False  # pytest captures stderr: not a terminal
+
+
+def test_inspect_of_an_interrupted_save_says_what_is_there_and_to_clean(tmp_path):
+    prefix = str(tmp_path / "ckpt")
+    script = ("import sys, numpy as np, shardckpt as sc\n"
+              "sc.sharded_save(sc.create_mesh([('x', 1)]), sys.argv[1], ['w'], [''], [np.ones(1000, np.float32)])\n")
+    env = dict(os.environ, SHARDCKPT_FAULT="after_data_fsync@0:kill")
+    killed = subprocess.run([sys.executable, "-c", script, prefix], env=env, capture_output=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    code, out, err = _run(["inspect", prefix], tty=False)
+    assert code == 1 and out == ""
+    assert "no index, but" in err and "interrupted save" in err, err
+    assert f"shardckpt clean {prefix}" in err and ".staging-" in err, err
+    assert _run(["clean", prefix], tty=False)[0] == 0
+    code, out, err = _run(["inspect", prefix], tty=False)
+    assert code == 1 and "no checkpoint" in err and "shardckpt clean" not in err, err
+
+
+def test_the_demo_shows_progress_on_a_terminal_and_binary_units(tmp_path):
+    code, out, err = _run(["demo", "--size-mb", "16", "--dir", str(tmp_path)], tty=True)
+    assert code == 0, out + err
+    assert "save: building shards" in err and "restore:" in err and "tensor" in err, err
+    assert "GiB/s" in out and "GB/s" not in out, out
+    assert not [n for n in os.listdir(tmp_path) if n.endswith((".progress", ".tmp"))]
+    code, out, err = _run(["demo", "--size-mb", "16", "--dir", str(tmp_path / "piped")], tty=False)
+    assert code == 0 and err == "", err
