@@ -101,7 +101,11 @@ def _env() -> dict[str, str]:
 
 
 def _run(argv: list[str], cwd: Path, block: Block) -> None:
-    result = subprocess.run(argv, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=BLOCK_TIMEOUT)
+    env = _env()
+    scratch = cwd / "tmp"  # what a block's tools leave in TMPDIR (torchrun's torchelastic_* logs) goes with it
+    scratch.mkdir(exist_ok=True)
+    env["TMPDIR"] = str(scratch)
+    result = subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT)
     assert result.returncode == 0, (
         f"README.md:{block.line} ({block.section}) failed with status {result.returncode} under {argv}:\n"
         f"--- stdout\n{result.stdout[-6000:]}\n--- stderr\n{result.stderr[-6000:]}")
