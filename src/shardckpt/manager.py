@@ -268,18 +268,25 @@ class CheckpointManager:
         else:
             step = int(step)
         payload: dict[str, object] = {"step": step if error is None else None, "error": error}
-        if coord.rank == 0:
-            payload["steps"] = self.all_steps()
-        replies = [json.loads(b) for b in coord.all_gather(json.dumps(payload).encode(), "manager-save", timeout)]
         where = f"{self.directory}: CheckpointManager.save"
-        for r, reply in enumerate(replies):
-            if reply["error"]:
-                raise InvalidArgumentError(f"{where}: client {r}: {reply['error']}")
-        for r, reply in enumerate(replies):
-            if reply["step"] != replies[0]["step"]:
-                raise InvalidArgumentError(
-                    f"{where}: client {r} saves step {reply['step']}, client 0 step {replies[0]['step']}")
-        existing = replies[0]["steps"]
+
+        def judge(raw: list[bytes]) -> bytes:
+            # Client 0 checks every client's step; only the verdict and its listing go back (O(1) per client).
+            replies = [json.loads(b) for b in raw]
+            for r, reply in enumerate(replies):
+                if reply["error"]:
+                    return json.dumps({"error": f"client {r}: {reply['error']}"}).encode()
+            for r, reply in enumerate(replies):
+                if reply["step"] != replies[0]["step"]:
+                    return json.dumps({"error": f"client {r} saves step {reply['step']}, client 0 step "
+                                                f"{replies[0]['step']}"}).encode()
+            return json.dumps({"steps": self.all_steps()}).encode()
+
+        with coord.session("manager-save") as session:
+            verdict = json.loads(session.reduce(json.dumps(payload).encode(), judge, timeout))
+        if "error" in verdict:
+            raise InvalidArgumentError(f"{where}: {verdict['error']}")
+        existing = verdict["steps"]
         if existing and step < existing[-1]:
             raise InvalidArgumentError(
                 f"{where}: step {step} is older than the newest checkpoint, step {existing[-1]}; steps must not "
