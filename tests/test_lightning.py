@@ -206,3 +206,61 @@ def test_a_dcp_checkpoint_without_the_layout_is_refused(tmp_path) -> None:
     dcp.save({"w": torch.ones(2)}, storage_writer=StorageWriter(tmp_path / "plain", durable=False), no_dist=True)
     with pytest.raises(CorruptCheckpointError, match="no shardckpt_lightning.layout entry"):
         shardckpt.lightning.CheckpointIO().load_checkpoint(tmp_path / "plain")
+
+
+DDP_WORKER = r"""
+import json, os, sys
+import torch
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+sys.path.insert(0, sys.argv[1])
+import shardckpt.lightning
+from test_lightning import Seen, Tiny
+
+out = sys.argv[2]
+rank = int(os.environ["RANK"])
+
+def trainer(epochs, *callbacks):
+    return L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_epochs=epochs, enable_progress_bar=False,
+                     logger=False, enable_model_summary=False, default_root_dir=out, callbacks=list(callbacks),
+                     plugins=[shardckpt.lightning.CheckpointIO(durable=False)])
+
+torch.manual_seed(1)
+model = Tiny()
+trainer(1, ModelCheckpoint(dirpath=os.path.join(out, "ckpts"), save_top_k=-1)).fit(model)
+saved = {k: v.reshape(-1).view(torch.uint8).tolist() for k, v in model.state_dict().items()}
+(name,) = os.listdir(os.path.join(out, "ckpts"))
+torch.manual_seed(2 + rank)
+seen = Seen()
+t2 = trainer(2, seen)
+t2.fit(Tiny(), ckpt_path=os.path.join(out, "ckpts", name))
+start = {k: v.reshape(-1).view(torch.uint8).tolist() for k, v in seen.start["weights"].items()}
+with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
+    json.dump({"name": name, "saved": saved, "start": start, "start_step": seen.start["global_step"],
+               "end_step": t2.global_step, "world": t2.world_size}, f)
+"""
+
+
+def test_ddp_on_two_gloo_processes_saves_from_rank_0_and_every_rank_resumes_from_it(tmp_path) -> None:
+    import json
+    import subprocess
+    import sys
+
+    script = tmp_path / "ddp_worker.py"
+    script.write_text(DDP_WORKER)
+    scratch = tmp_path / "tmp"  # torchrun's own logs go to TMPDIR
+    scratch.mkdir()
+    env = dict(os.environ, TMPDIR=str(scratch), GLOO_SOCKET_IFNAME="lo", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(script), os.path.dirname(__file__), str(tmp_path)], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    per_epoch = BATCHES // 2  # the DistributedSampler halves each rank's batches
+    assert r0["world"] == r1["world"] == 2 and r0["name"] == f"epoch=0-step={per_epoch}.ckpt"
+    assert sorted(os.listdir(tmp_path / "ckpts" / r0["name"])) == [  # written by rank 0 alone: one data file
+        "checkpoint", "model.data-00000-of-00001", "model.data-00000-of-00001.crc32c", "model.index"]
+    for r in (r0, r1):
+        assert r["start_step"] == per_epoch and r["end_step"] == 2 * per_epoch
+        assert r["start"] == r0["saved"]  # both ranks start from rank 0's saved state, bit for bit
