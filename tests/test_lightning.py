@@ -264,3 +264,18 @@ def test_ddp_on_two_gloo_processes_saves_from_rank_0_and_every_rank_resumes_from
     for r in (r0, r1):
         assert r["start_step"] == per_epoch and r["end_step"] == 2 * per_epoch
         assert r["start"] == r0["saved"]  # both ranks start from rank 0's saved state, bit for bit
+
+
+def test_a_tensor_whose_stored_slices_do_not_cover_it_is_refused_not_left_uninitialised(tmp_path) -> None:
+    import numpy as np
+
+    from shardckpt import BundleWriter
+
+    layout = objects.encode({"version": 1, "tree": {"w": "w", "epoch": "epoch"}, "types": []}, "layout")
+    with BundleWriter(tmp_path / "c" / "model", durable=False) as w:
+        w.add_slice("w", "6 0,2", np.ones(2, np.float32))  # elements 2, 3 and 5 are stored nowhere
+        w.add_slice("w", "6 4,1", np.ones(1, np.float32))
+        w.add("epoch", np.array(objects.encode(0, "epoch"), dtype=object))
+        w.add(shardckpt.lightning.LAYOUT_NAME, np.array(layout, dtype=object))
+    with pytest.raises(CorruptCheckpointError, match=r"c/model.*: w: the stored slices cover .* of its 6 elements"):
+        shardckpt.lightning.CheckpointIO().load_checkpoint(tmp_path / "c")

@@ -51,6 +51,7 @@ Processes
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from collections import OrderedDict
@@ -255,7 +256,8 @@ class CheckpointIO(_LightningCheckpointIO):
         device = _device(map_location, path)
         reader = StorageReader(path, allow_pickle=self.allow_pickle, verify=self.verify)
         metadata = reader.read_metadata()
-        where = f"{os.path.join(path, PREFIX_NAME)} in {path}"
+        prefix = os.path.join(path, PREFIX_NAME)
+        where = f"{prefix} ({index_filename(prefix)})"
         if not isinstance(metadata.state_dict_metadata.get(LAYOUT_NAME), BytesStorageMetadata):
             raise CorruptCheckpointError(f"{path}: no {LAYOUT_NAME} entry: not a checkpoint of "
                                          "shardckpt.lightning.CheckpointIO (read it with shardckpt.load_checkpoint)")
@@ -272,6 +274,7 @@ class CheckpointIO(_LightningCheckpointIO):
             if md is None or name == LAYOUT_NAME:
                 raise CorruptCheckpointError(f"{where}: the layout names {name!r}, which is not stored")
             if isinstance(md, TensorStorageMetadata):
+                _check_covered(md, name, where)
                 target[name] = torch.empty(md.size, dtype=md.properties.dtype, device=device)
             else:
                 target[name] = None
@@ -302,6 +305,15 @@ class CheckpointIO(_LightningCheckpointIO):
             raise InvalidArgumentError(f"{path}: not a checkpoint directory of shardckpt.lightning.CheckpointIO "
                                        f"(no {PREFIX_NAME}.index or {STATE_FILENAME} inside); not removed")
         shutil.rmtree(path)
+
+
+def _check_covered(md: TensorStorageMetadata, name: str, where: str) -> None:
+    """Refuse a tensor its stored slices do not fill: DCP reads only what is stored, so a gap would stay as
+    ``torch.empty`` left it.  The bundle reader already refuses overlapping slices, so volumes add up exactly."""
+    numel = math.prod(md.size)
+    stored = sum(math.prod(c.sizes) for c in md.chunks)
+    if stored != numel:
+        raise CorruptCheckpointError(f"{where}: {name}: the stored slices cover {stored} of its {numel} elements")
 
 
 def _device(map_location: Any, path: str) -> torch.device:
