@@ -37,8 +37,9 @@ Loading
     when it is called), so the target is built from the checkpoint alone: the layout
     entry is loaded first, then every tensor is allocated with the shape and dtype the
     bundle's index records (``StorageReader.read_metadata``), on ``map_location`` (a
-    device or device string; CPU by default), and ``dcp.load`` fills them.  The dict is
-    then put back together from the layout.  No pickle from the file is run
+    device or device string; CPU by default), and ``dcp.load`` fills them (a tensor its
+    stored slices do not fill is refused: nothing uninitialised is handed back).  The
+    dict is then put back together from the layout.  No pickle from the file is run
     (``weights_only`` holds whatever it is given).
 
 Processes
