@@ -17,7 +17,7 @@ What is stored, and how
     ``state_dict.l.weight``, Adam's moments ``optimizer_states.0.state.0.exp_avg``,
     ModelCheckpoint's scores ``callbacks.ModelCheckpoint{...}.best_model_score``.  Each
     part without tensors (``epoch``, ``global_step``, ``pytorch-lightning_version``,
-    ``loops``, ``hyper_parameters``, ``lr_schedulers.0``, an optimizer's
+    ``loops``, ``hyper_parameters``, ``lr_schedulers``, an optimizer's
     ``param_groups``, the callbacks' paths) is one DT_STRING entry under its path, as
     JSON (`shardckpt.objects`: tuples, int keys and non-finite floats kept exactly).
     One more JSON entry, `LAYOUT_NAME`, holds the dict's shape: the containers, with
