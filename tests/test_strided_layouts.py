@@ -276,3 +276,53 @@ def test_one_client_many_devices_saves_views_tensorflow_reads(tmp_path):
         for n, a in arrays.items():
             assert seen[f"{prefix}:{n}"] == [str(a.dtype), list(a.shape),
                                             hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()]
+
+
+_JAX_RESTORE = r"""
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+import numpy as np, jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import shardckpt.jax as scj
+
+def rss(key):
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) * 1024 for l in f if l.startswith(key))
+
+mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("x", "y"))
+specs = {"a": P("x", "y"), "b": P(None, "y"), "c": P("x", None), "r": P()}
+rng = np.random.default_rng(3)
+host = {n: rng.standard_normal((1030, 2052)).astype(np.float32) for n in specs}
+host["r"] = rng.standard_normal((300, 1001)).astype(np.float32)  # float32: jax without x64
+if sys.argv[2] == "save":  # in its own process: the restore's process holds no freed memory to reuse
+    scj.save({n: jax.device_put(host[n], NamedSharding(mesh, s)) for n, s in specs.items()}, sys.argv[1])
+    sys.exit(0)
+abstract = {n: jax.ShapeDtypeStruct(host[n].shape, host[n].dtype, sharding=NamedSharding(mesh, s))
+            for n, s in specs.items()}
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+base = rss("VmRSS:")
+out = jax.block_until_ready(scj.restore(sys.argv[1], abstract))
+added = rss("VmHWM:") - base
+same = all(np.array_equal(np.asarray(out[n]), host[n]) for n in host)
+held = sum(s.data.nbytes for a in out.values() for s in a.addressable_shards)
+print(json.dumps({"same": same, "added": added, "held": held}))
+"""
+
+
+def test_jax_restore_hands_its_buffers_to_jax_without_a_second_copy(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    for mode in ("save", "restore"):
+        proc = subprocess.run([sys.executable, "-c", _JAX_RESTORE, str(tmp_path / "j"), mode], capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["same"]
+    # Every device's shard restored into 64-byte-aligned host memory that jax.device_put adopts as it is, so
+    # the restore touches no memory beyond the buffers the arrays keep (measured: 0.67x of the bytes the
+    # shards report, replicas counted), where copying them into XLA's own buffers touched 1.0x.
+    assert got["added"] < 0.85 * got["held"], got
