@@ -35,6 +35,19 @@ and shardckpt-only measurements:
   so the plan spreads them), restored split over the 8 clients and by one client; safetensors on the same dict
   as a reference.
 
+``--layouts`` runs, instead, the layouts one client has (the issue "every layout at the ceiling"), each system in
+its own process, in an order rotated per repetition, and writes the section between
+``<!-- bench_peers:layouts:start -->`` and ``<!-- bench_peers:layouts:end -->``:
+
+- ``one-sc`` (1 process): the same 1 GiB as 16 global float32[4096, 4096] arrays, saved (``durable=False``) and
+  restored by one client owning 4 devices (2x2 mesh: 2-D-sharded numpy views from ``DTensor.from_global``; 1x4:
+  column blocks) and 8 devices (2x4 and 1x8), plus resharding restores of the 2x2 checkpoint (to 4x1 rows, to
+  whole tensors); beside the raw ceiling in the same process: ``os.write`` of the 1 GiB contiguous to one file.
+  The phases run in an order rotated per repetition; ``os.sync()`` before each save.
+- ``one-jax`` (1 process, 8 CPU devices): ``shardckpt.jax.save`` / ``restore`` of the arrays sharded 2x4 beside
+  Orbax ``StandardCheckpointer`` in the same process, alternated (A B B A).
+- ``tf``: TF DTensor on a 2x2 mesh of 4 logical CPU devices, one process (the row above).
+
 Rules: each system runs in fresh worker processes that import their framework and build their data before the
 clock starts; timing happens inside the workers, between barriers, around the save or restore call only; the
 slowest client is reported.  Before each timed save the previous output is deleted (untimed) and ``os.sync()``
@@ -78,7 +91,13 @@ ROOT = os.path.dirname(HERE)
 
 MAIN_SYSTEMS = ["sc", "sc-fast", "sc-mmap", "tf", "dcp", "dcp-fast", "orbax", "safetensors", "raw", "memcpy"]
 EXTRA_SYSTEMS = ["sc-extras", "sc-one", "sc-100k"]
-ALL_SYSTEMS = MAIN_SYSTEMS + EXTRA_SYSTEMS
+LAYOUT_SYSTEMS = ["tf", "one-sc", "one-jax"]
+ALL_SYSTEMS = MAIN_SYSTEMS + EXTRA_SYSTEMS + ["one-sc", "one-jax"]
+LAYOUTS_START = "<!-- bench_peers:layouts:start -->"
+LAYOUTS_END = "<!-- bench_peers:layouts:end -->"
+# one-sc: (phase suffix, mesh dims, layout of the large tensors) of the one-client saves
+ONE_LAYOUTS = [("2d4", [("x", 2), ("y", 2)], ["x", "y"]), ("col4", [("c", 4)], ["-", "c"]),
+               ("2d8", [("x", 2), ("y", 4)], ["x", "y"]), ("col8", [("c", 8)], ["-", "c"])]
 NPROCS = {"sc": WORLD, "sc-fast": WORLD, "sc-mmap": WORLD, "dcp": WORLD, "dcp-fast": WORLD, "raw": WORLD,
           "sc-extras": WORLD}
 LABELS = {
@@ -444,10 +463,15 @@ def work_tf(w: Worker) -> None:
     for j in range(NUM_SMALL):
         tensors.append(dtensor.DVariable(dtensor.copy_to_mesh(tf.constant(small(j)), rep)))
     prefix = os.path.join(w.dir, "ckpt")
+    targets = {n: t for n, t in zip(names, tensors)}
+    if os.environ.get("BENCH_WARM"):  # --layouts: steady state, as the one-client rows (an untimed round first)
+        warm = os.path.join(w.dir, "warm", "ckpt")
+        dtensor.sharded_save(mesh, warm, names, [""] * len(names), tensors)
+        dtensor.name_based_restore(mesh, warm, targets)
+        shutil.rmtree(os.path.dirname(warm))
     gc.collect()
     os.sync()
     w.save_with_rss("save", lambda: dtensor.sharded_save(mesh, prefix, names, [""] * len(names), tensors))
-    targets = {n: t for n, t in zip(names, tensors)}
     out = w.timed("restore", lambda: dtensor.name_based_restore(mesh, prefix, targets))
     for k in range(NUM_LARGE):
         parts = dtensor.unpack(out[large_name(k)])
@@ -606,7 +630,145 @@ def work_memcpy(w: Worker) -> None:
     assert np.array_equal(dsts[-1], srcs[-1])
 
 
+def _one_model(w: Worker):  # noqa: ANN202
+    arrays = [full(k, w.side) for k in range(NUM_LARGE)]
+    names = [large_name(k) for k in range(NUM_LARGE)] + [small_name(j) for j in range(NUM_SMALL)]
+    return arrays, names, [small(j) for j in range(NUM_SMALL)]
+
+
+def work_one_sc(w: Worker) -> None:
+    """One client, several devices: views of global arrays saved and restored, the raw write beside them."""
+    import shardckpt as sc
+
+    arrays, names, smalls = _one_model(w)
+    flat = [memoryview(a.reshape(-1).view(np.uint8)) for a in arrays]
+    plans = {}
+    for tag, dims, spec in ONE_LAYOUTS:
+        mesh = sc.create_mesh(dims)
+        lay = sc.Layout([sc.UNSHARDED if d == "-" else d for d in spec], mesh)
+        rep = sc.Layout.replicated(mesh, 1)
+        tensors: list[object] = [sc.DTensor.from_global(a, lay) for a in arrays] + list(smalls)
+        plans[tag] = (mesh, [lay] * NUM_LARGE + [rep] * NUM_SMALL, tensors)
+    m41 = sc.create_mesh([("r", 4)])
+    rows = [sc.Layout(["r", sc.UNSHARDED], m41)] * NUM_LARGE + [sc.Layout.replicated(m41, 1)] * NUM_SMALL
+    m1 = sc.create_mesh([("r", 1)])
+    whole = [sc.Layout.replicated(m1, 2)] * NUM_LARGE + [sc.Layout.replicated(m1, 1)] * NUM_SMALL
+
+    def fresh(tag: str) -> str:
+        prefix = os.path.join(w.dir, tag, "ckpt")
+        shutil.rmtree(os.path.dirname(prefix), ignore_errors=True)
+        os.makedirs(os.path.dirname(prefix))
+        gc.collect()
+        os.sync()
+        return prefix
+
+    def raw() -> None:
+        path = os.path.join(os.path.dirname(fresh("raw")), "raw")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        t = time.perf_counter()
+        for view in flat:
+            while view:
+                view = view[os.write(fd, view) :]
+        w.result["raw_save"] = time.perf_counter() - t
+        os.close(fd)
+
+    def one(tag: str) -> None:
+        mesh, layouts, tensors = plans[tag]
+        prefix = fresh(tag)
+        t = time.perf_counter()
+        sc.sharded_save(mesh, prefix, names, [""] * len(names), tensors, durable=False)
+        w.result[f"save_{tag}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        out = sc.sharded_restore(mesh, prefix, names, layouts)  # fresh output memory, as TF's restore
+        w.result[f"restore_{tag}"] = time.perf_counter() - t
+        for k in (0, NUM_LARGE - 1):
+            for d, shard in out[k].shards.items():
+                assert np.array_equal(shard, arrays[k][tuple(slice(a, b) for a, b in out[k].bounds(d))]), tag
+        del out
+        if tag == "2d4":  # resharding restores of the 2x2 checkpoint; the same-layout one just ran
+            for phase, m, lays in (("restore_2d4_to_4x1", m41, rows), ("restore_2d4_to_whole", m1, whole)):
+                gc.collect()
+                t = time.perf_counter()
+                out = sc.sharded_restore(m, prefix, names, lays)
+                w.result[phase] = time.perf_counter() - t
+                assert np.array_equal(out[3].to_numpy(), arrays[3]), phase
+                del out
+
+    steps: list[Callable[[], None]] = [raw] + [functools.partial(one, tag) for tag, _, _ in ONE_LAYOUTS]
+    k = w.rep % len(steps)
+    for step in steps[k:] + steps[:k]:
+        # Steady state: each step runs once untimed first, so no phase pays for memory (page cache, output
+        # arrays) the VM has not handed out lately and the next one reuses -- whichever ran before it.
+        step()
+        step()
+    gc.collect()
+
+
+def work_one_jax(w: Worker) -> None:
+    """JAX with 8 CPU devices in one process: shardckpt.jax beside Orbax StandardCheckpointer, A B B A."""
+    import jax
+    import orbax.checkpoint as ocp
+    from jax.sharding import Mesh, NamedSharding
+    from jax.sharding import PartitionSpec as P
+
+    import shardckpt.jax as scj
+
+    devices = jax.devices()
+    assert len(devices) == 8, devices
+    mesh = Mesh(np.array(devices).reshape(2, 4), ("x", "y"))
+    sh, rep = NamedSharding(mesh, P("x", "y")), NamedSharding(mesh, P())
+    arrays, names, smalls = _one_model(w)
+    tree: dict[str, Any] = {n: jax.device_put(a, sh) for n, a in zip(names, arrays)}
+    tree.update({n: jax.device_put(v, rep) for n, v in zip(names[NUM_LARGE:], smalls)})
+    jax.block_until_ready(tree)
+    del arrays
+    abstract = {n: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding) for n, a in tree.items()}
+    ckptr = ocp.StandardCheckpointer()
+
+    def check(out: dict) -> None:
+        for n in (names[0], names[NUM_LARGE - 1], names[-1]):
+            assert np.array_equal(np.asarray(out[n]), np.asarray(tree[n])), n
+
+    def run_sc(i: int) -> None:
+        prefix = os.path.join(w.dir, f"sc{i}", "ckpt")
+        shutil.rmtree(os.path.dirname(prefix), ignore_errors=True)
+        gc.collect()
+        os.sync()
+        t = time.perf_counter()
+        scj.save(tree, prefix)  # durable, like TensorStore's fsyncs
+        w.result[f"sc_save#{i}"] = time.perf_counter() - t  # (#0: the untimed warm-up round)
+        t = time.perf_counter()
+        out = jax.block_until_ready(scj.restore(prefix, abstract))
+        w.result[f"sc_restore#{i}"] = time.perf_counter() - t
+        check(out)
+
+    def run_orbax(i: int) -> None:
+        path = os.path.join(w.dir, f"orbax{i}")
+        shutil.rmtree(path, ignore_errors=True)
+        gc.collect()
+        os.sync()
+        t = time.perf_counter()
+        ckptr.save(path, tree)
+        ckptr.wait_until_finished()
+        w.result[f"orbax_save#{i}"] = time.perf_counter() - t
+        t = time.perf_counter()
+        out = jax.block_until_ready(ckptr.restore(path, abstract))
+        w.result[f"orbax_restore#{i}"] = time.perf_counter() - t
+        check(out)
+
+    run_sc(0)  # untimed rounds first: steady state for both
+    run_orbax(0)
+    for phase, fn in _abba(("sc", run_sc), ("orbax", run_orbax), w.rep):
+        fn(int(phase[-1]))
+    ckptr.close()
+    for key in [k for k in w.result if k.endswith("#0")]:
+        del w.result[key]
+    _mean_abba(w, ["sc_save", "sc_restore", "orbax_save", "orbax_restore"])
+
+
 WORKERS: dict[str, Callable[[Worker], None]] = {
+    "one-sc": work_one_sc,
+    "one-jax": work_one_jax,
     "sc": lambda w: work_sc(w, True),
     "sc-fast": lambda w: work_sc(w, False),
     "sc-mmap": lambda w: work_sc(w, False, mmap=True),
@@ -661,8 +823,10 @@ def _env(system: str, args: argparse.Namespace) -> dict[str, str]:
     env["PYTHONPATH"] = os.path.join(ROOT, "src") + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     env["TF_CPP_MIN_LOG_LEVEL"] = "2"
     env.setdefault("PYTHONHASHSEED", "0")
-    if system == "orbax":
-        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
+    if system in ("orbax", "one-jax"):
+        count = 8 if system == "one-jax" else 4
+        flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
+        env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={count}").strip()
         env["JAX_PLATFORMS"] = "cpu"
     if args.perf:
         env["BENCH_PERF_PHASE"] = args.perf
@@ -739,6 +903,8 @@ def _reduce(results: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def orchestrate(args: argparse.Namespace) -> int:
+    if args.layouts:
+        return orchestrate_layouts(args)
     systems = [s for s in ALL_SYSTEMS if not args.only or s in args.only]
     if "sc-one" in systems and "sc-extras" not in systems:
         systems.append("sc-extras")
@@ -810,6 +976,130 @@ def orchestrate(args: argparse.Namespace) -> int:
         write_section(args.output, text)
         print(f"\nwrote the section between {START} and {END} of {args.output}")
     return 0
+
+
+def orchestrate_layouts(args: argparse.Namespace) -> int:
+    """The one-client layouts (``--layouts``): each system in a fresh process, rotated per repetition."""
+    systems = [s for s in LAYOUT_SYSTEMS if not args.only or s in args.only]
+    os.environ["BENCH_WARM"] = "1"  # the workers inherit it (`_env`)
+    workdir = args.dir or tempfile.mkdtemp(prefix="bench-layouts-", dir=args.tmp)
+    os.makedirs(workdir, exist_ok=True)
+    args.profile_dir = os.path.join(workdir, "profiles") if args.profile else None
+    if args.profile_dir:
+        os.makedirs(args.profile_dir, exist_ok=True)
+    nbytes = total_bytes(args.side)
+    print(f"layouts: {NUM_LARGE} x {args.side}x{args.side} float32 + {NUM_SMALL} small = {nbytes / GiB:.3f} GiB, one "
+          f"client; {args.reps} repetitions; dir {workdir}", flush=True)
+    runs: list[dict[str, dict[str, Any]]] = []
+    errors: dict[str, str] = {}
+    start, cpu0, mine0 = time.time(), _cpu_ticks(), _own_cpu()
+    try:
+        for rep in range(args.reps):
+            order = systems[rep % len(systems):] + systems[: rep % len(systems)]
+            run: dict[str, dict[str, Any]] = {}
+            for system in order:
+                t = time.perf_counter()
+                try:
+                    run[system] = _reduce(run_system(system, rep, workdir, args))
+                except Exception as exc:  # noqa: BLE001 - one failing system must not sink the report
+                    errors[system] = str(exc)
+                    print(f"  rep {rep}: {system} FAILED: {exc}", flush=True)
+                    continue
+                parts = [f"{k} {v:.3f}s" for k, v in run[system].items() if isinstance(v, float) and "rss" not in k]
+                print(f"  rep {rep}: {system:8s} {', '.join(parts)}  ({time.perf_counter() - t:.0f}s)", flush=True)
+            runs.append(run)
+    finally:
+        if not args.keep and not args.dir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    busy, total = (b - a for a, b in zip(cpu0, _cpu_ticks()))
+    tick = os.sysconf("SC_CLK_TCK")
+    others = max(0.0, busy / tick - (_own_cpu() - mine0))
+    data = {"runs": runs, "errors": errors, "machine": machine_info(args.tmp), "bytes": nbytes, "side": args.side,
+            "elapsed": time.time() - start,
+            "noise": {"machine_cpu_seconds": total / tick, "other_processes_cpu_seconds": others,
+                      "other_share": others / (total / tick) if total else 0.0},
+            "loadavg": os.getloadavg()}
+    path = os.path.join(os.path.dirname(args.json), "bench_layouts.json")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(data, f, indent=1)
+    text = layouts_report(data)
+    print()
+    print(text)
+    if args.output and not args.no_write:
+        write_section(args.output, text, LAYOUTS_START, LAYOUTS_END)
+        print(f"\nwrote the section between {LAYOUTS_START} and {LAYOUTS_END} of {args.output}")
+    return 0
+
+
+def layouts_report(data: dict[str, Any]) -> str:
+    runs, nbytes, m = data["runs"], data["bytes"], data["machine"]
+    lines = [
+        "## One client, many devices: every layout (`benchmarks/bench_peers.py --layouts`)",
+        "",
+        f"Machine: {m['nproc']} CPUs ({m['cpu']}), {m['memory']} RAM, Linux {m['kernel']}, {m['filesystem']} file "
+        f"system; {m['date']}; {len(runs)} repetitions.  Other processes used {data['noise']['other_share']:.0%} of "
+        f"the machine's CPU time during the run: compare the same-run ratios, not the seconds.",
+        "",
+        f"{nbytes / GiB:.2f} GiB: {NUM_LARGE} float32[{data['side']}, {data['side']}] + {NUM_SMALL} "
+        f"float32[{SMALL_LEN}], one process.  Steady state: every system and layout runs one untimed round "
+        "(save, restore) right before its timed one, so none pays for memory the VM has not handed out lately "
+        "(~2 µs per 4 KiB page on first touch here) that the next one would reuse.  Saves after `os.sync()`, "
+        "into the page cache; restores from the page cache into new arrays (from the allocator, which reuses "
+        "what the untimed round freed).",
+        "",
+        "| what (one process) | save s, median (min–max) | save GB/s | restore s, median (min–max) |",
+        "|---|---|---|---|",
+    ]
+
+    def cell(system: str, key: str) -> str:
+        vals = _series(runs, system, key)
+        if not vals:
+            return "n/a"
+        med, lo, hi = _stats(vals)
+        return f"{med:.3f} ({lo:.3f}–{hi:.3f})"
+
+    def row(label: str, system: str, save: str | None, restore: str | None) -> None:
+        sv = _series(runs, system, save) if save else []
+        lines.append(f"| {label} | {cell(system, save) if save else ''} | "
+                     f"{_gbps(nbytes, sv) if sv else ''} | {cell(system, restore) if restore else ''} |")
+
+    row("raw `os.write` of the same bytes, contiguous, one file (ceiling)", "one-sc", "raw_save", None)
+    names = {"2d4": "4 devices, 2x2 mesh (2-D-sharded views)", "col4": "4 devices, 1x4 (column blocks)",
+             "2d8": "8 devices, 2x4 mesh", "col8": "8 devices, 1x8 (column blocks)"}
+    for tag, label in names.items():
+        row(f"shardckpt, durable=False, {label}", "one-sc", f"save_{tag}", f"restore_{tag}")
+    row("shardckpt: the 2x2 checkpoint restored as 4x1 row blocks", "one-sc", None, "restore_2d4_to_4x1")
+    row("shardckpt: the 2x2 checkpoint restored as whole tensors", "one-sc", None, "restore_2d4_to_whole")
+    row(LABELS["tf"] + " (2x2 of 4 logical CPUs)", "tf", "save", "restore")
+    row("shardckpt.jax save (durable) / restore, 8 CPU devices, 2x4", "one-jax", "sc_save", "sc_restore")
+    row("Orbax StandardCheckpointer, same process, same arrays", "one-jax", "orbax_save", "orbax_restore")
+
+    def ratio(num: tuple[str, str], den: tuple[str, str]) -> float | None:
+        return _med(_ratio_series(runs, num, den))
+
+    def target(what: str, got: float | None, want: float, at_least: bool = True) -> None:
+        if got is None:
+            lines.append(f"- {what}: n/a")
+            return
+        ok = got >= want if at_least else got <= want
+        verdict = "**met**" if ok else "**missed**"
+        lines.append(f"- {what}: {'≥' if at_least else '≤'} {want:g}× → {got:.2f}×: {verdict}")
+
+    lines += ["", "Targets of issue 13 (median of the same-repetition ratios):", ""]
+    target("4 devices, 2-D views: save vs TF DTensor (TF s / ours)", ratio(("tf", "save"), ("one-sc", "save_2d4")), 1.5)
+    target("4 devices, 2-D views: save vs the raw contiguous write, same process (raw s / ours)",
+           ratio(("one-sc", "raw_save"), ("one-sc", "save_2d4")), 0.8)
+    target("4 devices, 2-D views: restore vs TF DTensor", ratio(("tf", "restore"), ("one-sc", "restore_2d4")), 1.5)
+    target("JAX, 8 devices: save vs Orbax", ratio(("one-jax", "orbax_save"), ("one-jax", "sc_save")), 2)
+    target("JAX, 8 devices: restore vs Orbax", ratio(("one-jax", "orbax_restore"), ("one-jax", "sc_restore")), 2)
+    target("Resharding 2x2 -> 4x1 (one client) vs the same layout (ours / ours)",
+           ratio(("one-sc", "restore_2d4_to_4x1"), ("one-sc", "restore_2d4")), 1.3, at_least=False)
+    target("Resharding 2x2 -> whole tensors (one client) vs the same layout",
+           ratio(("one-sc", "restore_2d4_to_whole"), ("one-sc", "restore_2d4")), 1.5, at_least=False)
+    if data.get("errors"):
+        lines += ["", "Failed: " + "; ".join(f"{k}: {v}" for k, v in data["errors"].items())]
+    return "\n".join(lines) + "\n"
 
 
 # --- reporting ------------------------------------------------------------------------------------
@@ -1222,16 +1512,16 @@ def print_profiles(profile_dir: str, top: int = 25) -> None:
         st.sort_stats("tottime").print_stats(12)
 
 
-def write_section(path: str, text: str) -> None:
-    block = f"{START}\n{text.rstrip()}\n{END}\n"
+def write_section(path: str, text: str, start: str = START, end: str = END) -> None:
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
     if os.path.exists(path):
         with open(path) as f:
             current = f.read()
     else:
         current = "# Benchmarks\n\n"
-    if START in current and END in current:
-        head, rest = current.split(START, 1)
-        _, tail = rest.split(END, 1)
+    if start in current and end in current:
+        head, rest = current.split(start, 1)
+        _, tail = rest.split(end, 1)
         new = head + block.rstrip("\n") + tail
     else:
         new = current.rstrip("\n") + "\n\n" + block
@@ -1247,6 +1537,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="2 repetitions and 10,000 instead of 100,000 small tensors")
     p.add_argument("--only", type=lambda s: s.split(","), default=None, help=f"a subset of {','.join(ALL_SYSTEMS)}")
     p.add_argument("--profile", action="store_true", help="cProfile client 0's timed phases and print the top")
+    p.add_argument("--layouts", action="store_true",
+                   help="the one-client layouts (4 and 8 devices, views, JAX beside Orbax) and their own section")
     p.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true", help="print the section but leave BENCHMARKS.md alone")
     p.add_argument("--json", default=os.path.join(ROOT, "bench-out", "bench_peers.json"))

@@ -432,6 +432,28 @@ def _check_against(prefix: str | os.PathLike[str], targets: Sequence[_Target]) -
                 )
 
 
+_ALIGN = 64  # XLA's CPU client adopts a host buffer this aligned without a copy; numpy's large ones are 16
+_ALIGNED_MIN = 1 << 20  # smaller tensors: restored in bulk (`read_many`), their copy is cheap
+
+
+def _aligned(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    raw = np.empty(nbytes + _ALIGN, np.uint8)
+    skip = -raw.ctypes.data % _ALIGN
+    return raw[skip : skip + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned_destination(t: _Target, layout: Layout) -> DTensor | None:
+    """Shards for ``sharded_restore(into=...)`` that ``jax.device_put`` then adopts as they are (on CPU), so
+    a restored array is not copied a second time into fresh memory; None for small or non-CPU targets."""
+    local = layout.mesh.local_device_ids
+    if (local is None or t.dtype.itemsize * int(np.prod(t.shape, dtype=np.int64)) < _ALIGNED_MIN
+            or any(d.platform != "cpu" for d in t.sharding.addressable_devices)):
+        return None
+    shards = {d: _aligned(tuple(hi - lo for lo, hi in layout.shard_bounds(t.shape, d)), t.dtype) for d in local}
+    return DTensor(t.shape, t.dtype, layout, shards)
+
+
 def _to_jax(t: _Target, tensor: DTensor) -> jax.Array:
     devices = list(t.sharding.addressable_devices_indices_map(t.shape))
     arrays = jax.device_put([tensor.shards[_id(d)] for d in devices], devices)
@@ -514,8 +536,10 @@ def restore(
     out: list[jax.Array | None] = [None] * len(targets)
     for members in groups.values():
         mesh = layouts[members[0]].mesh
+        into = [_aligned_destination(targets[i], layouts[i]) for i in members] if "into" not in kwargs else None
+        extra = dict(kwargs, into=into) if into is not None and any(d is not None for d in into) else kwargs
         restored = sharded_restore(mesh, prefix, [names[i] for i in members], [layouts[i] for i in members],
-                                   coordinator=coordinator, **kwargs)
+                                   coordinator=coordinator, **extra)
         for i, tensor in zip(members, restored):
             out[i] = _to_jax(targets[i], tensor)
     return jax.tree_util.tree_unflatten(treedef, out)

@@ -49,9 +49,18 @@ def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, loc
             f"{list(layout.sharding_specs)} has rank {layout.rank}"
         )
     boxes = {device: layout.shard_bounds(shape, device) for device in local}
-    reads: dict[tuple[tuple[int, int], ...], Future | _Done] = {}
+    reads: dict[tuple[tuple[int, int], ...], Future | _Done | _Part] = {}
     dest = dest or {}
-    for box in dict.fromkeys(boxes.values()):
+    distinct = list(dict.fromkeys(boxes.values()))
+    if len(distinct) > 1 and not reader.mmap and reader.reads_overlap(name, _global(distinct, region), entry):
+        # Column blocks of one stored piece: read each stored byte once for all of them (`read_boxes`).
+        outs = [next((dest[d] for d in local if boxes[d] == box and d in dest), None) for box in distinct]
+        together = pool.submit(reader.read_boxes, name, _global(distinct, region), verify=verify, entry=entry,
+                               outs=outs)
+        for k, box in enumerate(distinct):
+            reads[box] = _Part(together, k)
+        return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()}, dest)
+    for box in distinct:
         global_box = tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(box, region))
         nbytes = math.prod(hi - lo for lo, hi in box) * dtype.itemsize
         out = next((dest[d] for d in local if boxes[d] == box and d in dest), None)
@@ -60,6 +69,21 @@ def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, loc
         else:  # a thread hand-off costs more than reading a small piece here
             reads[box] = _Done(reader.read_bounds(name, global_box, verify=verify, entry=entry, out=out))
     return _Pending(shape, dtype, layout, {device: reads[box] for device, box in boxes.items()}, dest)
+
+
+def _global(boxes: list[tuple[tuple[int, int], ...]], region: tuple[tuple[int, int], ...]
+            ) -> list[tuple[tuple[int, int], ...]]:
+    return [tuple((r0 + lo, r0 + hi) for (lo, hi), (r0, _) in zip(box, region)) for box in boxes]
+
+
+class _Part:
+    """One box of a `BundleReader.read_boxes` call running in the pool."""
+
+    def __init__(self, future: Future, index: int) -> None:
+        self.future, self.index = future, index
+
+    def result(self) -> np.ndarray:
+        return self.future.result()[self.index]
 
 
 def _key(name: str | bytes) -> bytes:
@@ -89,7 +113,7 @@ class _Pending:
     """A DTensor whose shards are still being read by the pool."""
 
     def __init__(self, shape: tuple[int, ...], dtype: np.dtype, layout: Layout,
-                 futures: dict[int, Future | _Done], dest: dict[int, np.ndarray]) -> None:
+                 futures: dict[int, Future | _Done | _Part], dest: dict[int, np.ndarray]) -> None:
         self.shape, self.dtype, self.layout, self.futures, self.dest = shape, dtype, layout, futures, dest
 
     def result(self) -> DTensor:

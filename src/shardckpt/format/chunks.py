@@ -123,11 +123,11 @@ class ChunkCrc:
 
     __slots__ = ("chunk_size", "crcs", "cur", "fill", "total")
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, start: int = 0) -> None:
         self.chunk_size = chunk_size
         self.crcs: list[int] = []
         self.cur = 0
-        self.fill = 0
+        self.fill = start % chunk_size  # a segment starting mid-chunk: its first CRC is of a partial chunk
         self.total = 0
 
     def update(self, data: memoryview) -> None:
@@ -142,6 +142,13 @@ class ChunkCrc:
                 self.cur = self.fill = 0
         self.total += n
 
+    def flush(self) -> list[int]:
+        """The CRCs of this segment's chunks, the first and last possibly partial (see `join_chunk_crcs`)."""
+        if self.total and self.fill:  # bytes since the last full chunk (fill is nonzero with none only at start)
+            self.crcs.append(self.cur)
+        self.cur = self.fill = 0
+        return self.crcs
+
     def finish(self) -> int:
         """The piece's CRC32C (combined from its chunks); `crcs` then holds every chunk's."""
         last = self.chunk_size
@@ -150,6 +157,22 @@ class ChunkCrc:
             last = self.fill
             self.cur = self.fill = 0
         return combine_chunks(self.crcs, self.chunk_size, last)
+
+
+def join_chunk_crcs(segments: list[tuple[int, int, list[int]]], chunk_size: int) -> list[int]:
+    """The chunk CRCs of a piece from those of its consecutive segments ``(start, end, crcs)`` (sorted, each
+    from a `ChunkCrc` made with ``start`` and flushed): a segment starting mid-chunk continues the previous
+    segment's last, partial chunk, so the two CRCs are combined."""
+    out: list[int] = []
+    for start, end, crcs in segments:
+        if not crcs:
+            continue
+        if start % chunk_size and out:
+            out[-1] = crc32c_combine(out[-1], crcs[0], min(chunk_size - start % chunk_size, end - start))
+            out.extend(crcs[1:])
+        else:
+            out.extend(crcs)
+    return out
 
 
 @dataclass

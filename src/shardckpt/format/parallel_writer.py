@@ -2,14 +2,22 @@
 
 Offsets are laid out first (sizes are known), so threads can ``pwritev`` their
 parts independently; the file still holds the tensors in the given order,
-byte-identical to what `DataFileWriter` would append.  No tensor bytes are
-copied: a C-contiguous array is written from its own buffer in chunks (the CRC of
-each chunk is taken right before the chunk is written, while it is in cache),
-and a strided view whose rows are contiguous (a column block of a matrix) is
-written row by row through the iovecs of ``pwritev``.  Small tensors are grouped
-so one system call writes many.  Tensors over one sidecar chunk are checksummed
-chunk by chunk (`format.chunks`), their own CRC combined from the chunks', so
-every byte still goes through CRC32C once.
+byte-identical to what `DataFileWriter` would append.  Small tensors are grouped
+so one system call writes many.  A tensor over ``GROUP`` bytes is cut into
+segments of about ``SEGMENT`` bytes, each its own job, so the writer threads
+pipeline one segment's gathering and checksumming with another's ``pwrite``:
+
+- contiguous runs (a C-ordered array, rows of at least ``DIRECT_ROW`` bytes, a
+  contiguous sub-block of a view) are written straight from the array's memory,
+  their CRC taken right before the write, while they are in cache;
+- anything else (the 8 KiB rows of a 2-D-sharded matrix, a column block, a view
+  with a stride inside its rows) is gathered, ``BOUNCE`` bytes at a time, into a
+  reused bounce buffer, checksummed there while hot, and written from it: one
+  system call per buffer instead of one iovec per short row.
+
+Tensors over one sidecar chunk are checksummed chunk by chunk (`format.chunks`);
+a segment's chunk CRCs are joined with its neighbours' (`join_chunk_crcs`) and
+the tensor's own CRC combined from them, so every byte goes through CRC32C once.
 """
 
 from __future__ import annotations
@@ -23,15 +31,142 @@ from typing import BinaryIO
 import numpy as np
 
 from . import strings
-from .buffers import IOV_MAX, byte_views
-from .chunks import ChunkCrc, ChunkSums
+from .buffers import IOV_MAX, byte_views, rows_of
+from .chunks import CHUNK_SIZE, ChunkCrc, ChunkSums, combine_chunks, join_chunk_crcs
 from .coding import crc32c, mask_crc
 from .protos import BundleEntry
 from .writer import PreparedTensor
 
-CHUNK = 8 << 20  # bytes per write of a large tensor: fits in L2/L3 between its CRC and its write
-GROUP = 4 << 20  # small tensors are written together until a group reaches this size
-MIN_ROW = 4096  # rows shorter than this are gathered by a copy instead of one iovec each
+CHUNK = 8 << 20  # bytes per write of a contiguous run: fits in L3 between its CRC and its write
+GROUP = 4 << 20  # small tensors are written together until a group reaches this size; larger ones are segmented
+SEGMENT = 8 << 20  # bytes per job of a large tensor: the unit the writer threads pipeline
+BOUNCE = 2 << 20  # bytes gathered per bounce buffer: stays in L2/L3 between the copy, its CRC and its write
+DIRECT_ROW = 256 << 10  # contiguous rows this long are written from the array, one iovec each, not gathered
+MIN_ROW = 4096  # rows of a small tensor shorter than this are joined by a copy instead of one iovec each
+
+_free_bounces: list[np.ndarray] = []  # reused across jobs and saves: a fresh buffer costs a page fault per 4 KiB
+_MAX_FREE = 8
+
+
+def _take_bounce() -> np.ndarray:
+    try:
+        return _free_bounces.pop()
+    except IndexError:
+        return np.empty(BOUNCE, np.uint8)
+
+
+def _give_bounce(buf: np.ndarray) -> None:
+    if len(_free_bounces) < _MAX_FREE:
+        _free_bounces.append(buf)
+
+
+Part = memoryview | list[memoryview] | np.ndarray  # a contiguous run, contiguous long rows, a block to gather
+
+
+def _parts(arr: np.ndarray) -> list[Part]:
+    """A large array's bytes in row-major order as runs written from its memory and blocks to gather."""
+    if arr.flags.c_contiguous:
+        return [arr.reshape(-1).view(np.uint8).data]
+    rows = rows_of(arr)
+    if rows is not None and rows.shape[1] * arr.itemsize >= DIRECT_ROW:
+        views = [r.view(np.uint8).data for r in rows]
+        per = max(1, min(IOV_MAX, SEGMENT // len(views[0])))
+        return [views[i : i + per] for i in range(0, len(views), per)]
+    if rows is not None:
+        arr = rows  # one 2-D view: blocks of whole rows
+    out: list[Part] = []
+    _blocks(arr, out)
+    return out
+
+
+def _blocks(arr: np.ndarray, out: list[Part]) -> None:
+    """Cut ``arr`` along its first axis into blocks of at most ``BOUNCE`` bytes (C-contiguous ones as runs)."""
+    if arr.flags.c_contiguous:
+        out.append(arr.reshape(-1).view(np.uint8).data)
+        return
+    if arr.nbytes <= BOUNCE:
+        out.append(arr)
+        return
+    unit = arr.nbytes // arr.shape[0]
+    if unit <= BOUNCE:
+        per = BOUNCE // unit
+        out.extend(arr[i : i + per] for i in range(0, arr.shape[0], per))
+        return
+    for i in range(arr.shape[0]):
+        _blocks(arr[i], out)
+
+
+def _part_size(part: Part) -> int:
+    if isinstance(part, list):
+        return sum(len(v) for v in part)
+    return part.nbytes
+
+
+@dataclass
+class _Segment:
+    """One job of a large tensor: bytes ``[start, start + size)`` of it, at file offset ``offset``."""
+
+    offset: int
+    index: int
+    start: int
+    size: int
+    parts: list[Part]
+
+
+def _segments(index: int, arr: np.ndarray, offset: int) -> list[_Segment]:
+    segs: list[_Segment] = []
+    cur = _Segment(offset, index, 0, 0, [])
+    for part in _parts(arr):
+        if isinstance(part, memoryview) and len(part) > SEGMENT:
+            pieces: list[Part] = [part[i : i + SEGMENT] for i in range(0, len(part), SEGMENT)]
+        else:
+            pieces = [part]
+        for piece in pieces:
+            n = _part_size(piece)
+            if cur.parts and cur.size + n > SEGMENT:
+                segs.append(cur)
+                cur = _Segment(cur.offset + cur.size, index, cur.start + cur.size, 0, [])
+            cur.parts.append(piece)
+            cur.size += n
+    if cur.parts:
+        segs.append(cur)
+    return segs
+
+
+Write = Callable[[list[memoryview], int], None]
+
+
+def _run_segment(write: Write, seg: _Segment, chunk_size: int) -> tuple[int, int, list[int]]:
+    """Write one segment: runs from the array, blocks through a bounce buffer; each CRC'd just before
+    its write.  Returns its chunk CRCs (`join_chunk_crcs`)."""
+    acc = ChunkCrc(chunk_size, seg.start)
+    pos = seg.offset
+    bounce: np.ndarray | None = None
+    try:
+        for part in seg.parts:
+            if isinstance(part, memoryview):
+                for at in range(0, len(part), CHUNK):
+                    run = part[at : at + CHUNK]
+                    acc.update(run)
+                    write([run], pos)
+                    pos += len(run)
+            elif isinstance(part, list):
+                for view in part:
+                    acc.update(view)
+                write(part, pos)
+                pos += sum(len(v) for v in part)
+            else:
+                if bounce is None:
+                    bounce = _take_bounce()
+                staged = bounce[: part.nbytes] if part.nbytes <= len(bounce) else np.empty(part.nbytes, np.uint8)
+                staged.view(part.dtype).reshape(part.shape)[...] = part
+                acc.update(staged.data)
+                write([staged.data], pos)
+                pos += part.nbytes
+    finally:
+        if bounce is not None:
+            _give_bounce(bounce)
+    return seg.start, seg.start + seg.size, acc.flush()
 
 
 def _pieces(data: np.ndarray) -> list[memoryview]:
@@ -70,26 +205,10 @@ def _pwritev_all(fd: int, buffers: list[memoryview], offset: int) -> None:
 
 
 def _run(fd: int, job: _Job, crcs: list[int], chunked: list[ChunkCrc | None]) -> None:
-    if len(job.tensors) == 1 and job.size > CHUNK:
-        index, pieces = job.tensors[0]
-        acc = chunked[index] if crcs[index] < 0 else None
-        crc, pos = 0, job.offset
-        for piece in pieces:
-            for start in range(0, len(piece), CHUNK):
-                chunk = piece[start : start + CHUNK]
-                if acc is not None:
-                    acc.update(chunk)
-                else:
-                    crc = crc32c(chunk, crc)
-                _pwritev_all(fd, [chunk], pos)
-                pos += len(chunk)
-        if crcs[index] < 0:
-            crcs[index] = acc.finish() if acc is not None else crc
-        return
     buffers: list[memoryview] = []
     small: list[memoryview] = []  # consecutive short pieces: joined into one buffer, not an iovec each
     for index, pieces in job.tensors:
-        if crcs[index] < 0:
+        if index >= 0 and crcs[index] < 0:
             crcs[index] = _crc_of(pieces, chunked[index])
         for piece in pieces:
             if len(piece) < MIN_ROW:
@@ -117,44 +236,80 @@ def _crc_of(pieces: list[memoryview], acc: ChunkCrc | None) -> int:
     return crc
 
 
+@dataclass
+class _Plan:
+    """A data file laid out: entries with offsets, CRCs known so far (-1: to compute), the jobs in file
+    order, the end offset, the chunk accumulators of grouped tensors the sidecar wants, and the chunk size
+    segments are checksummed in."""
+
+    entries: list[BundleEntry]
+    crcs: list[int]
+    jobs: list[_Job | _Segment]
+    end: int
+    chunked: list[ChunkCrc | None]
+    chunk_size: int
+
+
 def _layout(tensors: Sequence[PreparedTensor], start: int, shard_id: int, alignment: int,
-            sums: ChunkSums | None = None) -> tuple[list[BundleEntry], list[int], list[_Job], int,
-                                                    list[ChunkCrc | None]]:
-    """Entries with offsets from ``start``, CRCs known so far (-1: to compute), the write jobs, and the
-    chunk CRC accumulators of the tensors that ``sums`` wants chunk CRCs of."""
+            sums: ChunkSums | None = None) -> _Plan:
     entries: list[BundleEntry] = []
     crcs: list[int] = []
     chunked: list[ChunkCrc | None] = []
-    jobs: list[_Job] = []
+    jobs: list[_Job | _Segment] = []
+    chunk_size = sums.chunk_size if sums is not None else CHUNK_SIZE
+    group: _Job | None = None
     offset = start
     for i, t in enumerate(tensors):
         if isinstance(t.data, list):
             parts, crc = strings.encode(t.data)
             pieces = [memoryview(p) for p in parts if p]
             crcs.append(crc)
+            size = sum(len(p) for p in pieces)
         else:
-            pieces = _pieces(t.data)
+            pieces = []
             crcs.append(-1)
-        size = sum(len(p) for p in pieces)
-        wanted = sums is not None and crcs[-1] < 0 and sums.wants(size)
-        chunked.append(ChunkCrc(sums.chunk_size) if wanted and sums is not None else None)
+            size = t.data.nbytes
         entries.append(BundleEntry(dtype=t.dtype, shape=t.shape, shard_id=shard_id, offset=offset, size=size))
-        if not jobs or jobs[-1].size + size > GROUP or size > GROUP:
-            jobs.append(_Job(offset))
-        jobs[-1].tensors.append((i, pieces))
-        jobs[-1].size += size
+        if crcs[-1] < 0 and size > GROUP:  # segmented: its chunk CRCs come from the segments
+            chunked.append(None)
+            jobs.extend(_segments(i, t.data, offset))  # type: ignore[arg-type]
+            group = None
+        else:
+            if not isinstance(t.data, list):
+                pieces = _pieces(t.data)
+            wanted = sums is not None and crcs[-1] < 0 and sums.wants(size)
+            chunked.append(ChunkCrc(chunk_size) if wanted else None)
+            if group is None or group.size + size > GROUP:
+                group = _Job(offset)
+                jobs.append(group)
+            group.tensors.append((i, pieces))
+            group.size += size
         offset += size
         if alignment > 1 and offset % alignment:
             pad = bytes(alignment - offset % alignment)
-            jobs[-1].tensors.append((i, [memoryview(pad)]))  # after the tensor's CRC is taken: not in it
-            jobs[-1].size += len(pad)
+            if group is None:
+                group = _Job(offset)
+                jobs.append(group)
+            group.tensors.append((-1, [memoryview(pad)]))  # -1: in no tensor's CRC
+            group.size += len(pad)
             offset += len(pad)
-    return entries, crcs, jobs, offset, chunked
+    return _Plan(entries, crcs, jobs, offset, chunked, chunk_size)
 
 
-def _finish(entries: list[BundleEntry], crcs: list[int], chunked: list[ChunkCrc | None],
-            sums: ChunkSums | None) -> None:
-    for entry, crc, acc in zip(entries, crcs, chunked):
+def _finish(plan: _Plan, done: list[tuple[int, int, list[int]] | None], sums: ChunkSums | None) -> None:
+    segments: dict[int, list[tuple[int, int, list[int]]]] = {}
+    for job, result in zip(plan.jobs, done):
+        if isinstance(job, _Segment) and result is not None:
+            segments.setdefault(job.index, []).append(result)
+    size = plan.chunk_size
+    for index, parts in segments.items():
+        entry = plan.entries[index]
+        joined = join_chunk_crcs(sorted(parts), size)
+        last = entry.size - (len(joined) - 1) * size
+        plan.crcs[index] = combine_chunks(joined, size, last)
+        if sums is not None and sums.wants(entry.size):
+            sums.add(entry.offset, entry.size, mask_crc(plan.crcs[index]), joined)
+    for entry, crc, acc in zip(plan.entries, plan.crcs, plan.chunked):
         entry.crc32c = mask_crc(max(crc, 0))
         if acc is not None and sums is not None:
             sums.add(entry.offset, entry.size, entry.crc32c, acc.crcs)
@@ -165,50 +320,76 @@ def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shar
              sums: ChunkSums | None = None) -> tuple[list[BundleEntry], int]:
     """Write ``tensors`` in order into ``fd`` from byte ``start``; returns their entries and the end offset.
 
-    ``midway`` runs once the first group of tensors is written (a fault-injection point for tests).
-    ``sums`` collects the chunk CRCs of the file's sidecar (`format.chunks`), taken with the tensors' own.
+    ``midway`` runs once the first job (a group of small tensors or a segment of a large one) is written
+    (a fault-injection point for tests).  ``sums`` collects the chunk CRCs of the file's sidecar
+    (`format.chunks`), taken with the tensors' own.
     """
-    entries, crcs, jobs, end, chunked = _layout(tensors, start, shard_id, alignment, sums)
+    plan = _layout(tensors, start, shard_id, alignment, sums)
+    write: Write = lambda buffers, pos: _pwritev_all(fd, buffers, pos)  # noqa: E731
+
+    def run(job: _Job | _Segment) -> tuple[int, int, list[int]] | None:
+        if isinstance(job, _Segment):
+            return _run_segment(write, job, plan.chunk_size)
+        _run(fd, job, plan.crcs, plan.chunked)
+        return None
+
     workers = threads or min(4, os.cpu_count() or 1)
-    if workers > 1 and len(jobs) > 1:
+    done: list[tuple[int, int, list[int]] | None] = []
+    if workers > 1 and len(plan.jobs) > 1:
         with ThreadPoolExecutor(workers, thread_name_prefix="shardckpt-write") as pool:
-            for i, future in enumerate([pool.submit(_run, fd, job, crcs, chunked) for job in jobs]):
-                future.result()
-                if i == 0 and midway is not None:
-                    midway()
+            futures = [pool.submit(run, job) for job in plan.jobs]
+            try:
+                for i, future in enumerate(futures):
+                    done.append(future.result())
+                    if i == 0 and midway is not None:
+                        midway()
+            except BaseException:
+                for future in futures:
+                    future.cancel()
+                raise
     else:
-        for i, job in enumerate(jobs):
-            _run(fd, job, crcs, chunked)
+        for i, job in enumerate(plan.jobs):
+            done.append(run(job))
             if i == 0 and midway is not None:
                 midway()
-    _finish(entries, crcs, chunked, sums)
-    return entries, end
+    _finish(plan, done, sums)
+    return plan.entries, plan.end
 
 
 def write_stream(stream: BinaryIO, tensors: Sequence[PreparedTensor], *, start: int = 0, shard_id: int = 0,
                  alignment: int = 1, midway: Callable[[], None] | None = None,
                  sums: ChunkSums | None = None) -> tuple[list[BundleEntry], int]:
     """Append ``tensors`` in order to a stream positioned at ``start`` (an object-store upload)."""
-    entries, crcs, jobs, end, chunked = _layout(tensors, start, shard_id, alignment, sums)
-    for i, job in enumerate(jobs):
-        for index, pieces in job.tensors:
-            compute = crcs[index] < 0
-            acc = chunked[index]
-            crc = 0
-            for piece in pieces:
-                for at in range(0, len(piece), CHUNK):
-                    chunk = piece[at : at + CHUNK]
-                    if acc is not None and compute:
-                        acc.update(chunk)
-                    elif compute:
-                        crc = crc32c(chunk, crc)
-                    stream.write(chunk)
-            if compute:
-                crcs[index] = acc.finish() if acc is not None else crc
+    plan = _layout(tensors, start, shard_id, alignment, sums)
+
+    def write(buffers: list[memoryview], pos: int) -> None:  # jobs run in file order: ``pos`` is the end
+        for b in buffers:
+            stream.write(b)
+
+    done: list[tuple[int, int, list[int]] | None] = []
+    for i, job in enumerate(plan.jobs):
+        if isinstance(job, _Segment):
+            done.append(_run_segment(write, job, plan.chunk_size))
+        else:
+            done.append(None)
+            for index, pieces in job.tensors:
+                compute = index >= 0 and plan.crcs[index] < 0
+                acc = plan.chunked[index] if index >= 0 else None
+                crc = 0
+                for piece in pieces:
+                    for at in range(0, len(piece), CHUNK):
+                        chunk = piece[at : at + CHUNK]
+                        if acc is not None and compute:
+                            acc.update(chunk)
+                        elif compute:
+                            crc = crc32c(chunk, crc)
+                        stream.write(chunk)
+                if compute:
+                    plan.crcs[index] = acc.finish() if acc is not None else crc
         if i == 0 and midway is not None:
             midway()
-    _finish(entries, crcs, chunked, sums)
-    return entries, end
+    _finish(plan, done, sums)
+    return plan.entries, plan.end
 
 
 def write_data_file(path: str, tensors: Sequence[PreparedTensor], *, shard_id: int = 0, alignment: int = 1,

@@ -37,7 +37,7 @@ from ..errors import (
 )
 from ..storage import Identity, RandomAccess, identity, open_random, read_small
 from . import chunks, strings
-from .buffers import IOV_MAX, byte_views
+from .buffers import IOV_MAX, rows_of
 from .chunks import ChunkTable, combine_chunks, sidecar_filename
 from .coding import crc32c, decode_varint, unmask_crc
 from .dtypes import DataType, datatype_name, to_numpy
@@ -86,7 +86,7 @@ class _Span:
     hi: int
     crc: int
     chunk_crcs: np.ndarray
-    table: ChunkTable
+    table: ChunkTable | None  # None: the whole piece, checked by the entry's own CRC
 
 
 @dataclass(frozen=True)
@@ -167,6 +167,11 @@ class BundleReader:
                 return
             self.close()
         raise CheckpointError(f"{self.prefix}: the checkpoint kept changing while it was being opened")
+
+    @property
+    def mmap(self) -> bool:
+        """Whether large contiguous reads are returned as private mappings of the data files."""
+        return self._mmap
 
     def _open(self) -> Identity:
         """Read and check the index; returns the identity of the index file that was read."""
@@ -378,22 +383,28 @@ class BundleReader:
                     crc = crc32c(b, crc)
         return crc
 
-    def _pread_array(self, f: RandomAccess, arr: np.ndarray, views: list[memoryview], offset: int,
-                     verify_crc: int | None) -> int:
-        """Fill ``arr``, whose bytes are ``views`` (from `byte_views`), from consecutive file bytes at ``offset``.
+    def _pread_array(self, f: RandomAccess, arr: np.ndarray, offset: int, verify_crc: int | None) -> int:
+        """Fill ``arr`` (C-contiguous, or with contiguous rows: `rows_of`) from consecutive file bytes at
+        ``offset``; returns the CRC of the bytes when asked (extending ``verify_crc``).
 
         Short rows of a strided array (a column block) are not read one iovec each: the kernel copies
         thousands of short iovecs several times slower than one buffer.  They are read ``_BOUNCE``
-        bytes at a time into one reused buffer, checksummed there while hot, and copied into place.
+        bytes at a time into one reused buffer, checksummed there while hot, and copied into place; only
+        the 2-D row view is built for them, never a buffer per row.
         """
-        if len(views) < 2 or len(views[0]) >= _BOUNCE_ROW:
+        if arr.flags.c_contiguous:
+            views = [arr.reshape(-1).view(np.uint8).data] if arr.size else []
             return self._pread_into(f, views, offset, verify_crc)
-        rows = arr.view()
-        rows.shape = (-1, arr.shape[-1])  # possible: byte_views found the rows
-        per = max(1, _BOUNCE // len(views[0]))
+        rows = rows_of(arr)
+        if rows is None:
+            raise AssertionError("_pread_array needs an array with contiguous rows")
+        rowbytes = rows.shape[1] * arr.itemsize
+        if rowbytes >= _BOUNCE_ROW:
+            return self._pread_into(f, [r.view(np.uint8).data for r in rows], offset, verify_crc)
+        per = max(1, _BOUNCE // rowbytes)
         buf = getattr(_bounce, "buf", None)
-        if buf is None or len(buf) < per * len(views[0]):
-            buf = _bounce.buf = np.empty(max(_BOUNCE, len(views[0])), np.uint8)
+        if buf is None or len(buf) < per * rowbytes:
+            buf = _bounce.buf = np.empty(max(_BOUNCE, rowbytes), np.uint8)
         crc = verify_crc or 0
         pos = offset
         for start in range(0, rows.shape[0], per):
@@ -460,11 +471,9 @@ class BundleReader:
             self._pread_into(f, [memoryview(buf)], e.offset, None)
             expected = unmask_crc(e.crc32c) if verify else None
             return strings.decode(bytes(buf), count, where, expected).reshape(e.shape)
-        views = byte_views(out) if out is not None else None
-        target: np.ndarray = out if out is not None and views is not None else np.empty(e.shape, dtype)
-        if views is None:
-            views = [target.reshape(-1).view(np.uint8).data] if count else []
-        crc = self._pread_array(f, target, views, e.offset, 0 if verify else None)
+        in_place = out is not None and (out.flags.c_contiguous or rows_of(out) is not None)
+        target: np.ndarray = out if out is not None and in_place else np.empty(e.shape, dtype)
+        crc = self._pread_array(f, target, e.offset, 0 if verify else None)
         if verify and crc != unmask_crc(e.crc32c):
             raise _crc_error(where, e, crc)
         if self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1:
@@ -503,27 +512,77 @@ class BundleReader:
             dst[...] = self._read_whole(key, e, verify)[box]
             return
         swap = self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1
-        views = byte_views(dst) if nbytes == dst.nbytes else None
-        if views is not None:
+        if nbytes == dst.nbytes and (dst.flags.c_contiguous or rows_of(dst) is not None):
             if isinstance(span, _Span):
                 crc = self._crc_of_range(f, e.offset + span.lo, first - span.lo, 0)
-                crc = self._pread_array(f, dst, views, e.offset + first, crc)
+                crc = self._pread_array(f, dst, e.offset + first, crc)
                 crc = self._crc_of_range(f, e.offset + first + nbytes, span.hi - first - nbytes, crc)
                 if crc != span.crc:
                     raise self._chunk_error(key, e, f, span)
             else:
-                self._pread_array(f, dst, views, e.offset + first, None)
+                self._pread_array(f, dst, e.offset + first, None)
             if swap:
                 dst.byteswap(inplace=True)
             return
-        lo, hi = (span.lo, span.hi) if isinstance(span, _Span) else (first, first + nbytes)
-        buf = np.empty(hi - lo, np.uint8)
-        crc = self._pread_into(f, [buf.data], e.offset + lo, 0 if isinstance(span, _Span) else None)
-        if isinstance(span, _Span) and crc != span.crc:
+        self._read_span(key, e, f, span if isinstance(span, _Span) else None, first, nbytes, [(first, local, dst)])
+
+    def _read_span(self, key: bytes, e: BundleEntry, f: RandomAccess, span: _Span | None, first: int,
+                   nbytes: int, parts: Sequence[tuple[int, Bounds, np.ndarray]]) -> None:
+        """Read bytes ``[first, first + nbytes)`` of entry ``e`` once (widened to ``span`` when it checks
+        them) into this thread's scratch buffer and copy each of ``parts`` (its first byte, its box in the
+        entry, its destination) out of it."""
+        dtype = to_numpy(e.dtype)
+        lo, hi = (span.lo, span.hi) if span is not None else (first, first + nbytes)
+        buf = _scratch(hi - lo)
+        crc = self._pread_into(f, [buf.data], e.offset + lo, 0 if span is not None else None)
+        if span is not None and crc != span.crc:
+            if span.table is None:  # the whole piece, checked by its own CRC
+                raise _crc_error(f"{self.prefix}: tensor {_label(key)} in {f.path}", e, crc)
             raise self._chunk_error(key, e, f, span)
-        region = np.ndarray(tuple(hi - lo for lo, hi in local), dtype, buffer=buf, offset=first - lo,
-                            strides=tuple(strides))
-        dst[...] = region.byteswap() if swap else region
+        strides = [dtype.itemsize] * len(e.shape)
+        for d in range(len(e.shape) - 2, -1, -1):
+            strides[d] = strides[d + 1] * e.shape[d + 1]
+        swap = self.header.endianness == BIG_ENDIAN and dtype.itemsize > 1
+        for start, local, dst in parts:
+            region = np.ndarray(tuple(b - a for a, b in local), dtype, buffer=buf, offset=start - lo,
+                                strides=tuple(strides))
+            dst[...] = region.byteswap() if swap else region
+
+    def _read_regions(self, key: bytes, e: BundleEntry, parts: Sequence[tuple[Bounds, np.ndarray]],
+                      verify: Verify) -> None:
+        """Fill each destination with its box of entry ``e``, reading each stored byte at most once: boxes
+        whose byte ranges overlap (column blocks of one piece) are read together as one range and copied
+        out of it; the others are read as `_read_region` reads one."""
+        if len(parts) < 2 or e.dtype == DataType.STRING or verify == "full":
+            for local, dst in parts:
+                self._read_region(key, e, local, verify, dst)
+            return
+        itemsize = to_numpy(e.dtype).itemsize
+        spans = sorted((*_byte_range(local, e.shape, itemsize), i) for i, (local, dst) in enumerate(parts) if dst.size)
+        groups: list[list[tuple[int, int, int]]] = []
+        end = 0
+        for lo, hi, i in spans:
+            if groups and lo < end:
+                groups[-1].append((lo, hi, i))
+            else:
+                groups.append([(lo, hi, i)])
+            end = max(end, hi) if len(groups[-1]) > 1 else hi
+        for group in groups:
+            if len(group) == 1:
+                local, dst = parts[group[0][2]]
+                self._read_region(key, e, local, verify, dst)
+                continue
+            first, last = group[0][0], max(hi for _, hi, _ in group)
+            f = self._locate(key, e)
+            span: _Span | bool | None = None
+            if verify and first == 0 and last == e.size:  # the whole piece: its own CRC checks it
+                span = _Span(0, e.size, unmask_crc(e.crc32c), np.zeros(0, np.uint32), None)
+            elif verify:
+                span = self._chunk_span(e, f, first, last - first)
+                if span is True:
+                    span = _Span(0, e.size, unmask_crc(e.crc32c), np.zeros(0, np.uint32), None)
+            self._read_span(key, e, f, span if isinstance(span, _Span) else None, first, last - first,
+                            [(lo, parts[i][0], parts[i][1]) for lo, _, i in group])
 
     def _chunk_span(self, e: BundleEntry, f: RandomAccess, first: int, nbytes: int) -> _Span | bool | None:
         """How to check a read of bytes ``[first, first + nbytes)`` of entry ``e``: the chunks around it
@@ -564,6 +623,8 @@ class BundleReader:
 
     def _chunk_error(self, key: bytes, e: BundleEntry, f: RandomAccess, span: _Span) -> ChecksumMismatchError:
         """The error for a widened read whose bytes do not match their chunk CRCs, naming the bad chunk."""
+        if span.table is None:
+            raise AssertionError("a whole-piece span is reported by _crc_error")
         size = span.table.chunk_size
         bad = (e.offset + span.lo, e.offset + span.hi)
         for i, start in enumerate(range(span.lo, span.hi, size)):
@@ -778,6 +839,84 @@ class BundleReader:
         """
         key = _as_key(name)
         e = entry if entry is not None else self.entry(key)
+        return self._assemble(key, e, self._check_box(key, e, bounds, out), verify, out)
+
+    def read_boxes(self, name: str | bytes, boxes: Sequence[Sequence[tuple[int, int]]], *, verify: Verify = True,
+                   entry: BundleEntry | None = None, outs: Sequence[np.ndarray | None] | None = None
+                   ) -> list[np.ndarray]:
+        """Several boxes of one tensor at once (`read_bounds` of each), reading every stored byte at most once:
+        where two boxes need overlapping byte ranges of a stored piece (column blocks of it), that range is
+        read once and both are copied out of it.  Every box and output is checked before any is written."""
+        key = _as_key(name)
+        e = entry if entry is not None else self.entry(key)
+        dests = list(outs) if outs is not None else [None] * len(boxes)
+        if len(dests) != len(boxes):
+            raise InvalidArgumentError(f"{self.prefix}: tensor {_label(key)}: {len(boxes)} boxes, {len(dests)} outputs")
+        checked = [self._check_box(key, e, b, o) for b, o in zip(boxes, dests)]
+        dtype = to_numpy(e.dtype)
+        if self._mmap or e.dtype == DataType.STRING or len(checked) < 2:
+            return [self._assemble(key, e, b, verify, o) for b, o in zip(checked, dests)]
+        itemsize = dtype.itemsize
+        pieces = self.stored_slices(key, e)
+        work: dict[int, list[tuple[Bounds, np.ndarray]]] = {}
+        results: list[np.ndarray] = []
+        for bounds in checked:
+            shape = tuple(hi - lo for lo, hi in bounds)
+            if len(e.shape) > _NPY_MAXDIMS or not _numpy_can_hold(shape, itemsize):
+                raise CorruptCheckpointError(
+                    f"{self.prefix}: tensor {_label(key)} of shape {list(e.shape)}: a read of shape {list(shape)} "
+                    "cannot be held in a numpy array"
+                )
+            parts = [(i, inter) for i, p in enumerate(pieces)
+                     if (inter := intersect_bounds(p.bounds, bounds)) is not None]
+            _check_cover(self.prefix, key, bounds, [inter for _, inter in parts])
+            for i, _ in parts:
+                p = pieces[i]
+                if not _numpy_can_hold(p.entry.shape, itemsize):
+                    raise CorruptCheckpointError(
+                        f"{self.prefix}: tensor {_label(key)}: stored piece of shape {list(p.entry.shape)} "
+                        "cannot be held in a numpy array"
+                    )
+                self._locate(p.key, p.entry)
+        for bounds, out in zip(checked, dests):
+            target = out if out is not None else np.empty(tuple(hi - lo for lo, hi in bounds), dtype)
+            results.append(target)
+            for i, p in enumerate(pieces):
+                inter = intersect_bounds(p.bounds, bounds)
+                if inter is None:
+                    continue
+                local = tuple((lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(inter, p.bounds))
+                dst = tuple(slice(lo - r0, hi - r0) for (lo, hi), (r0, _) in zip(inter, bounds))
+                work.setdefault(i, []).append((local, target[dst]))
+        for i, parts_of in work.items():
+            self._read_regions(pieces[i].key, pieces[i].entry, parts_of, verify)
+        return results
+
+    def reads_overlap(self, name: str | bytes, boxes: Sequence[Sequence[tuple[int, int]]],
+                      entry: BundleEntry | None = None) -> bool:
+        """Whether reading ``boxes`` one by one would read some stored bytes twice (then `read_boxes` saves)."""
+        key = _as_key(name)
+        e = entry if entry is not None else self.entry(key)
+        itemsize = to_numpy(e.dtype).itemsize
+        pieces = self.stored_slices(key, e)
+        stored = {p.bounds for p in pieces}
+        wanted = [tuple((int(a), int(b)) for a, b in bounds) for bounds in boxes]
+        if all(b in stored for b in wanted):  # the saved layout: each box is one piece
+            return False
+        for p in pieces:
+            ranges = []
+            for bounds in wanted:
+                inter = intersect_bounds(p.bounds, bounds)
+                if inter is not None and box_volume(inter):
+                    local = tuple((lo - s0, hi - s0) for (lo, hi), (s0, _) in zip(inter, p.bounds))
+                    ranges.append(_byte_range(local, p.entry.shape, itemsize))
+            ranges.sort()
+            if any(b[0] < a[1] for a, b in zip(ranges, ranges[1:])):
+                return True
+        return False
+
+    def _check_box(self, key: bytes, e: BundleEntry, bounds: Sequence[tuple[int, int]],
+                   out: np.ndarray | None) -> Bounds:
         box = tuple((int(a), int(b)) for a, b in bounds)
         if len(box) != len(e.shape):
             raise ShapeMismatchError(
@@ -799,7 +938,7 @@ class BundleReader:
                     f"{self.prefix}: tensor {_label(key)}: the output array is {out.dtype}{list(out.shape)}, "
                     f"the read is {to_numpy(e.dtype)}{list(want)}"
                 )
-        return self._assemble(key, e, box, verify, out)
+        return box
 
     def _assemble(self, key: bytes, e: BundleEntry, bounds: Bounds, verify: Verify,
                   out: np.ndarray | None = None) -> np.ndarray:
@@ -914,6 +1053,31 @@ def _crc_error(where: str, e: BundleEntry, crc: int) -> ChecksumMismatchError:
         f"{where} ({e.size} bytes): checksum does not match: stored {unmask_crc(e.crc32c):#010x} "
         f"vs. calculated on the restored bytes {crc:#010x}"
     )
+
+
+def _byte_range(local: Bounds, shape: Sequence[int], itemsize: int) -> tuple[int, int]:
+    """The bytes ``[first, last)`` of a C-ordered array of ``shape`` that span the non-empty box ``local``."""
+    first = last = 0
+    stride = itemsize
+    for d in range(len(shape) - 1, -1, -1):
+        first += local[d][0] * stride
+        last += (local[d][1] - 1) * stride
+        stride *= shape[d]
+    return first, last + itemsize
+
+
+_SCRATCH_MAX = 64 << 20  # a thread keeps a scratch buffer up to this size for the next read; larger: fresh
+_scratch_of = threading.local()
+
+
+def _scratch(nbytes: int) -> np.ndarray:
+    """``nbytes`` of this thread's reused scratch memory (fresh pages cost a fault each on first touch)."""
+    if nbytes > _SCRATCH_MAX:
+        return np.empty(nbytes, np.uint8)
+    buf = getattr(_scratch_of, "buf", None)
+    if buf is None or len(buf) < nbytes:
+        buf = _scratch_of.buf = np.empty(max(nbytes, 1 << 20), np.uint8)
+    return buf[:nbytes]
 
 
 def _contiguous_start(local: Bounds, shape: Sequence[int], itemsize: int) -> int | None:
