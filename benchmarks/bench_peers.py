@@ -840,7 +840,6 @@ def _env(system: str, args: argparse.Namespace) -> dict[str, str]:
 def run_system(system: str, rep: int, workdir: str, args: argparse.Namespace) -> list[dict[str, Any]]:
     """Start the system's worker processes (fresh), wait, and return every client's result."""
     from shardckpt.coordination import KVServer
-    from shardckpt.coordination.launcher import ENV_ADDRESS, ENV_RANK, ENV_SIZE
 
     out_dir = os.path.join(workdir, system)
     if system != "sc-one":  # untimed: no system pays for deleting or overwriting an earlier output
@@ -848,9 +847,7 @@ def run_system(system: str, rep: int, workdir: str, args: argparse.Namespace) ->
     os.makedirs(out_dir, exist_ok=True)
     n = NPROCS.get(system, 1)
     env = _env(system, args)
-    server = KVServer("127.0.0.1", 0).start() if system.startswith("sc") or system == "raw" else None
-    if server is not None:
-        env[ENV_ADDRESS], env[ENV_SIZE] = server.address, str(n)
+    server = KVServer("127.0.0.1", 0, size=n).start() if system.startswith("sc") or system == "raw" else None
     procs, outs = [], []
     try:
         for r in range(n):
@@ -864,7 +861,9 @@ def run_system(system: str, rep: int, workdir: str, args: argparse.Namespace) ->
                    "--small-count", str(args.small_count)]
             if args.profile:
                 cmd += ["--profile-dir", args.profile_dir]
-            procs.append(subprocess.Popen(cmd, env={**env, ENV_RANK: str(r)}, cwd=workdir))
+            # The launcher's store is authenticated: each client gets its own key, as `shardckpt launch` gives.
+            procs.append(subprocess.Popen(cmd, env={**env, **(server.env(r) if server is not None else {})},
+                                          cwd=workdir))
         deadline = time.monotonic() + args.timeout
         while any(p.poll() is None for p in procs):
             if any(p.poll() not in (None, 0) for p in procs) or time.monotonic() > deadline:
