@@ -141,3 +141,23 @@ def test_every_output_line_is_whole_and_prefixed_with_its_rank(tmp_path):
             counts[rank] += 1
         assert counts == {0: lines_per_rank, 1: lines_per_rank}
     assert "shardckpt launch" not in result.stderr
+
+
+def test_each_relayed_write_is_one_whole_prefixed_line():
+    # The race CI once hit: a last line without a newline and its ending went out in two writes, and another
+    # client's line landed between them.  Every write the relay makes must be one whole line on its own.
+    from shardckpt.launch import MAX_PIECE, _Relay
+
+    read_end, write_end = os.pipe()
+    long_line = b"x" * (MAX_PIECE * 2 + 10) + b"\n"
+    writes: list[bytes] = []
+    relay = _Relay()
+    copier = relay.start(os.fdopen(read_end, "rb"), writes.append, b"[rank3] ")
+    with os.fdopen(write_end, "wb") as w:  # more than a pipe holds: the relay must already be reading
+        w.write(b"first\n" + long_line + b"no newline at the end")
+    relay.join(10.0)
+    assert not copier.is_alive()
+    assert all(w.startswith(b"[rank3] ") and w.endswith(b"\n") and w.count(b"\n") == 1 for w in writes)
+    assert b"".join(w[len(b"[rank3] "):-1] for w in writes) == b"first" + long_line[:-1] + b"no newline at the end"
+    assert writes[0] == b"[rank3] first\n" and writes[-1] == b"[rank3] no newline at the end\n"
+    assert len(writes) == 5  # the long line in three pieces, each its own prefixed line

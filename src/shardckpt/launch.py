@@ -34,7 +34,8 @@ from .coordination.launcher import ENV_ADDRESS, ENV_KEY, ENV_RANK, ENV_SIZE, KVS
 GRACE_SECONDS = 5.0
 # After the clients exit, how long their output may still take to drain (a grandchild may hold a pipe open).
 DRAIN_SECONDS = 5.0
-# Longest piece of a line handled at once: a client's endless line is passed on in pieces, prefixed once.
+# Longest piece of a line handled at once.  A longer line is passed on as several prefixed lines: writing it
+# in pieces under separate lock holds would let another client's line land inside it.
 MAX_PIECE = 1 << 16
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 log = logging.getLogger("shardckpt.launch")
@@ -72,17 +73,14 @@ class _Relay:
         return t
 
     def _copy(self, source: IO[bytes], sink: Sink, prefix: bytes) -> None:
-        at_start = True
+        # readline returns without a newline only at MAX_PIECE or at the end of the stream; either way the piece
+        # is ended here, in the same write, so every write is one whole prefixed line.
         with source:
             while True:
                 piece = source.readline(MAX_PIECE)
                 if not piece:
                     break
-                out = (prefix if at_start else b"") + piece
-                at_start = piece.endswith(b"\n")
-                self.write(sink, out)
-        if not at_start:
-            self.write(sink, b"\n")
+                self.write(sink, prefix + piece + (b"" if piece.endswith(b"\n") else b"\n"))
 
     def write(self, sink: Sink, data: bytes) -> None:
         with self._lock:
