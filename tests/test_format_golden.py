@@ -290,3 +290,34 @@ def test_read_bounds_into_a_callers_array(tmp_path):
         r.read_bounds("t", ((0, 2), (0, 6)), out=np.empty((2, 5), np.float32))
     with pytest.raises(shardckpt.ShapeMismatchError, match="output array"):
         r.read_bounds("t", ((0, 2), (0, 6)), out=np.empty((2, 6), np.float64))
+
+
+LAZY_ML_DTYPES = r"""
+import sys
+import numpy as np
+import shardckpt as sc
+prefix, step = sys.argv[1], sys.argv[2]
+if step == "write":
+    mesh = sc.create_mesh([("x", 1)])
+    sc.name_based_save(mesh, prefix, {"f": np.arange(6, dtype=np.float32)})
+    r = sc.load_checkpoint(prefix)
+    assert r.get_tensor("f").sum() == 15 and r.get_variable_to_dtype_map()["f"] == np.float32
+    assert "ml_dtypes" not in sys.modules, "a float32 save and read imported ml_dtypes"
+    import ml_dtypes
+    sc.name_based_save(mesh, prefix + "-bf16", {"b": np.ones(3, ml_dtypes.bfloat16), "i": np.ones(2, ml_dtypes.int2)})
+else:  # a reader that has never imported ml_dtypes: the narrow entries alone must bring the types in
+    r = sc.load_checkpoint(prefix + "-bf16")
+    assert str(r.get_tensor("b").dtype) == "bfloat16" and str(r.get_tensor("i").dtype) == "int2"
+print("OK")
+"""
+
+
+def test_ml_dtypes_is_imported_only_when_a_narrow_type_is_met(tmp_path):
+    # Some ml_dtypes releases take most of a second of CPU to import; a float-only client must not pay it.
+    import subprocess
+    import sys
+
+    for step in ("write", "read"):
+        out = subprocess.run([sys.executable, "-c", LAZY_ML_DTYPES, str(tmp_path / "ckpt"), step],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "OK", (step, out.stderr[-3000:])

@@ -2,7 +2,9 @@
 
 Every fixed-size type is stored as its in-memory bytes (little-endian).  The
 narrow float and int4 types come from ``ml_dtypes``, whose int4/uint4 keep the
-value in the low nibble of one byte, exactly as TensorFlow stores them.
+value in the low nibble of one byte, exactly as TensorFlow stores them.  It is
+imported on the first use of such a type: some releases take most of a second
+of CPU to import, which every client process and CLI call would pay for nothing.
 Quantized types have no numpy twin: they read as their integer storage type and
 are written back by naming the ``DataType`` explicitly.
 """
@@ -10,8 +12,9 @@ are written back by naming the ``DataType`` explicitly.
 from __future__ import annotations
 
 import enum
+import sys
+import threading
 
-import ml_dtypes
 import numpy as np
 
 from ..errors import UnsupportedDTypeError
@@ -70,7 +73,6 @@ _TO_NUMPY: dict[int, np.dtype] = {
     DataType.QINT8: np.dtype("i1"),
     DataType.QUINT8: np.dtype("u1"),
     DataType.QINT32: np.dtype("<i4"),
-    DataType.BFLOAT16: np.dtype(ml_dtypes.bfloat16),
     DataType.QINT16: np.dtype("<i2"),
     DataType.QUINT16: np.dtype("<u2"),
     DataType.UINT16: np.dtype("<u2"),
@@ -78,18 +80,19 @@ _TO_NUMPY: dict[int, np.dtype] = {
     DataType.HALF: np.dtype("<f2"),
     DataType.UINT32: np.dtype("<u4"),
     DataType.UINT64: np.dtype("<u8"),
-    DataType.FLOAT8_E5M2: np.dtype(ml_dtypes.float8_e5m2),
-    DataType.FLOAT8_E4M3FN: np.dtype(ml_dtypes.float8_e4m3fn),
-    DataType.FLOAT8_E4M3FNUZ: np.dtype(ml_dtypes.float8_e4m3fnuz),
-    DataType.FLOAT8_E4M3B11FNUZ: np.dtype(ml_dtypes.float8_e4m3b11fnuz),
-    DataType.FLOAT8_E5M2FNUZ: np.dtype(ml_dtypes.float8_e5m2fnuz),
-    DataType.INT4: np.dtype(ml_dtypes.int4),
-    DataType.UINT4: np.dtype(ml_dtypes.uint4),
 }
-# TensorFlow 2.21 saves these too, one element per byte (value in the low bits), as ml_dtypes >= 0.5 holds them.
-for _code, _name in ((DataType.INT2, "int2"), (DataType.UINT2, "uint2"), (DataType.FLOAT4_E2M1FN, "float4_e2m1fn")):
-    if hasattr(ml_dtypes, _name):
-        _TO_NUMPY[_code] = np.dtype(getattr(ml_dtypes, _name))
+# Codes held by ml_dtypes types, by attribute name (all in ml_dtypes >= 0.5; TensorFlow 2.21 saves INT2, UINT2
+# and FLOAT4_E2M1FN one element per byte, value in the low bits, as ml_dtypes holds them).
+_ML_NAMES = {DataType.BFLOAT16: "bfloat16", DataType.FLOAT8_E5M2: "float8_e5m2",
+             DataType.FLOAT8_E4M3FN: "float8_e4m3fn", DataType.FLOAT8_E4M3FNUZ: "float8_e4m3fnuz",
+             DataType.FLOAT8_E4M3B11FNUZ: "float8_e4m3b11fnuz", DataType.FLOAT8_E5M2FNUZ: "float8_e5m2fnuz",
+             DataType.INT4: "int4", DataType.UINT4: "uint4", DataType.INT2: "int2", DataType.UINT2: "uint2",
+             DataType.FLOAT4_E2M1FN: "float4_e2m1fn"}
+# Bytes per element of every fixed-size type, known without importing ml_dtypes (readers check sizes with it).
+ITEMSIZE: dict[int, int] = {int(code): dt.itemsize for code, dt in _TO_NUMPY.items() if code != DataType.STRING}
+ITEMSIZE.update({int(code): 2 if code == DataType.BFLOAT16 else 1 for code in _ML_NAMES})
+_ml_lock = threading.Lock()
+_ml_loaded = False
 
 _QUANTIZED = {DataType.QINT8, DataType.QUINT8, DataType.QINT32, DataType.QINT16, DataType.QUINT16}
 
@@ -100,6 +103,21 @@ _FROM_NUMPY: dict[np.dtype, DataType] = {
     if code not in _QUANTIZED and code != DataType.STRING
 }
 _FROM_NUMPY_SEEN: dict[object, DataType] = {}  # dtypes already resolved, as given
+
+
+def _load_ml_dtypes() -> None:
+    """Add the ml_dtypes types to both tables (once; the tables only ever grow, so readers need no lock)."""
+    global _ml_loaded
+    with _ml_lock:
+        if _ml_loaded:
+            return
+        import ml_dtypes
+
+        for code, name in _ML_NAMES.items():
+            dt = np.dtype(getattr(ml_dtypes, name))
+            _TO_NUMPY[code] = dt
+            _FROM_NUMPY[dt.newbyteorder("=")] = code
+        _ml_loaded = True
 
 
 def datatype_name(code: int) -> str:
@@ -113,6 +131,9 @@ def datatype_name(code: int) -> str:
 def to_numpy(code: int) -> np.dtype:
     """The in-memory dtype of a stored ``DataType``; refuses variant, resource and unknown values."""
     dt = _TO_NUMPY.get(code)
+    if dt is None and code in _ML_NAMES and not _ml_loaded:
+        _load_ml_dtypes()
+        dt = _TO_NUMPY.get(code)
     if dt is None:
         if code in (DataType.VARIANT, DataType.RESOURCE):
             raise UnsupportedDTypeError(f"{datatype_name(code)} tensors cannot be read or written by shardckpt")
@@ -129,6 +150,10 @@ def from_numpy(dtype: np.dtype) -> DataType:
     if dtype.kind in "OSU":
         return DataType.STRING
     code = _FROM_NUMPY.get(dtype.newbyteorder("="))
+    if code is None and not _ml_loaded and "ml_dtypes" in sys.modules:
+        # an ml_dtypes array can only exist once ml_dtypes is imported
+        _load_ml_dtypes()
+        code = _FROM_NUMPY.get(dtype.newbyteorder("="))
     if code is None:
         raise UnsupportedDTypeError(f"numpy dtype {dtype} has no TensorFlow DataType")
     if dtype.isnative:
@@ -138,4 +163,7 @@ def from_numpy(dtype: np.dtype) -> DataType:
 
 def element_size(code: int) -> int:
     """Bytes per element on disk for a fixed-size type (0 for DT_STRING)."""
-    return 0 if code == DataType.STRING else to_numpy(code).itemsize
+    if code == DataType.STRING:
+        return 0
+    size = ITEMSIZE.get(code)
+    return to_numpy(code).itemsize if size is None else size

@@ -40,7 +40,7 @@ from . import chunks, strings
 from .buffers import IOV_MAX, rows_of
 from .chunks import ChunkTable, combine_chunks, sidecar_filename
 from .coding import crc32c, decode_varint, unmask_crc
-from .dtypes import DataType, datatype_name, to_numpy
+from .dtypes import ITEMSIZE, DataType, datatype_name, to_numpy
 from .files import data_filename, index_filename, normalize_prefix
 from .protos import BIG_ENDIAN, BundleEntry, BundleHeader, decode_entry, decode_header
 from .slices import (
@@ -98,19 +98,6 @@ class StoredSlice:
     entry: BundleEntry
 
 
-# Bytes per element of every fixed-size DataType numpy can hold (not DT_STRING, variant or resource).
-def _itemsizes() -> dict[int, int]:
-    out = {}
-    for code in DataType:
-        try:
-            out[int(code)] = to_numpy(code).itemsize
-        except CheckpointError:
-            pass
-    out.pop(int(DataType.STRING), None)
-    return out
-
-
-_ITEMSIZE = _itemsizes()
 
 # Types whose elements are objects of the writing process (a dataset iterator's state, a resource handle):
 # listed, verified and copied as stored bytes, never turned into arrays.
@@ -290,7 +277,7 @@ class BundleReader:
 
     def _validate(self, key: bytes, e: BundleEntry) -> BundleEntry:
         if not e.slices:  # the common case, checked in a few steps; anything it refuses is looked at fully below
-            itemsize = _ITEMSIZE.get(e.dtype)
+            itemsize = ITEMSIZE.get(e.dtype)
             shape = e.shape
             if (itemsize is not None and (not shape or min(shape) >= 0) and e.offset >= 0
                     and 0 <= e.shard_id < max(self.header.num_shards, 1)
