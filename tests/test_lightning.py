@@ -279,3 +279,64 @@ def test_a_tensor_whose_stored_slices_do_not_cover_it_is_refused_not_left_uninit
         w.add(shardckpt.lightning.LAYOUT_NAME, np.array(layout, dtype=object))
     with pytest.raises(CorruptCheckpointError, match=r"c/model.*: w: the stored slices cover .* of its 6 elements"):
         shardckpt.lightning.CheckpointIO().load_checkpoint(tmp_path / "c")
+
+
+class FillDiskAt(Callback):
+    """Takes the last free byte of the file system at fault point ``point`` of the save Lightning makes at
+    ``step`` (a real ENOSPC from then on, `fs_helpers`), after noting the bytes of the checkpoint it writes over."""
+
+    def __init__(self, directory: Any, point: str, step: int, path: Any) -> None:
+        self.directory, self.point, self.step, self.path = directory, point, step, path
+        self.armed = False
+        self.before: dict[str, bytes] = {}
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        self.armed = trainer.global_step == self.step  # called just before the CheckpointIO writes
+        if self.armed:
+            self.before = files(self.path)
+
+    def __call__(self, point: str, client: int) -> None:
+        if self.armed and point == self.point:
+            from fs_helpers import fill_to
+
+            fill_to(self.directory, 0)
+
+
+def files(directory: Any) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in sorted(os.listdir(directory))}
+
+
+def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_the_next_save_works(tmp_path) -> None:
+    """The disk fills while a checkpoint is written over (in its data file, then in its index): the fit stops
+    with a CheckpointIOError naming the checkpoint, which is still the previous one byte for byte with nothing
+    staged beside it, and once there is room a run resumed from it saves over it."""
+    import errno
+
+    from fs_helpers import full_filesystem
+    from shardckpt import CheckpointIOError, faults
+
+    with full_filesystem(tmp_path, 1 << 20) as disk:
+        path = disk / "ckpts" / "run.ckpt"  # written over at the end of each epoch
+
+        def fit(epochs: int, *callbacks: Callback, resume: bool = True) -> None:
+            checkpoints = ModelCheckpoint(dirpath=disk / "ckpts", filename="run", enable_version_counter=False)
+            trainer(tmp_path, checkpoints, *callbacks, max_epochs=epochs).fit(
+                Tiny(), ckpt_path=str(path) if resume else None)
+
+        for point, file, resume in (("after_plan", "model.data-00000-of-00001.staging-", False),
+                                    ("after_data_fsync", "model.index", True)):
+            fill = FillDiskAt(disk, point, 2 * BATCHES, path)
+            with faults.hook(fill), pytest.raises(CheckpointIOError) as info:
+                fit(2, fill, resume=resume)
+            assert info.value.errno == errno.ENOSPC, info.value
+            assert f"{path / 'model'}: " in str(info.value) and file in str(info.value), info.value
+            assert sorted(fill.before) == ["checkpoint", "model.data-00000-of-00001",
+                                           "model.data-00000-of-00001.crc32c", "model.index"]
+            assert files(path) == fill.before  # nothing staged beside it, not one byte changed
+            assert shardckpt.lightning.CheckpointIO().load_checkpoint(path)["global_step"] == BATCHES
+            os.unlink(disk / "filler")
+        again = Seen()
+        fit(2, again)
+        assert again.start["global_step"] == BATCHES and len(again.saved) == 1
+        same(shardckpt.lightning.CheckpointIO().load_checkpoint(path), again.saved[0])
+        assert again.saved[0]["global_step"] == 2 * BATCHES

@@ -38,10 +38,12 @@ Guarantees (the same as `sharded_save`'s)
     fresh staging token to every rank inside its plan.  Each rank writes its own
     ``model.data-R-of-N.staging-TOKEN`` and its chunk-checksum sidecar in
     ``write_data`` (fsynced) and reports their size, inode and index entries in its
-    write results; the coordinator commits in ``finish`` (`commit.commit`: index
-    staged, files checked, renames, index last) and then lets the lease go.  If any
-    rank fails, DCP raises on every rank and never calls ``finish``: nothing is
-    published and the previous checkpoint stays readable.  The writer is not told, so
+    write results; the coordinator writes TensorFlow's state file (when missing), then
+    commits in ``finish`` (`commit.commit`: index staged, files checked, renames, index
+    last) and lets the lease go.  If any rank fails, DCP raises on every rank and never
+    calls ``finish``: nothing is published and the previous checkpoint stays readable.
+    An OS refusal (a full disk) is a `CheckpointIOError` naming the prefix and the
+    file, which DCP carries in its ``CheckpointException``.  The writer is not told, so
     that save's lease stays with the coordinator's process (released at once only when
     the coordinator's own ``write_data`` failed): writers in other processes keep being
     refused while it lives, and the next save of the same process to the path takes the
@@ -55,6 +57,7 @@ Guarantees (the same as `sharded_save`'s)
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -63,7 +66,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 import torch
@@ -96,6 +99,7 @@ from .checkpoint_reader import latest_checkpoint
 from .commit import STAGING, StagedFile, commit, recover, sidecar_path
 from .errors import (
     CheckpointError,
+    CheckpointIOError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -212,6 +216,19 @@ def _discard(path: str) -> None:
             pass
 
 
+def _os_refusal(exc: BaseException) -> TypeGuard[OSError]:
+    return isinstance(exc, OSError) and not isinstance(exc, CheckpointError)
+
+
+def _io_error(prefix: str, path: str, what: str, exc: OSError) -> CheckpointIOError:
+    """An OS refusal (ENOSPC, EROFS ...) as the `CheckpointIOError` naming the prefix and the file that users are
+    promised (``os.write`` names no file); the caller keeps the OSError as its cause."""
+    where = exc.filename if isinstance(exc.filename, str) else path
+    err = CheckpointIOError(exc.errno or errno.EIO, f"{prefix}: {what} {where}: {exc.strerror or exc}")
+    err.filename = where
+    return err
+
+
 def _full(size: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
     return all(o == 0 for o in offsets) and sizes == size
 
@@ -285,8 +302,10 @@ class StorageWriter(_DcpWriter):
         try:
             for action in recover(self.prefix, durable=self.durable):
                 log.warning("%s: %s (left by an earlier save that did not finish)", self.prefix, action)
-        except BaseException:
+        except BaseException as exc:
             _drop_hold(self.prefix, hold.token)
+            if _os_refusal(exc):
+                raise _io_error(self.prefix, self.prefix, "cleaning up an earlier save failed at", exc) from exc
             raise
         world = len(plans)
         return [dataclasses.replace(p, storage_data=_PlanData(token, r, world)) for r, p in enumerate(plans)]
@@ -363,10 +382,12 @@ class StorageWriter(_DcpWriter):
                                               sidecar=sidecar_path(staging))
             inode = os.stat(staging).st_ino
             fault_point("after_data_fsync", info.rank)
-        except BaseException:
+        except BaseException as exc:
             _discard(staging)
             if self.is_coordinator:  # this save fails for sure: let the prefix go at once
                 _drop_hold(self.prefix, info.token)
+            if _os_refusal(exc):
+                raise _io_error(self.prefix, staging, "cannot write", exc) from exc
             raise
         index: list[tuple[bytes, BundleEntry]] = []
         results: list[WriteResult] = []
@@ -414,14 +435,17 @@ class StorageWriter(_DcpWriter):
             raise PrefixBusyError(f"{prefix}: this save's lease was taken over by a later save of this process "
                                   "(or never taken); nothing was published")
         try:
+            # Before the commit: written after it, a full disk there failed a save that was already published.
+            self._write_state_file()
             commit(prefix, token, [StagedFile(f.size, f.inode) for f in files], [f.entries for f in files],
                    overwrite=True, durable=self.durable, hook=lambda point: fault_point(point, 0),
                    still_held=hold.lease.still_held)
-            self._write_state_file()
-        except BaseException:
+        except BaseException as exc:
             if not os.path.exists(index_filename(prefix) + STAGING + token):  # before the commit point
                 for r in range(len(files)):
                     _discard(staging_data_filename(prefix, r, len(files), token))
+            if _os_refusal(exc):
+                raise _io_error(prefix, index_filename(prefix), "commit failed writing", exc) from exc
             raise
         finally:
             with _holds_lock:
@@ -438,7 +462,10 @@ class StorageWriter(_DcpWriter):
                     return
         except OSError:
             pass
-        write_file_atomically(path, text, durable=self.durable)
+        try:
+            write_file_atomically(path, text, durable=self.durable)
+        except OSError as exc:
+            raise _io_error(self.prefix, path, "cannot write the checkpoint state file", exc) from exc
 
 
 def _host_array(tensor: torch.Tensor, fqn: str) -> np.ndarray:

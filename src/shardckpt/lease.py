@@ -176,7 +176,11 @@ def _try_create(prefix: str, path: str, holder: Holder) -> PrefixLease | None:
         raise _io_error(prefix, private, "cannot create the lease", exc) from exc
     try:
         locked = _lock(fd)
-        os.write(fd, _record(holder).ljust(_MAX_RECORD // 4))
+        try:
+            os.write(fd, _record(holder).ljust(_MAX_RECORD // 4))
+        except OSError as exc:  # a full disk: the name was free, its first block is not
+            os.close(fd)
+            raise _io_error(prefix, private, "cannot write the lease", exc) from exc
         try:
             os.link(private, path)
         except FileExistsError:

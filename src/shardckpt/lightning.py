@@ -64,6 +64,7 @@ import torch.distributed.checkpoint as dcp
 from lightning.fabric.utilities.data import AttributeDict as _FabricAttributeDict
 from lightning.pytorch.plugins.io import CheckpointIO as _LightningCheckpointIO
 from lightning.pytorch.utilities.parsing import AttributeDict as _PlAttributeDict
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner, DefaultSavePlanner
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, TensorStorageMetadata
 
@@ -248,7 +249,15 @@ class CheckpointIO(_LightningCheckpointIO):
         state[LAYOUT_NAME] = layout
         writer = StorageWriter(path, allow_pickle=self.allow_pickle, durable=self.durable)
         planner = DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+        try:
+            dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
+        except CheckpointException as exc:
+            # DCP's wrapper is a BaseException (``except Exception`` misses it, as it would not miss Lightning's
+            # own CheckpointIO failing on a full disk); this one process's error is what the caller is owed.
+            own = [e for e, _ in exc.failures.values()]
+            if len(own) != 1 or not isinstance(own[0], Exception):
+                raise
+            raise own[0] from own[0].__cause__  # the OSError of a CheckpointIOError stays its cause
 
     def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
