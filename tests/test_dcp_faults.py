@@ -210,7 +210,7 @@ def scenario(rank: int, disk: str, results: str, events: dict) -> None:
     # E: `shardckpt clean` while the save is held after its index is staged, before it is published.
     def paused() -> None:
         before = sorted(os.listdir(ck))
-        cleaned = clean(os.path.join(ck, "model"))
+        cleaned = clean(ck)  # the directory the user gave DCP, as they would name it
         events["E_paused"] = {"before": before, "after": sorted(os.listdir(ck)), "clean": cleaned,
                               "old": bundle_diff(ck, 2)}
 
@@ -392,7 +392,7 @@ def test_clean_finishes_what_a_dead_session_left_and_keeps_the_checkpoint(run) -
     ck = os.path.join(disk, "ck")
     left = leftovers(ck)
     assert left == ev[0]["G_files"] and "model.lease" in left and len(left) == 3, left  # the processes are gone
-    cleaned = clean(os.path.join(ck, "model"))
-    assert cleaned["rc"] == 0 and "2 action(s)" in cleaned["stdout"], cleaned
+    cleaned = clean(ck)  # the directory stands for the prefix in it with leftovers
+    assert cleaned["rc"] == 0 and f"{os.path.join(ck, 'model')}: 2 action(s)" in cleaned["stdout"], cleaned
     assert leftovers(ck) == []
     assert bundle_diff(ck, 3) == []

@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -244,19 +245,34 @@ def cmd_clean(args: argparse.Namespace) -> int:
     """``shardckpt clean``: finish or discard an interrupted save at the prefix, printing each action; exit status 0.
 
     It takes the prefix's lease first, so it never touches a live save's files: with a save in progress it
-    fails (exit status 1) naming the save's holder.
+    fails (exit status 1) naming the save's holder.  A directory (a DCP or Orbax step directory, a manager's)
+    stands for every prefix directly in it that has something left over.
     """
     from .commit import leftovers, recover
     from .lease import CLEANER, PrefixLease
 
-    actions: list[str] = []
-    if leftovers(args.prefix):  # (nothing left over: no lease needed, so a read-only directory is fine)
-        with PrefixLease.acquire(args.prefix, what=CLEANER):
-            actions = recover(args.prefix)
-    for line in actions:
-        print(line)
-    print(f"{args.prefix}: {'nothing to clean' if not actions else f'{len(actions)} action(s)'}")
+    prefixes = _prefixes_with_leftovers(args.prefix) if os.path.isdir(args.prefix) else [args.prefix]
+    for prefix in prefixes:
+        actions: list[str] = []
+        if leftovers(prefix):  # (nothing left over: no lease needed, so a read-only directory is fine)
+            with PrefixLease.acquire(prefix, what=CLEANER):
+                actions = recover(prefix)
+        for line in actions:
+            print(line)
+        print(f"{prefix}: {'nothing to clean' if not actions else f'{len(actions)} action(s)'}")
+    if not prefixes:
+        print(f"{args.prefix}: nothing to clean")
     return 0
+
+
+# What a save leaves behind: P.index or P.data-R-of-N (and its .crc32c sidecar), staged or temporary.
+_LEFTOVER = re.compile(r"^(.+)\.(?:index|data-\d+-of-\d+(?:\.crc32c)?)(?:\.staging-|\.tempstate)")
+
+
+def _prefixes_with_leftovers(directory: str) -> list[str]:
+    """The prefixes directly in ``directory`` that staged or temporary files belong to, sorted."""
+    found = {m.group(1) for m in map(_LEFTOVER.match, os.listdir(directory)) if m}
+    return [os.path.join(directory, base) for base in sorted(found)]
 
 
 def cmd_launch(args: argparse.Namespace) -> int:
@@ -418,7 +434,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("clean", help="finish or remove what an interrupted save left behind",
                        description="Look for staging files of an interrupted save at PREFIX: complete its commit "
                        "if it had passed its commit point, else delete them. Never deletes a committed checkpoint.")
-    p.add_argument("prefix", help="checkpoint prefix (the path without .index)")
+    p.add_argument("prefix", help="checkpoint prefix (the path without .index), or a directory: every prefix in it")
     p.set_defaults(func=cmd_clean)
 
     p = sub.add_parser("launch", help="run a script as N local clients with a coordinator (like torchrun)",
