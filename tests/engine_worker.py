@@ -11,7 +11,8 @@ init needs); MPI ranks come from ``mpiexec``.  Each client writes
 and exits 0 when every check of its scenario passed, 1 otherwise.
 
 The test modules import this file for the launch helpers at the bottom
-(`run_clients`, `snapshot`); importing it imports no framework.
+(`run_clients`, `snapshot`, and `jax_worker_main` / `run_jax_workers` for modules
+that are their own JAX worker); importing it imports no framework.
 """
 
 from __future__ import annotations
@@ -138,19 +139,26 @@ def remove_recorded_shared_memory(results: str) -> list[str]:
 ENGINES: dict[str, Callable[[], Engine]] = {"torch": init_torch, "mpi": init_mpi}
 
 
-def init_jax() -> Engine:
-    """jax.distributed with its coordination service bound to 127.0.0.1 (the default binds [::]).
+def jax_distributed_initialize(rank: int, size: int) -> None:
+    """jax.distributed with its coordination service on ``127.0.0.1:$WORKER_PORT`` (the default binds [::]).
 
     The heartbeat timeout is generous: a dead process is found by shardckpt's own
     (shorter) timeout, before JAX's runtime would abort the survivors.
     """
     import jax
 
-    rank, size = int(os.environ["WORKER_RANK"]), int(os.environ["WORKER_SIZE"])
     address = f"127.0.0.1:{os.environ['WORKER_PORT']}"
     jax.distributed.initialize(coordinator_address=address, num_processes=size, process_id=rank,
                                coordinator_bind_address=address, initialization_timeout=60,
                                heartbeat_timeout_seconds=60)
+
+
+def init_jax() -> Engine:
+    """jax.distributed on loopback (`jax_distributed_initialize`)."""
+    import jax
+
+    rank, size = int(os.environ["WORKER_RANK"]), int(os.environ["WORKER_SIZE"])
+    jax_distributed_initialize(rank, size)
     extra: dict[str, Any] = {}
 
     def finish() -> None:
@@ -769,6 +777,95 @@ def run_clients(engine: str, n: int, scenario: str, directory: str | os.PathLike
     finally:
         remove_recorded_shared_memory(results)  # the job's processes are all gone by now
         shutil.rmtree(results, ignore_errors=True)
+
+
+# --- test modules that are their own JAX workers (test_adapter_jax, test_orbax) -------------------------------
+# Such a module runs as ``python MODULE SCENARIO DIR`` in each process: its ``__main__`` calls `jax_worker_main`,
+# which writes ``DIR/result-SCENARIO-RANK.json``; its tests start the processes and read those with
+# `run_jax_workers`.
+
+
+def jax_worker_main(argv: list[str], scenarios: dict[str, Callable[[str, dict[str, Any]], None]], *,
+                    setup: Callable[[], None] = lambda: None) -> int:
+    """Run scenario ``argv[0]`` in directory ``argv[1]`` in this process; ``setup`` runs once JAX is up.
+
+    Exits 0 when the scenario passed; the result file says how it went either way."""
+    scenario, directory = argv
+    rank, size = int(os.environ.get("WORKER_RANK", "0")), int(os.environ.get("WORKER_SIZE", "1"))
+    t0 = time.time()
+    import jax
+
+    if size > 1:
+        jax_distributed_initialize(rank, size)
+    setup()
+    events: dict[str, Any] = {"init_seconds": time.time() - t0}
+    ok, failure = True, None
+    try:
+        scenarios[scenario](directory, events)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        ok, failure = False, traceback.format_exc()
+        print(f"[process {rank}] {failure}", file=sys.stderr, flush=True)
+    events["total_seconds"] = time.time() - t0
+    with open(os.path.join(directory, f"result-{scenario}-{rank}.json"), "w") as f:
+        json.dump({"ok": ok, "events": events, "failure": failure}, f)
+    if size > 1:
+        jax.distributed.shutdown()  # a barrier of every process: the service host leaves last
+    return 0 if ok else 1
+
+
+def run_jax_workers(script: str | os.PathLike[str], scenario: str, directory: Path, processes: int, devices: int,
+                    *, timeout: float, expect_rc: int = 0, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run ``python SCRIPT SCENARIO DIRECTORY`` in ``processes`` processes of ``devices`` CPU devices each.
+
+    Each process has a session of its own (so a hang is killed with whatever it started) and writes its output
+    to a log file in ``directory``; past ``timeout`` every process group is killed and the run fails.  Returns
+    the processes' results by process id.  With ``expect_rc`` other than 0, every process must exit with it
+    and none may have reported.  The logs and result files are removed."""
+    base = dict(os.environ)
+    base.pop("SHARDCKPT_COORDINATOR", None)  # never pick up a launcher's engine by accident
+    base.pop("SHARDCKPT_FAULT", None)  # faults are injected only where a test asks for them (``env``)
+    base.update({"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "WORKER_SIZE": str(processes),
+                 "WORKER_PORT": str(_free_port()), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    base.update(env or {})
+    logs = [directory / f"log-{scenario}-{r}.txt" for r in range(processes)]
+    procs = []
+    for r in range(processes):
+        with open(logs[r], "wb") as out:
+            procs.append(subprocess.Popen([sys.executable, os.fspath(script), scenario, str(directory)], stdout=out,
+                                          stderr=subprocess.STDOUT, env=dict(base, WORKER_RANK=str(r)),
+                                          start_new_session=True))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for q in procs:
+                if q.poll() is None:
+                    os.killpg(q.pid, signal.SIGKILL)
+            p.wait()
+    output = "\n".join(f"--- process {r} (rc {p.returncode}) ---\n{logs[r].read_text(errors='replace')[-6000:]}"
+                       for r, p in enumerate(procs))
+    for log in logs:
+        log.unlink()
+    assert not timed_out, f"{scenario}: processes did not finish within {timeout} s (killed)\n{output}"
+    codes = [p.returncode for p in procs]
+    paths = [directory / f"result-{scenario}-{r}.json" for r in range(processes)]
+    if expect_rc != 0:
+        assert codes == [expect_rc] * processes, output
+        assert not [path for path in paths if path.exists()], output
+        return []
+    results = []
+    for r, path in enumerate(paths):
+        assert path.exists(), f"{scenario}: process {r} reported nothing\n{output}"
+        results.append(json.loads(path.read_text()))
+        path.unlink()
+    bad = {r: res["failure"] for r, res in enumerate(results) if not res["ok"]}
+    assert not bad, f"{scenario}: processes failed: {bad}\n{output}"
+    assert codes == [0] * processes, output
+    return results
 
 
 def check_committed(directory: str | os.PathLike[str], base: str, num_clients: int) -> None:

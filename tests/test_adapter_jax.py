@@ -13,18 +13,17 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import traceback
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+from engine_worker import jax_worker_main, run_jax_workers
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 SAVE_TIMEOUT = 60.0  # shardckpt's own collective timeout inside the workers
@@ -301,81 +300,21 @@ def with_error(events: dict[str, Any], key: str, fn: Any) -> None:
 SCENARIOS = {"save4": scenario_save4, "restore2": scenario_restore2, "single": scenario_single}
 
 
-def worker_main(argv: list[str]) -> int:
+def _setup() -> None:
     global MuNu, _opt
-    scenario, directory = argv
-    rank, size = int(os.environ.get("WORKER_RANK", "0")), int(os.environ.get("WORKER_SIZE", "1"))
-    t0 = time.time()
-    import jax
-
-    if size > 1:
-        address = f"127.0.0.1:{os.environ['WORKER_PORT']}"
-        jax.distributed.initialize(coordinator_address=address, num_processes=size, process_id=rank,
-                                   coordinator_bind_address=address, initialization_timeout=60,
-                                   heartbeat_timeout_seconds=60)
     MuNu, _opt = _register()
-    events: dict[str, Any] = {"init_seconds": time.time() - t0}
-    ok, failure = True, None
-    try:
-        SCENARIOS[scenario](directory, events)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        ok, failure = False, traceback.format_exc()
-        print(f"[process {rank}] {failure}", file=sys.stderr, flush=True)
-    events["total_seconds"] = time.time() - t0
-    with open(os.path.join(directory, f"result-{scenario}-{rank}.json"), "w") as f:
-        json.dump({"ok": ok, "events": events, "failure": failure}, f)
-    if size > 1:
-        jax.distributed.shutdown()  # a barrier of every process: the service host leaves last
-    return 0 if ok else 1
+
+
+def worker_main(argv: list[str]) -> int:
+    return jax_worker_main(argv, SCENARIOS, setup=_setup)
 
 
 # --- test side ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run(scenario: str, directory: Path, processes: int, devices: int) -> list[dict[str, Any]]:
     """Start ``processes`` workers with ``devices`` CPU devices each; their results by process id."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", WORKER_SIZE=str(processes),
-               WORKER_PORT=str(_free_port()), TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("SHARDCKPT_COORDINATOR", None)
-    logs = [directory / f"log-{scenario}-{r}.txt" for r in range(processes)]
-    procs = []
-    for r in range(processes):
-        with open(logs[r], "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(directory)], stdout=out,
-                                          stderr=subprocess.STDOUT, env=dict(env, WORKER_RANK=str(r)),
-                                          start_new_session=True))
-    deadline = time.monotonic() + RUN_TIMEOUT
-    timed_out = False
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for q in procs:
-                if q.poll() is None:
-                    os.killpg(q.pid, signal.SIGKILL)
-            p.wait()
-    for p in procs:
-        p.wait()
-    output = "\n".join(f"--- process {r} (rc {p.returncode}) ---\n{logs[r].read_text(errors='replace')[-6000:]}"
-                       for r, p in enumerate(procs))
-    assert not timed_out, f"{scenario}: processes did not finish within {RUN_TIMEOUT} s (killed)\n{output}"
-    results = []
-    for r in range(processes):
-        path = directory / f"result-{scenario}-{r}.json"
-        assert path.exists(), f"{scenario}: process {r} reported nothing\n{output}"
-        results.append(json.loads(path.read_text()))
-    bad = {r: res["failure"] for r, res in enumerate(results) if not res["ok"]}
-    assert not bad, f"{scenario}: processes failed: {bad}\n{output}"
-    assert [p.returncode for p in procs] == [0] * processes, output
-    return results
+    return run_jax_workers(__file__, scenario, directory, processes, devices, timeout=RUN_TIMEOUT)
 
 
 def _assert_checkpoint(prefix: Path, num_files: int) -> None:

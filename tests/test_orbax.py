@@ -15,8 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
-import traceback
 import zlib
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from test_adapter_jax import _free_port
+from engine_worker import jax_worker_main, run_jax_workers
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 
@@ -330,27 +328,7 @@ SCENARIOS = {"manager": scenario_manager, "fault-raise": scenario_fault_raise, "
 
 
 def worker_main(argv: list[str]) -> int:
-    scenario, directory = argv
-    rank, size = int(os.environ.get("WORKER_RANK", "0")), int(os.environ.get("WORKER_SIZE", "1"))
-    import jax
-
-    if size > 1:
-        address = f"127.0.0.1:{os.environ['WORKER_PORT']}"
-        jax.distributed.initialize(coordinator_address=address, num_processes=size, process_id=rank,
-                                   coordinator_bind_address=address, initialization_timeout=60,
-                                   heartbeat_timeout_seconds=60)
-    events: dict[str, Any] = {}
-    ok, failure = True, None
-    try:
-        SCENARIOS[scenario](directory, events)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        ok, failure = False, traceback.format_exc()
-        print(f"[process {rank}] {failure}", file=sys.stderr, flush=True)
-    with open(os.path.join(directory, f"result-{scenario}-{rank}.json"), "w") as f:
-        json.dump({"ok": ok, "events": events, "failure": failure}, f)
-    if size > 1:
-        jax.distributed.shutdown()
-    return 0 if ok else 1
+    return jax_worker_main(argv, SCENARIOS)
 
 
 # --- test side ---------------------------------------------------------------------------------------------
@@ -359,47 +337,8 @@ def worker_main(argv: list[str]) -> int:
 def run(scenario: str, directory: Path, processes: int, devices: int, *, expect_rc: int = 0,
         env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Start the workers; their results by process id (none expected when ``expect_rc`` is not 0)."""
-    base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", WORKER_SIZE=str(processes),
-                WORKER_PORT=str(_free_port()), TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    base.pop("SHARDCKPT_COORDINATOR", None)
-    base.pop("SHARDCKPT_FAULT", None)
-    logs = [directory / f"log-{scenario}-{r}.txt" for r in range(processes)]
-    procs = []
-    for r in range(processes):
-        with open(logs[r], "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(directory)], stdout=out,
-                                          stderr=subprocess.STDOUT, env=dict(base, WORKER_RANK=str(r)),
-                                          start_new_session=True))
-    deadline = time.monotonic() + RUN_TIMEOUT
-    timed_out = False
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for q in procs:
-                if q.poll() is None:
-                    os.killpg(q.pid, signal.SIGKILL)
-            p.wait()
-    output = "\n".join(f"--- process {r} (rc {p.returncode}) ---\n{logs[r].read_text(errors='replace')[-6000:]}"
-                       for r, p in enumerate(procs))
-    for log in logs:
-        log.unlink()
-    assert not timed_out, f"{scenario}: processes did not finish within {RUN_TIMEOUT} s (killed)\n{output}"
-    assert [p.returncode for p in procs] == [expect_rc] * processes, output
-    results = []
-    for r in range(processes):
-        path = directory / f"result-{scenario}-{r}.json"
-        if expect_rc != 0:
-            assert not path.exists(), output
-            continue
-        assert path.exists(), f"{scenario}: process {r} reported nothing\n{output}"
-        results.append(json.loads(path.read_text()))
-        path.unlink()
-    bad = {r: res["failure"] for r, res in enumerate(results) if not res["ok"]}
-    assert not bad, f"{scenario}: processes failed: {bad}\n{output}"
-    return results
+    return run_jax_workers(__file__, scenario, directory, processes, devices, timeout=RUN_TIMEOUT,
+                           expect_rc=expect_rc, env=env)
 
 
 def _shards(devices: int) -> int:
