@@ -868,6 +868,37 @@ def run_jax_workers(script: str | os.PathLike[str], scenario: str, directory: Pa
     return results
 
 
+_TF_READER_SCRIPT = """
+import sys, json, numpy as np, tensorflow as tf
+r = tf.train.load_checkpoint(sys.argv[1])
+dtypes = {k: v.name for k, v in r.get_variable_to_dtype_map().items()}
+arrays = {}
+for k in dtypes:
+    a = np.asarray(r.get_tensor(k))
+    arrays[k.replace('/', '|')] = a.view(np.uint16) if dtypes[k] == 'bfloat16' else a
+np.savez(sys.argv[2], **arrays)
+print(json.dumps(dtypes))
+"""
+
+
+def tensorflow_reads(prefix: str | os.PathLike[str], scratch: Path, *, timeout: float
+                     ) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """What ``tf.train.load_checkpoint(prefix)`` reads: each tensor's TF dtype name and value, by name.
+
+    TensorFlow runs in a process of its own (the test process may hold JAX's runtime); bfloat16 values come back
+    as their uint16 bits, for a bit-exact comparison.  ``scratch`` is a directory for the hand-over file."""
+    out = scratch / "tf.npz"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", _TF_READER_SCRIPT, os.fspath(prefix), str(out)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dtypes = json.loads(proc.stdout.strip().splitlines()[-1])
+    with np.load(out) as arrays:
+        values = {name.replace("|", "/"): arrays[name] for name in arrays.files}
+    out.unlink()
+    return dtypes, values
+
+
 def check_committed(directory: str | os.PathLike[str], base: str, num_clients: int) -> None:
     """``directory/base`` is a complete checkpoint of `model_globals` written by num_clients, with no staging left."""
     names = sorted(n for n in os.listdir(directory) if n.startswith(base + "."))

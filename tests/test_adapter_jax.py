@@ -11,9 +11,7 @@ with TensorFlow.
 
 from __future__ import annotations
 
-import json
 import os
-import subprocess
 import sys
 import time
 import zlib
@@ -23,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine_worker import jax_worker_main, run_jax_workers
+from engine_worker import jax_worker_main, run_jax_workers, tensorflow_reads
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 SAVE_TIMEOUT = 60.0  # shardckpt's own collective timeout inside the workers
@@ -368,33 +366,16 @@ def test_two_processes_restore_the_four_process_checkpoint(saved4) -> None:
 
 def test_tensorflow_reads_the_jax_checkpoint(saved4, tmp_path: Path) -> None:
     directory, _ = saved4
-    out = tmp_path / "tf.npz"
-    script = (
-        "import sys, json, numpy as np, tensorflow as tf\n"
-        "r = tf.train.load_checkpoint(sys.argv[1])\n"
-        "dtypes = {k: v.name for k, v in r.get_variable_to_dtype_map().items()}\n"
-        "arrays = {}\n"
-        "for k in dtypes:\n"
-        "    a = np.asarray(r.get_tensor(k))\n"
-        "    arrays[k.replace('/', '|')] = a.view(np.uint16) if dtypes[k] == 'bfloat16' else a\n"
-        "np.savez(sys.argv[2], **arrays)\n"
-        "print(json.dumps(dtypes))\n"
-    )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", script, str(directory / "ckpt"), str(out)], capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    dtypes = json.loads(proc.stdout.strip().splitlines()[-1])
+    dtypes, arrays = tensorflow_reads(directory / "ckpt", tmp_path, timeout=RUN_TIMEOUT)
     assert dtypes == {n: {"float32": "float32", "int32": "int32", "bfloat16": "bfloat16"}[d]
                       for n, (_, d) in TENSORS.items()}
-    with np.load(out) as arrays:
-        assert sorted(arrays.files) == sorted(n.replace("/", "|") for n in TENSORS)
-        for name in TENSORS:
-            want = global_value(name)
-            if TENSORS[name][1] == "bfloat16":
-                want = want.view(np.uint16)  # bit-exact
-            got = arrays[name.replace("/", "|")]
-            assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert sorted(arrays) == sorted(TENSORS)
+    for name in TENSORS:
+        want = global_value(name)
+        if TENSORS[name][1] == "bfloat16":
+            want = want.view(np.uint16)  # bit-exact
+        got = arrays[name]
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
 
 
 def test_single_process_eight_devices(tmp_path: Path) -> None:

@@ -10,7 +10,6 @@ directories, the bundle with TensorFlow and with ``shardckpt.torch.read_state_di
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine_worker import jax_worker_main, run_jax_workers
+from engine_worker import jax_worker_main, run_jax_workers, tensorflow_reads
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 
@@ -384,30 +383,14 @@ def test_retention_removes_the_oldest_step_and_leaves_no_lease_or_temporary_dire
 def test_tensorflow_and_torch_read_the_step_bundle_whole(saved_one, tmp_path: Path) -> None:
     directory, _ = saved_one
     prefix = directory / "ckpt" / "3" / "state" / "checkpoint"
-    out = tmp_path / "tf.npz"
-    script = (
-        "import sys, json, numpy as np, tensorflow as tf\n"
-        "r = tf.train.load_checkpoint(sys.argv[1])\n"
-        "dtypes = {k: v.name for k, v in r.get_variable_to_dtype_map().items()}\n"
-        "arrays = {}\n"
-        "for k in dtypes:\n"
-        "    a = np.asarray(r.get_tensor(k))\n"
-        "    arrays[k.replace('/', '|')] = a.view(np.uint16) if dtypes[k] == 'bfloat16' else a\n"
-        "np.savez(sys.argv[2], **arrays)\n"
-        "print(json.dumps(dtypes))\n"
-    )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", script, str(prefix), str(out)], capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {n: d for n, (_, d) in TENSORS.items()}
-    with np.load(out) as arrays:
-        assert sorted(arrays.files) == sorted(n.replace("/", "|") for n in TENSORS)
-        for name in TENSORS:
-            want = global_value(name, 3)
-            want = want.view(np.uint16) if TENSORS[name][1] == "bfloat16" else want
-            got = arrays[name.replace("/", "|")]
-            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), name
+    dtypes, arrays = tensorflow_reads(prefix, tmp_path, timeout=RUN_TIMEOUT)
+    assert dtypes == {n: d for n, (_, d) in TENSORS.items()}
+    assert sorted(arrays) == sorted(TENSORS)
+    for name in TENSORS:
+        want = global_value(name, 3)
+        want = want.view(np.uint16) if TENSORS[name][1] == "bfloat16" else want
+        got = arrays[name]
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), name
 
     import shardckpt.torch as st
 
