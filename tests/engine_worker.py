@@ -813,6 +813,16 @@ def jax_worker_main(argv: list[str], scenarios: dict[str, Callable[[str, dict[st
     return 0 if ok else 1
 
 
+def with_error(events: dict[str, Any], key: str, fn: Callable[[], object]) -> None:
+    """``events[key]``: the type and message of what ``fn()`` raised, or None when it returned."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        events[key] = {"type": type(exc).__name__, "message": str(exc)}
+    else:
+        events[key] = None
+
+
 def run_jax_workers(script: str | os.PathLike[str], scenario: str, directory: Path, processes: int, devices: int,
                     *, timeout: float, expect_rc: int = 0, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Run ``python SCRIPT SCENARIO DIRECTORY`` in ``processes`` processes of ``devices`` CPU devices each.

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine_worker import jax_worker_main, run_jax_workers, tensorflow_reads
+from engine_worker import jax_worker_main, run_jax_workers, tensorflow_reads, with_error
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 SAVE_TIMEOUT = 60.0  # shardckpt's own collective timeout inside the workers
@@ -284,15 +284,6 @@ def scenario_single(directory: str, events: dict[str, Any]) -> None:
     with_error(events, "dtype", lambda: sj.restore(prefix, {"rep": jax.ShapeDtypeStruct((5, 3), jnp.bfloat16)}))
     with_error(events, "missing", lambda: sj.restore(prefix, {"nope": jax.ShapeDtypeStruct((1,), np.float32)}))
     assert not os.path.exists(os.path.join(directory, "bad.index"))
-
-
-def with_error(events: dict[str, Any], key: str, fn: Any) -> None:
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        events[key] = {"type": type(exc).__name__, "message": str(exc)}
-    else:
-        events[key] = None
 
 
 SCENARIOS = {"save4": scenario_save4, "restore2": scenario_restore2, "single": scenario_single}

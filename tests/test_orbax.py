@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from engine_worker import jax_worker_main, run_jax_workers, tensorflow_reads
+from engine_worker import jax_worker_main, run_jax_workers, tensorflow_reads, with_error
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 
@@ -310,15 +310,6 @@ def scenario_handler(directory: str, events: dict[str, Any]) -> None:
     events["two_items"] = [_check_restored(out.state, 6), _check_host(out.ema, 7)]
     events["two_items_files"] = sorted(os.listdir(os.path.join(directory, "two", "6")))
     two.close()
-
-
-def with_error(events: dict[str, Any], key: str, fn: Any) -> None:
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        events[key] = {"type": type(exc).__name__, "message": str(exc)}
-    else:
-        events[key] = None
 
 
 SCENARIOS = {"manager": scenario_manager, "fault-raise": scenario_fault_raise, "killed": scenario_killed,
