@@ -924,6 +924,38 @@ def check_committed(directory: str | os.PathLike[str], base: str, num_clients: i
             assert got.tolist() == value.tolist(), (name, got, value)
 
 
+def check_save_restore(run: Run, directory: str | os.PathLike[str], engine_class: str) -> None:
+    """What `scenario_save_restore` must show: 4 clients found ``engine_class`` with ``resolve(None)``, saved
+    together, and each restore checked every local shard (8 targets, one device per client on a 4-device mesh)."""
+    run.assert_ok(4)
+    for result in run.results.values():
+        events = result["events"]
+        assert events["engine_class"] == engine_class
+        assert events["save"]["clients"] == 4
+        assert [events[k] for k in ("restore_same", "restore_1d", "restore_4x1", "restore_replicated")] == [8] * 4
+    check_committed(directory, "ckpt", 4)
+
+
+def assert_timeouts_name(run: Run, missing: int, n: int) -> None:
+    """Every client but ``missing`` timed out naming it, after the save's timeout (`ABSENT_TIMEOUT`)."""
+    for rank in range(n):
+        if rank == missing:
+            continue
+        event = run.results[rank]["events"]["timeout"]
+        assert event["type"] == "ClientTimeoutError", event
+        assert f"clients [{missing}] of {n}" in event["message"], event
+        assert 4.9 <= event["elapsed"] < 10, event  # timeout=5: not early, not much later
+
+
+def check_client_dies(run: Run, directory: str | os.PathLike[str]) -> None:
+    """What `scenario_client_dies` must show: client 3 was killed, the others named it and left nothing."""
+    assert run.returncodes == [0, 0, 0, -9], run.output
+    assert sorted(run.results) == [0, 1, 2], run.output
+    assert all(run.results[r]["ok"] for r in range(3)), run.output
+    assert_timeouts_name(run, 3, 4)
+    assert_nothing_left(directory, "new")
+
+
 def check_late(run: Run, directory: str | os.PathLike[str], n: int = 4) -> None:
     """What `scenario_late` must show: the late save failed on every client and left nothing; the next two
     succeeded on every client with the right data; nobody waited past the late client's sleep plus the slack."""
