@@ -8,6 +8,7 @@ adversary tests are built with the project's own SSTable writer.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -43,30 +44,34 @@ from shardckpt.format.table import TableBuilder
 
 ITER = "iterator/.ATTRIBUTES/ITERATOR_STATE"
 
+
+def _describe(value):
+    """A value's Python type, dtype, shape and exact contents, as JSON.  TensorFlow's answers are described by
+    this same function (its source runs in `_TF_WRITER`), so only what the readers return can differ."""
+    kind = type(value).__module__ + "." + type(value).__name__
+    if isinstance(value, bytes):
+        return {"type": kind, "bytes": value.hex()}
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        return {"type": kind, "dtype": "object", "shape": list(arr.shape), "bytes": [b.hex() for b in arr.ravel()]}
+    return {"type": kind, "dtype": str(arr.dtype), "shape": list(arr.shape),
+            "values": arr.astype(np.complex128).ravel().view(np.float64).tolist()}
+
+
 # Writes the checkpoints and records, for each, what TensorFlow's reader says about every tensor.
 _TF_WRITER = textwrap.dedent(r'''
     import json, os, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import numpy as np, tensorflow as tf
     root = sys.argv[1]
-
-    def describe(value):
-        kind = type(value).__module__ + "." + type(value).__name__
-        if isinstance(value, bytes):
-            return {"type": kind, "bytes": value.hex()}
-        arr = np.asarray(value)
-        if arr.dtype == object:
-            return {"type": kind, "dtype": "object", "shape": list(arr.shape), "bytes": [b.hex() for b in arr.ravel()]}
-        return {"type": kind, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                "values": arr.astype(np.complex128).ravel().view(np.float64).tolist()}
-
+''') + inspect.getsource(_describe) + textwrap.dedent(r'''
     def record(path):
         r = tf.train.load_checkpoint(path)
         out = {"debug": r.debug_string().hex(), "list": tf.train.list_variables(path),
                "dtypes": {k: v.name for k, v in r.get_variable_to_dtype_map().items()}, "tensors": {}}
         for name in r.get_variable_to_shape_map():
             try:
-                out["tensors"][name] = describe(r.get_tensor(name))
+                out["tensors"][name] = _describe(r.get_tensor(name))
             except Exception as exc:
                 out["tensors"][name] = {"error": type(exc).__name__}
         return out
@@ -149,17 +154,6 @@ def tfdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def records(tfdir: Path) -> dict[str, Any]:
     return json.loads((tfdir / "records.json").read_text())
-
-
-def _describe(value: Any) -> dict[str, Any]:
-    kind = type(value).__module__ + "." + type(value).__name__
-    if isinstance(value, bytes):
-        return {"type": kind, "bytes": value.hex()}
-    arr = np.asarray(value)
-    if arr.dtype == object:
-        return {"type": kind, "dtype": "object", "shape": list(arr.shape), "bytes": [b.hex() for b in arr.ravel()]}
-    return {"type": kind, "dtype": str(arr.dtype), "shape": list(arr.shape),
-            "values": arr.astype(np.complex128).ravel().view(np.float64).tolist()}
 
 
 def _dtype_label(dtype: Any) -> str:
