@@ -17,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -254,8 +255,10 @@ def test_variant_entries_list_inspect_verify_and_diff_but_get_tensor_refuses(
     assert [t.note for t in report.tensors if t.name == ITER] == ["stored bytes identical"]
 
 
-def test_a_flipped_byte_in_a_variant_entry_fails_verify_and_diff(
-        tfdir: Path, records: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _damaged_iterator_copy(records: dict[str, Any], tmp_path: Path,
+                           damage: Callable[[bytearray, int, int], None]) -> str:
+    """The managed checkpoint copied into ``tmp_path``, its variant entry's stored bytes changed in place by
+    ``damage(data_file_bytes, entry_offset, entry_size)``; the copy's prefix."""
     src = Path(records["managed_latest"])
     for f in src.parent.glob(src.name + ".*"):
         shutil.copy(f, tmp_path / f.name)
@@ -263,26 +266,30 @@ def test_a_flipped_byte_in_a_variant_entry_fails_verify_and_diff(
     entry = sc.BundleReader(prefix).entry(ITER)
     data = Path(prefix + ".data-00000-of-00001")
     raw = bytearray(data.read_bytes())
-    raw[entry.offset + entry.size // 2] ^= 0x10
+    damage(raw, entry.offset, entry.size)
     data.write_bytes(bytes(raw))
+    return prefix
+
+
+def test_a_flipped_byte_in_a_variant_entry_fails_verify_and_diff(
+        tfdir: Path, records: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def flip(raw: bytearray, offset: int, size: int) -> None:
+        raw[offset + size // 2] ^= 0x10
+
+    prefix = _damaged_iterator_copy(records, tmp_path, flip)
     assert main(["verify", "-q", prefix]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and ITER in out and "checksum" in out
     with pytest.raises(ChecksumMismatchError, match=ITER):  # as for any other damaged tensor
-        diff_tensors(prefix, src)
+        diff_tensors(prefix, Path(records["managed_latest"]))
 
 
 def test_a_variant_element_running_past_its_entry_is_corrupt_not_a_crash(
         records: dict[str, Any], tmp_path: Path) -> None:
-    src = Path(records["managed_latest"])
-    for f in src.parent.glob(src.name + ".*"):
-        shutil.copy(f, tmp_path / f.name)
-    prefix = str(tmp_path / src.name)
-    entry = sc.BundleReader(prefix).entry(ITER)
-    data = Path(prefix + ".data-00000-of-00001")
-    raw = bytearray(data.read_bytes())
-    raw[entry.offset : entry.offset + 5] = b"\xff\xff\xff\xff\x0f"  # first element: a 4 GiB length
-    data.write_bytes(bytes(raw))
+    def huge_first_element(raw: bytearray, offset: int, size: int) -> None:
+        raw[offset : offset + 5] = b"\xff\xff\xff\xff\x0f"  # a 4 GiB length
+
+    prefix = _damaged_iterator_copy(records, tmp_path, huge_first_element)
     with pytest.raises(CorruptCheckpointError, match="runs past"):
         sc.BundleReader(prefix).read_raw(ITER)
 
