@@ -11,7 +11,8 @@ init needs); MPI ranks come from ``mpiexec``.  Each client writes
 and exits 0 when every check of its scenario passed, 1 otherwise.
 
 The test modules import this file for the launch helpers at the bottom
-(`run_clients`, `snapshot`); importing it imports no framework.
+(`run_clients`, `snapshot`, and `jax_worker_main` / `run_jax_workers` for modules
+that are their own JAX worker); importing it imports no framework.
 """
 
 from __future__ import annotations
@@ -138,19 +139,26 @@ def remove_recorded_shared_memory(results: str) -> list[str]:
 ENGINES: dict[str, Callable[[], Engine]] = {"torch": init_torch, "mpi": init_mpi}
 
 
-def init_jax() -> Engine:
-    """jax.distributed with its coordination service bound to 127.0.0.1 (the default binds [::]).
+def jax_distributed_initialize(rank: int, size: int) -> None:
+    """jax.distributed with its coordination service on ``127.0.0.1:$WORKER_PORT`` (the default binds [::]).
 
     The heartbeat timeout is generous: a dead process is found by shardckpt's own
     (shorter) timeout, before JAX's runtime would abort the survivors.
     """
     import jax
 
-    rank, size = int(os.environ["WORKER_RANK"]), int(os.environ["WORKER_SIZE"])
     address = f"127.0.0.1:{os.environ['WORKER_PORT']}"
     jax.distributed.initialize(coordinator_address=address, num_processes=size, process_id=rank,
                                coordinator_bind_address=address, initialization_timeout=60,
                                heartbeat_timeout_seconds=60)
+
+
+def init_jax() -> Engine:
+    """jax.distributed on loopback (`jax_distributed_initialize`)."""
+    import jax
+
+    rank, size = int(os.environ["WORKER_RANK"]), int(os.environ["WORKER_SIZE"])
+    jax_distributed_initialize(rank, size)
     extra: dict[str, Any] = {}
 
     def finish() -> None:
@@ -771,6 +779,136 @@ def run_clients(engine: str, n: int, scenario: str, directory: str | os.PathLike
         shutil.rmtree(results, ignore_errors=True)
 
 
+# --- test modules that are their own JAX workers (test_adapter_jax, test_orbax) -------------------------------
+# Such a module runs as ``python MODULE SCENARIO DIR`` in each process: its ``__main__`` calls `jax_worker_main`,
+# which writes ``DIR/result-SCENARIO-RANK.json``; its tests start the processes and read those with
+# `run_jax_workers`.
+
+
+def jax_worker_main(argv: list[str], scenarios: dict[str, Callable[[str, dict[str, Any]], None]], *,
+                    setup: Callable[[], None] = lambda: None) -> int:
+    """Run scenario ``argv[0]`` in directory ``argv[1]`` in this process; ``setup`` runs once JAX is up.
+
+    Exits 0 when the scenario passed; the result file says how it went either way."""
+    scenario, directory = argv
+    rank, size = int(os.environ.get("WORKER_RANK", "0")), int(os.environ.get("WORKER_SIZE", "1"))
+    t0 = time.time()
+    import jax
+
+    if size > 1:
+        jax_distributed_initialize(rank, size)
+    setup()
+    events: dict[str, Any] = {"init_seconds": time.time() - t0}
+    ok, failure = True, None
+    try:
+        scenarios[scenario](directory, events)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        ok, failure = False, traceback.format_exc()
+        print(f"[process {rank}] {failure}", file=sys.stderr, flush=True)
+    events["total_seconds"] = time.time() - t0
+    with open(os.path.join(directory, f"result-{scenario}-{rank}.json"), "w") as f:
+        json.dump({"ok": ok, "events": events, "failure": failure}, f)
+    if size > 1:
+        jax.distributed.shutdown()  # a barrier of every process: the service host leaves last
+    return 0 if ok else 1
+
+
+def with_error(events: dict[str, Any], key: str, fn: Callable[[], object]) -> None:
+    """``events[key]``: the type and message of what ``fn()`` raised, or None when it returned."""
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - reported to the parent
+        events[key] = {"type": type(exc).__name__, "message": str(exc)}
+    else:
+        events[key] = None
+
+
+def run_jax_workers(script: str | os.PathLike[str], scenario: str, directory: Path, processes: int, devices: int,
+                    *, timeout: float, expect_rc: int = 0, env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run ``python SCRIPT SCENARIO DIRECTORY`` in ``processes`` processes of ``devices`` CPU devices each.
+
+    Each process has a session of its own (so a hang is killed with whatever it started) and writes its output
+    to a log file in ``directory``; past ``timeout`` every process group is killed and the run fails.  Returns
+    the processes' results by process id.  With ``expect_rc`` other than 0, every process must exit with it
+    and none may have reported.  The logs and result files are removed."""
+    base = dict(os.environ)
+    base.pop("SHARDCKPT_COORDINATOR", None)  # never pick up a launcher's engine by accident
+    base.pop("SHARDCKPT_FAULT", None)  # faults are injected only where a test asks for them (``env``)
+    base.update({"JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1",
+                 "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "WORKER_SIZE": str(processes),
+                 "WORKER_PORT": str(_free_port()), "TF_CPP_MIN_LOG_LEVEL": "2"})
+    base.update(env or {})
+    logs = [directory / f"log-{scenario}-{r}.txt" for r in range(processes)]
+    procs = []
+    for r in range(processes):
+        with open(logs[r], "wb") as out:
+            procs.append(subprocess.Popen([sys.executable, os.fspath(script), scenario, str(directory)], stdout=out,
+                                          stderr=subprocess.STDOUT, env=dict(base, WORKER_RANK=str(r)),
+                                          start_new_session=True))
+    deadline = time.monotonic() + timeout
+    timed_out = False
+    for p in procs:
+        try:
+            p.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            timed_out = True
+            for q in procs:
+                if q.poll() is None:
+                    os.killpg(q.pid, signal.SIGKILL)
+            p.wait()
+    output = "\n".join(f"--- process {r} (rc {p.returncode}) ---\n{logs[r].read_text(errors='replace')[-6000:]}"
+                       for r, p in enumerate(procs))
+    for log in logs:
+        log.unlink()
+    assert not timed_out, f"{scenario}: processes did not finish within {timeout} s (killed)\n{output}"
+    codes = [p.returncode for p in procs]
+    paths = [directory / f"result-{scenario}-{r}.json" for r in range(processes)]
+    if expect_rc != 0:
+        assert codes == [expect_rc] * processes, output
+        assert not [path for path in paths if path.exists()], output
+        return []
+    results = []
+    for r, path in enumerate(paths):
+        assert path.exists(), f"{scenario}: process {r} reported nothing\n{output}"
+        results.append(json.loads(path.read_text()))
+        path.unlink()
+    bad = {r: res["failure"] for r, res in enumerate(results) if not res["ok"]}
+    assert not bad, f"{scenario}: processes failed: {bad}\n{output}"
+    assert codes == [0] * processes, output
+    return results
+
+
+_TF_READER_SCRIPT = """
+import sys, json, numpy as np, tensorflow as tf
+r = tf.train.load_checkpoint(sys.argv[1])
+dtypes = {k: v.name for k, v in r.get_variable_to_dtype_map().items()}
+arrays = {}
+for k in dtypes:
+    a = np.asarray(r.get_tensor(k))
+    arrays[k.replace('/', '|')] = a.view(np.uint16) if dtypes[k] == 'bfloat16' else a
+np.savez(sys.argv[2], **arrays)
+print(json.dumps(dtypes))
+"""
+
+
+def tensorflow_reads(prefix: str | os.PathLike[str], scratch: Path, *, timeout: float
+                     ) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """What ``tf.train.load_checkpoint(prefix)`` reads: each tensor's TF dtype name and value, by name.
+
+    TensorFlow runs in a process of its own (the test process may hold JAX's runtime); bfloat16 values come back
+    as their uint16 bits, for a bit-exact comparison.  ``scratch`` is a directory for the hand-over file."""
+    out = scratch / "tf.npz"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run([sys.executable, "-c", _TF_READER_SCRIPT, os.fspath(prefix), str(out)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    dtypes = json.loads(proc.stdout.strip().splitlines()[-1])
+    with np.load(out) as arrays:
+        values = {name.replace("|", "/"): arrays[name] for name in arrays.files}
+    out.unlink()
+    return dtypes, values
+
+
 def check_committed(directory: str | os.PathLike[str], base: str, num_clients: int) -> None:
     """``directory/base`` is a complete checkpoint of `model_globals` written by num_clients, with no staging left."""
     names = sorted(n for n in os.listdir(directory) if n.startswith(base + "."))
@@ -784,6 +922,38 @@ def check_committed(directory: str | os.PathLike[str], base: str, num_clients: i
             got = reader.get_tensor(name)
             assert got.shape == value.shape and got.dtype == value.dtype, (name, got.shape, got.dtype)
             assert got.tolist() == value.tolist(), (name, got, value)
+
+
+def check_save_restore(run: Run, directory: str | os.PathLike[str], engine_class: str) -> None:
+    """What `scenario_save_restore` must show: 4 clients found ``engine_class`` with ``resolve(None)``, saved
+    together, and each restore checked every local shard (8 targets, one device per client on a 4-device mesh)."""
+    run.assert_ok(4)
+    for result in run.results.values():
+        events = result["events"]
+        assert events["engine_class"] == engine_class
+        assert events["save"]["clients"] == 4
+        assert [events[k] for k in ("restore_same", "restore_1d", "restore_4x1", "restore_replicated")] == [8] * 4
+    check_committed(directory, "ckpt", 4)
+
+
+def assert_timeouts_name(run: Run, missing: int, n: int) -> None:
+    """Every client but ``missing`` timed out naming it, after the save's timeout (`ABSENT_TIMEOUT`)."""
+    for rank in range(n):
+        if rank == missing:
+            continue
+        event = run.results[rank]["events"]["timeout"]
+        assert event["type"] == "ClientTimeoutError", event
+        assert f"clients [{missing}] of {n}" in event["message"], event
+        assert 4.9 <= event["elapsed"] < 10, event  # timeout=5: not early, not much later
+
+
+def check_client_dies(run: Run, directory: str | os.PathLike[str]) -> None:
+    """What `scenario_client_dies` must show: client 3 was killed, the others named it and left nothing."""
+    assert run.returncodes == [0, 0, 0, -9], run.output
+    assert sorted(run.results) == [0, 1, 2], run.output
+    assert all(run.results[r]["ok"] for r in range(3)), run.output
+    assert_timeouts_name(run, 3, 4)
+    assert_nothing_left(directory, "new")
 
 
 def check_late(run: Run, directory: str | os.PathLike[str], n: int = 4) -> None:

@@ -11,20 +11,17 @@ with TensorFlow.
 
 from __future__ import annotations
 
-import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import time
-import traceback
 import zlib
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+
+from engine_worker import jax_worker_main, run_jax_workers, tensorflow_reads, with_error
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 SAVE_TIMEOUT = 60.0  # shardckpt's own collective timeout inside the workers
@@ -289,93 +286,24 @@ def scenario_single(directory: str, events: dict[str, Any]) -> None:
     assert not os.path.exists(os.path.join(directory, "bad.index"))
 
 
-def with_error(events: dict[str, Any], key: str, fn: Any) -> None:
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        events[key] = {"type": type(exc).__name__, "message": str(exc)}
-    else:
-        events[key] = None
-
-
 SCENARIOS = {"save4": scenario_save4, "restore2": scenario_restore2, "single": scenario_single}
 
 
-def worker_main(argv: list[str]) -> int:
+def _setup() -> None:
     global MuNu, _opt
-    scenario, directory = argv
-    rank, size = int(os.environ.get("WORKER_RANK", "0")), int(os.environ.get("WORKER_SIZE", "1"))
-    t0 = time.time()
-    import jax
-
-    if size > 1:
-        address = f"127.0.0.1:{os.environ['WORKER_PORT']}"
-        jax.distributed.initialize(coordinator_address=address, num_processes=size, process_id=rank,
-                                   coordinator_bind_address=address, initialization_timeout=60,
-                                   heartbeat_timeout_seconds=60)
     MuNu, _opt = _register()
-    events: dict[str, Any] = {"init_seconds": time.time() - t0}
-    ok, failure = True, None
-    try:
-        SCENARIOS[scenario](directory, events)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        ok, failure = False, traceback.format_exc()
-        print(f"[process {rank}] {failure}", file=sys.stderr, flush=True)
-    events["total_seconds"] = time.time() - t0
-    with open(os.path.join(directory, f"result-{scenario}-{rank}.json"), "w") as f:
-        json.dump({"ok": ok, "events": events, "failure": failure}, f)
-    if size > 1:
-        jax.distributed.shutdown()  # a barrier of every process: the service host leaves last
-    return 0 if ok else 1
+
+
+def worker_main(argv: list[str]) -> int:
+    return jax_worker_main(argv, SCENARIOS, setup=_setup)
 
 
 # --- test side ---------------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def run(scenario: str, directory: Path, processes: int, devices: int) -> list[dict[str, Any]]:
     """Start ``processes`` workers with ``devices`` CPU devices each; their results by process id."""
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", WORKER_SIZE=str(processes),
-               WORKER_PORT=str(_free_port()), TF_CPP_MIN_LOG_LEVEL="2")
-    env.pop("SHARDCKPT_COORDINATOR", None)
-    logs = [directory / f"log-{scenario}-{r}.txt" for r in range(processes)]
-    procs = []
-    for r in range(processes):
-        with open(logs[r], "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(directory)], stdout=out,
-                                          stderr=subprocess.STDOUT, env=dict(env, WORKER_RANK=str(r)),
-                                          start_new_session=True))
-    deadline = time.monotonic() + RUN_TIMEOUT
-    timed_out = False
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for q in procs:
-                if q.poll() is None:
-                    os.killpg(q.pid, signal.SIGKILL)
-            p.wait()
-    for p in procs:
-        p.wait()
-    output = "\n".join(f"--- process {r} (rc {p.returncode}) ---\n{logs[r].read_text(errors='replace')[-6000:]}"
-                       for r, p in enumerate(procs))
-    assert not timed_out, f"{scenario}: processes did not finish within {RUN_TIMEOUT} s (killed)\n{output}"
-    results = []
-    for r in range(processes):
-        path = directory / f"result-{scenario}-{r}.json"
-        assert path.exists(), f"{scenario}: process {r} reported nothing\n{output}"
-        results.append(json.loads(path.read_text()))
-    bad = {r: res["failure"] for r, res in enumerate(results) if not res["ok"]}
-    assert not bad, f"{scenario}: processes failed: {bad}\n{output}"
-    assert [p.returncode for p in procs] == [0] * processes, output
-    return results
+    return run_jax_workers(__file__, scenario, directory, processes, devices, timeout=RUN_TIMEOUT)
 
 
 def _assert_checkpoint(prefix: Path, num_files: int) -> None:
@@ -429,33 +357,16 @@ def test_two_processes_restore_the_four_process_checkpoint(saved4) -> None:
 
 def test_tensorflow_reads_the_jax_checkpoint(saved4, tmp_path: Path) -> None:
     directory, _ = saved4
-    out = tmp_path / "tf.npz"
-    script = (
-        "import sys, json, numpy as np, tensorflow as tf\n"
-        "r = tf.train.load_checkpoint(sys.argv[1])\n"
-        "dtypes = {k: v.name for k, v in r.get_variable_to_dtype_map().items()}\n"
-        "arrays = {}\n"
-        "for k in dtypes:\n"
-        "    a = np.asarray(r.get_tensor(k))\n"
-        "    arrays[k.replace('/', '|')] = a.view(np.uint16) if dtypes[k] == 'bfloat16' else a\n"
-        "np.savez(sys.argv[2], **arrays)\n"
-        "print(json.dumps(dtypes))\n"
-    )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", script, str(directory / "ckpt"), str(out)], capture_output=True,
-                          text=True, timeout=RUN_TIMEOUT, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    dtypes = json.loads(proc.stdout.strip().splitlines()[-1])
+    dtypes, arrays = tensorflow_reads(directory / "ckpt", tmp_path, timeout=RUN_TIMEOUT)
     assert dtypes == {n: {"float32": "float32", "int32": "int32", "bfloat16": "bfloat16"}[d]
                       for n, (_, d) in TENSORS.items()}
-    with np.load(out) as arrays:
-        assert sorted(arrays.files) == sorted(n.replace("/", "|") for n in TENSORS)
-        for name in TENSORS:
-            want = global_value(name)
-            if TENSORS[name][1] == "bfloat16":
-                want = want.view(np.uint16)  # bit-exact
-            got = arrays[name.replace("/", "|")]
-            assert got.dtype == want.dtype and np.array_equal(got, want), name
+    assert sorted(arrays) == sorted(TENSORS)
+    for name in TENSORS:
+        want = global_value(name)
+        if TENSORS[name][1] == "bfloat16":
+            want = want.view(np.uint16)  # bit-exact
+        got = arrays[name]
+        assert got.dtype == want.dtype and np.array_equal(got, want), name
 
 
 def test_single_process_eight_devices(tmp_path: Path) -> None:

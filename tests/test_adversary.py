@@ -152,12 +152,13 @@ def late_hook(point: str, victim: int, group_size: int, how: str):
 
 
 # Every point on client 0 and on the last client, with 2 and 3 clients; asynchronous saves with 2.
-LATE = [(p, v, n, b) for n, b in ((2, True), (3, True), (2, False)) for v in (0, n - 1) for p in POINTS
-        if v == 0 or p not in CLIENT0_ONLY]
+CASES = [(p, v, n, b) for n, b in ((2, True), (3, True), (2, False)) for v in (0, n - 1) for p in POINTS
+         if v == 0 or p not in CLIENT0_ONLY]
+every_case = pytest.mark.parametrize("point, victim, n, blocking", CASES,
+                                     ids=[f"{p}-c{v}-of{n}-{'sync' if b else 'async'}" for p, v, n, b in CASES])
 
 
-@pytest.mark.parametrize("point, victim, n, blocking", LATE,
-                         ids=[f"{p}-c{v}-of{n}-{'sync' if b else 'async'}" for p, v, n, b in LATE])
+@every_case
 def test_a_late_client_at_every_point(tmp_path, point, victim, n, blocking):
     """Client ``victim`` is late at ``point``: past every timeout (a non-zero client waits until the others
     returned), or, for client 0, 2.5 timeouts (past the others' wait for its answer, within their grace)."""
@@ -183,12 +184,7 @@ def raise_hook(point: str, victim: int):
     return at, fired
 
 
-RAISE = [(p, v, n, b) for n, b in ((2, True), (3, True), (2, False)) for v in (0, n - 1) for p in POINTS
-         if v == 0 or p not in CLIENT0_ONLY]
-
-
-@pytest.mark.parametrize("point, victim, n, blocking", RAISE,
-                         ids=[f"{p}-c{v}-of{n}-{'sync' if b else 'async'}" for p, v, n, b in RAISE])
+@every_case
 def test_a_client_raising_at_every_point(tmp_path, point, victim, n, blocking):
     """An exception at ``point`` on ``victim``: one outcome everywhere; failure leaves the old checkpoint."""
     prefix = str(tmp_path / "p")

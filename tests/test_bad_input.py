@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 import shardckpt
+from bad_files import dat, idx, raises
 from shardckpt import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -68,18 +69,6 @@ def unchanged(directory: Path) -> Iterator[None]:
     assert sorted(after) == sorted(before), f"files changed: {sorted(before)} -> {sorted(after)}"
     for name, data in before.items():
         assert after[name] == data, f"{name} was modified"
-
-
-def raises(exc_type: type[BaseException], fn, *args, names: tuple[str, ...] = (), **kwargs) -> BaseException:
-    """Call ``fn`` and require exactly ``exc_type`` (not a parent) with every string of ``names`` in the message."""
-    with pytest.raises(CheckpointError) as info:
-        fn(*args, **kwargs)
-    err = info.value
-    assert type(err) is exc_type, f"expected {exc_type.__name__}, got {type(err).__name__}: {err}"
-    message = str(err)
-    for name in names:
-        assert name in message, f"{name!r} not in error message {message!r}"
-    return err
 
 
 def read_all(prefix: str | Path) -> dict[str, np.ndarray]:
@@ -152,14 +141,6 @@ def ckpt(tmp_path: Path) -> Path:
         w.add_slice("part_tensor", "4 6 0,2:-", P[0:2])
         w.add_slice("part_tensor", "4 6 2,2:-", P[2:4])
     return prefix
-
-
-def idx(prefix: Path) -> Path:
-    return Path(index_filename(str(prefix)))
-
-
-def dat(prefix: Path, shard: int = 0, num: int = 1) -> Path:
-    return Path(data_filename(str(prefix), shard, num))
 
 
 def test_fixture_reads_back(ckpt: Path) -> None:

@@ -14,12 +14,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine_worker import assert_nothing_left, check_committed, check_late, model_globals, netns_works, run_clients
+import engine_worker as ew
 
 
 def test_a_private_network_namespace_can_be_made():
     """TF's gRPC servers bind every interface, so its clients run in a namespace of their own."""
-    assert netns_works(), "cannot make a private network namespace (unshare -n, ip): run as root on Linux"
+    assert ew.netns_works(), "cannot make a private network namespace (unshare -n, ip): run as root on Linux"
 
 ENGINE = "tf"
 TIMEOUT = 240  # per run of 4 TF clients (about 20 s on an idle 2-core machine); a hang fails the test
@@ -28,19 +28,12 @@ TIMEOUT = 240  # per run of 4 TF clients (about 20 s on an idle 2-core machine);
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     directory = tmp_path_factory.mktemp(f"{ENGINE}-save")
-    return directory, run_clients(ENGINE, 4, "save-restore+kv-edges", directory, timeout=TIMEOUT)
+    return directory, ew.run_clients(ENGINE, 4, "save-restore+kv-edges", directory, timeout=TIMEOUT)
 
 
 def test_four_clients_save_then_restore_on_three_meshes(saved):
     directory, run = saved
-    run.assert_ok(4)
-    for result in run.results.values():
-        events = result["events"]
-        assert events["engine_class"] == "TFCoordinator"
-        assert events["save"]["clients"] == 4
-        # Every restore checked every local shard (8 targets, one device per client on a 4-device mesh).
-        assert [events[k] for k in ("restore_same", "restore_1d", "restore_4x1", "restore_replicated")] == [8] * 4
-    check_committed(directory, "ckpt", 4)
+    ew.check_save_restore(run, directory, "TFCoordinator")
 
 
 def test_tensorflow_reads_the_four_client_checkpoint(saved):
@@ -50,7 +43,7 @@ def test_tensorflow_reads_the_four_client_checkpoint(saved):
 
     prefix = str(directory / "ckpt")
     reader = tf.train.load_checkpoint(prefix)
-    want = model_globals()
+    want = ew.model_globals()
     assert reader.get_variable_to_shape_map() == {n: list(v.shape) for n, v in want.items()}
     for name, value in want.items():
         if value.dtype == object:
@@ -73,37 +66,22 @@ def test_binary_large_and_empty_payloads_and_timeout_zero(saved):
 def test_two_clients_restore_the_four_client_checkpoint_and_save_their_own(saved):
     directory, first = saved
     first.assert_ok(4)
-    run = run_clients(ENGINE, 2, "restore", directory, timeout=TIMEOUT)
+    run = ew.run_clients(ENGINE, 2, "restore", directory, timeout=TIMEOUT)
     run.assert_ok(2)
-    check_committed(directory, "ckpt-2clients", 2)
-
-
-def assert_timeouts_name(run, missing: int, n: int) -> None:
-    for rank in range(n):
-        if rank == missing:
-            continue
-        event = run.results[rank]["events"]["timeout"]
-        assert event["type"] == "ClientTimeoutError", event
-        assert f"clients [{missing}] of {n}" in event["message"], event
-        assert 4.9 <= event["elapsed"] < 10, event  # timeout=5: not early, not much later
+    ew.check_committed(directory, "ckpt-2clients", 2)
 
 
 def test_failures_commit_nothing_then_a_client_that_never_arrives_is_named(tmp_path):
-    run = run_clients(ENGINE, 4, "failures+absent", tmp_path, timeout=TIMEOUT)
+    run = ew.run_clients(ENGINE, 4, "failures+absent", tmp_path, timeout=TIMEOUT)
     run.assert_ok(4)
-    assert_nothing_left(tmp_path, "bad1", "bad2", "new")
-    check_committed(tmp_path, "good", 4)
-    assert_timeouts_name(run, 3, 4)
+    ew.assert_nothing_left(tmp_path, "bad1", "bad2", "new")
+    ew.check_committed(tmp_path, "good", 4)
+    ew.assert_timeouts_name(run, 3, 4)
 
 
 def test_a_killed_client_is_named_after_the_timeout(tmp_path):
-    run = run_clients(ENGINE, 4, "client-dies", tmp_path, timeout=TIMEOUT)
-    assert run.returncodes == [0, 0, 0, -9], run.output
-    assert sorted(run.results) == [0, 1, 2], run.output
-    assert all(run.results[r]["ok"] for r in range(3)), run.output
-    assert_timeouts_name(run, 3, 4)
-    assert_nothing_left(tmp_path, "new")
+    ew.check_client_dies(ew.run_clients(ENGINE, 4, "client-dies", tmp_path, timeout=TIMEOUT), tmp_path)
 
 
 def test_a_late_client_fails_one_save_everywhere_and_the_next_saves_succeed(tmp_path):
-    check_late(run_clients(ENGINE, 4, "late", tmp_path, timeout=TIMEOUT), tmp_path)
+    ew.check_late(ew.run_clients(ENGINE, 4, "late", tmp_path, timeout=TIMEOUT), tmp_path)

@@ -49,14 +49,7 @@ def copy_checkpoint(src, dst, base: str = "ckpt") -> None:
 
 def test_four_clients_save_then_restore_any_layout(saved, engine: str) -> None:
     directory, run = saved
-    run.assert_ok(4)
-    ew.check_committed(directory, "ckpt", 4)
-    for res in run.results.values():
-        ev = res["events"]
-        assert ev["engine_class"] == ENGINES[engine]  # found by resolve(None), not passed in
-        assert ev["save"]["clients"] == 4
-        # 8 targets (6 tensors + 2 slices of "v"), one local device each
-        assert ev["restore_same"] == ev["restore_1d"] == ev["restore_4x1"] == ev["restore_replicated"] == 8
+    ew.check_save_restore(run, directory, ENGINES[engine])
 
 
 @pytest.mark.parametrize("n", [2, 3])

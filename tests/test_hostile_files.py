@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import shardckpt as sc
+from bad_files import dat, idx, raises
 from shardckpt import (
     CheckpointError,
     CorruptCheckpointError,
@@ -36,7 +37,6 @@ from shardckpt.format import BundleEntry, BundleHeader, BundleReader, BundleWrit
 from shardckpt.format import reader as reader_module
 from shardckpt.format.block import BlockBuilder
 from shardckpt.format.coding import crc32c, mask_crc
-from shardckpt.format.files import data_filename, index_filename
 from shardckpt.format.protos import encode_header
 from shardckpt.format.slices import TensorSlice, encode_slice_key
 from shardckpt.format.table import MAGIC, Table, TableBuilder
@@ -53,26 +53,6 @@ def ckpt(tmp_path: Path) -> Path:
         w.add_slice("part", "4 6 0,2:-", P[0:2])
         w.add_slice("part", "4 6 2,2:-", P[2:4])
     return prefix
-
-
-def idx(prefix: Path) -> Path:
-    return Path(index_filename(str(prefix)))
-
-
-def dat(prefix: Path, shard: int = 0, num: int = 1) -> Path:
-    return Path(data_filename(str(prefix), shard, num))
-
-
-def raises(exc_type: type[BaseException], fn: Callable[..., object], *args: object,
-           names: tuple[str, ...] = (), **kwargs: object) -> BaseException:
-    """Call ``fn``; require exactly ``exc_type`` with every string of ``names`` in its message."""
-    with pytest.raises(CheckpointError) as info:
-        fn(*args, **kwargs)
-    err = info.value
-    assert type(err) is exc_type, f"expected {exc_type.__name__}, got {type(err).__name__}: {err}"
-    for name in names:
-        assert name in str(err), f"{name!r} not in {str(err)!r}"
-    return err
 
 
 @contextlib.contextmanager

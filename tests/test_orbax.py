@@ -10,13 +10,10 @@ directories, the bundle with TensorFlow and with ``shardckpt.torch.read_state_di
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
-import time
-import traceback
 import zlib
 from pathlib import Path
 from typing import Any
@@ -24,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from test_adapter_jax import _free_port
+from engine_worker import jax_worker_main, run_jax_workers, tensorflow_reads, with_error
 
 RUN_TIMEOUT = 120.0  # per run of processes: a hang fails the test instead of stalling it
 
@@ -315,42 +312,13 @@ def scenario_handler(directory: str, events: dict[str, Any]) -> None:
     two.close()
 
 
-def with_error(events: dict[str, Any], key: str, fn: Any) -> None:
-    try:
-        fn()
-    except Exception as exc:  # noqa: BLE001 - reported to the parent
-        events[key] = {"type": type(exc).__name__, "message": str(exc)}
-    else:
-        events[key] = None
-
-
 SCENARIOS = {"manager": scenario_manager, "fault-raise": scenario_fault_raise, "killed": scenario_killed,
              "after-kill": scenario_after_kill, "no-target": scenario_no_target,
              "handler": scenario_handler}
 
 
 def worker_main(argv: list[str]) -> int:
-    scenario, directory = argv
-    rank, size = int(os.environ.get("WORKER_RANK", "0")), int(os.environ.get("WORKER_SIZE", "1"))
-    import jax
-
-    if size > 1:
-        address = f"127.0.0.1:{os.environ['WORKER_PORT']}"
-        jax.distributed.initialize(coordinator_address=address, num_processes=size, process_id=rank,
-                                   coordinator_bind_address=address, initialization_timeout=60,
-                                   heartbeat_timeout_seconds=60)
-    events: dict[str, Any] = {}
-    ok, failure = True, None
-    try:
-        SCENARIOS[scenario](directory, events)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        ok, failure = False, traceback.format_exc()
-        print(f"[process {rank}] {failure}", file=sys.stderr, flush=True)
-    with open(os.path.join(directory, f"result-{scenario}-{rank}.json"), "w") as f:
-        json.dump({"ok": ok, "events": events, "failure": failure}, f)
-    if size > 1:
-        jax.distributed.shutdown()
-    return 0 if ok else 1
+    return jax_worker_main(argv, SCENARIOS)
 
 
 # --- test side ---------------------------------------------------------------------------------------------
@@ -359,47 +327,8 @@ def worker_main(argv: list[str]) -> int:
 def run(scenario: str, directory: Path, processes: int, devices: int, *, expect_rc: int = 0,
         env: dict[str, str] | None = None) -> list[dict[str, Any]]:
     """Start the workers; their results by process id (none expected when ``expect_rc`` is not 0)."""
-    base = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
-                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", WORKER_SIZE=str(processes),
-                WORKER_PORT=str(_free_port()), TF_CPP_MIN_LOG_LEVEL="2", **(env or {}))
-    base.pop("SHARDCKPT_COORDINATOR", None)
-    base.pop("SHARDCKPT_FAULT", None)
-    logs = [directory / f"log-{scenario}-{r}.txt" for r in range(processes)]
-    procs = []
-    for r in range(processes):
-        with open(logs[r], "wb") as out:
-            procs.append(subprocess.Popen([sys.executable, __file__, scenario, str(directory)], stdout=out,
-                                          stderr=subprocess.STDOUT, env=dict(base, WORKER_RANK=str(r)),
-                                          start_new_session=True))
-    deadline = time.monotonic() + RUN_TIMEOUT
-    timed_out = False
-    for p in procs:
-        try:
-            p.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            for q in procs:
-                if q.poll() is None:
-                    os.killpg(q.pid, signal.SIGKILL)
-            p.wait()
-    output = "\n".join(f"--- process {r} (rc {p.returncode}) ---\n{logs[r].read_text(errors='replace')[-6000:]}"
-                       for r, p in enumerate(procs))
-    for log in logs:
-        log.unlink()
-    assert not timed_out, f"{scenario}: processes did not finish within {RUN_TIMEOUT} s (killed)\n{output}"
-    assert [p.returncode for p in procs] == [expect_rc] * processes, output
-    results = []
-    for r in range(processes):
-        path = directory / f"result-{scenario}-{r}.json"
-        if expect_rc != 0:
-            assert not path.exists(), output
-            continue
-        assert path.exists(), f"{scenario}: process {r} reported nothing\n{output}"
-        results.append(json.loads(path.read_text()))
-        path.unlink()
-    bad = {r: res["failure"] for r, res in enumerate(results) if not res["ok"]}
-    assert not bad, f"{scenario}: processes failed: {bad}\n{output}"
-    return results
+    return run_jax_workers(__file__, scenario, directory, processes, devices, timeout=RUN_TIMEOUT,
+                           expect_rc=expect_rc, env=env)
 
 
 def _shards(devices: int) -> int:
@@ -445,30 +374,14 @@ def test_retention_removes_the_oldest_step_and_leaves_no_lease_or_temporary_dire
 def test_tensorflow_and_torch_read_the_step_bundle_whole(saved_one, tmp_path: Path) -> None:
     directory, _ = saved_one
     prefix = directory / "ckpt" / "3" / "state" / "checkpoint"
-    out = tmp_path / "tf.npz"
-    script = (
-        "import sys, json, numpy as np, tensorflow as tf\n"
-        "r = tf.train.load_checkpoint(sys.argv[1])\n"
-        "dtypes = {k: v.name for k, v in r.get_variable_to_dtype_map().items()}\n"
-        "arrays = {}\n"
-        "for k in dtypes:\n"
-        "    a = np.asarray(r.get_tensor(k))\n"
-        "    arrays[k.replace('/', '|')] = a.view(np.uint16) if dtypes[k] == 'bfloat16' else a\n"
-        "np.savez(sys.argv[2], **arrays)\n"
-        "print(json.dumps(dtypes))\n"
-    )
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.run([sys.executable, "-c", script, str(prefix), str(out)], capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {n: d for n, (_, d) in TENSORS.items()}
-    with np.load(out) as arrays:
-        assert sorted(arrays.files) == sorted(n.replace("/", "|") for n in TENSORS)
-        for name in TENSORS:
-            want = global_value(name, 3)
-            want = want.view(np.uint16) if TENSORS[name][1] == "bfloat16" else want
-            got = arrays[name.replace("/", "|")]
-            assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), name
+    dtypes, arrays = tensorflow_reads(prefix, tmp_path, timeout=RUN_TIMEOUT)
+    assert dtypes == {n: d for n, (_, d) in TENSORS.items()}
+    assert sorted(arrays) == sorted(TENSORS)
+    for name in TENSORS:
+        want = global_value(name, 3)
+        want = want.view(np.uint16) if TENSORS[name][1] == "bfloat16" else want
+        got = arrays[name]
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want), name
 
     import shardckpt.torch as st
 

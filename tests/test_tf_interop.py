@@ -175,6 +175,15 @@ def our_save(prefix: Path | str, items: list[Item]) -> None:
     w.finish()
 
 
+def save_both(tmp_path: Path, items: list[Item]) -> tuple[Path, Path]:
+    """The same items saved by TensorFlow at ``tmp_path/tf/ckpt`` and by shardckpt at ``tmp_path/us/ckpt``;
+    the two prefixes (theirs, ours)."""
+    theirs, ours = tmp_path / "tf" / "ckpt", tmp_path / "us" / "ckpt"
+    tf_save(theirs, items)
+    our_save(ours, items)
+    return theirs, ours
+
+
 def tf_restore(prefix: Path | str, requests: list[tuple[str | bytes, str, str]]) -> list[np.ndarray]:
     """RestoreV2 of ``(name, shape_and_slice, kind)`` triples, as numpy arrays."""
     out = tf.raw_ops.RestoreV2(
@@ -331,8 +340,7 @@ def test_every_dtype_and_rank_both_directions(tmp_path, kind):
         for shape in SHAPES
     ]
     items.reverse()  # data in argument order, index in key order: make them differ
-    tf_save(tmp_path / "tf" / "ckpt", items)
-    our_save(tmp_path / "us" / "ckpt", items)
+    save_both(tmp_path, items)
 
     # Byte-identical .index and .data, and nothing else left behind (no temp files).
     assert_same_files(tmp_path / "tf", tmp_path / "us")
@@ -414,8 +422,7 @@ def broad_mix(rng: np.random.Generator) -> tuple[list[Item], dict[str, tuple[np.
 
 def test_broad_mix_is_byte_identical_and_cross_readable(tmp_path):
     items, wholes = broad_mix(np.random.default_rng(1))
-    tf_save(tmp_path / "tf" / "ckpt", items)
-    our_save(tmp_path / "us" / "ckpt", items)
+    save_both(tmp_path, items)
     assert_same_files(tmp_path / "tf", tmp_path / "us")
 
     names = sorted(wholes)
@@ -496,9 +503,7 @@ def partitioned_case(rng: np.random.Generator):
 
 def test_partitioned_tensors_both_directions(tmp_path):
     fulls, items, reads = partitioned_case(np.random.default_rng(3))
-    theirs, ours = tmp_path / "tf" / "ckpt", tmp_path / "us" / "ckpt"
-    tf_save(theirs, items)
-    our_save(ours, items)
+    theirs, ours = save_both(tmp_path, items)
     assert_same_files(tmp_path / "tf", tmp_path / "us")
 
     # The index lists only full names, with full shapes; the slices are on the full entry.
@@ -537,9 +542,7 @@ def test_uncovered_slices_fail_in_both(tmp_path):
     """A partitioned tensor missing a part: TF and shardckpt both refuse to assemble it, both serve the part."""
     v = np.arange(24, dtype=np.float32).reshape(4, 6)
     items = [Item("v", "4 6 0,2:-", v[:2], "float32"), Item("v", "4 6 3,1:-", v[3:], "float32")]
-    theirs, ours = tmp_path / "tf" / "ckpt", tmp_path / "us" / "ckpt"
-    tf_save(theirs, items)
-    our_save(ours, items)
+    theirs, ours = save_both(tmp_path, items)
     assert_same_files(tmp_path / "tf", tmp_path / "us")
     for prefix in (theirs, ours):
         for spec in ("", "4 6 1,2:-"):
@@ -558,9 +561,7 @@ def test_overlapping_slices_written_alike_and_refused_alike(tmp_path):
     """SaveV2 accepts overlapping slices of one tensor; neither reader assembles them."""
     v = np.arange(24, dtype=np.float32).reshape(4, 6)
     items = [Item("v", "4 6 0,3:-", v[:3], "float32"), Item("v", "4 6 2,2:-", v[2:], "float32")]
-    theirs, ours = tmp_path / "tf" / "ckpt", tmp_path / "us" / "ckpt"
-    tf_save(theirs, items)
-    our_save(ours, items)
+    theirs, ours = save_both(tmp_path, items)
     assert_same_files(tmp_path / "tf", tmp_path / "us")
     for prefix in (theirs, ours):
         with pytest.raises(tf.errors.InternalError, match="Overlapping slices"):
@@ -587,9 +588,7 @@ def test_unusual_slice_specs_byte_identical(tmp_path):
         Item("s", "3 0,1", np.array([b"\x00\xff"], dtype=object), "string"),
         Item("s", "3 1,2", np.array([b"", b"abc"], dtype=object), "string"),
     ]
-    theirs, ours = tmp_path / "tf" / "ckpt", tmp_path / "us" / "ckpt"
-    tf_save(theirs, items)
-    our_save(ours, items)
+    theirs, ours = save_both(tmp_path, items)
     assert_same_files(tmp_path / "tf", tmp_path / "us")
     reads = [
         ("far", "8589934592 1 8589934590,2:-", "float32", np.array([[1.0], [2.0]], np.float32)),
@@ -639,9 +638,7 @@ def many_tensors(n: int, rng: np.random.Generator) -> list[Item]:
 
 def test_three_thousand_tensors_multi_block_index(tmp_path):
     items = many_tensors(3000, np.random.default_rng(4))
-    theirs, ours = tmp_path / "tf" / "ckpt", tmp_path / "us" / "ckpt"
-    tf_save(theirs, items)
-    our_save(ours, items)
+    theirs, ours = save_both(tmp_path, items)
     assert Path(f"{theirs}.index").stat().st_size > 2 * 262144
     assert index_data_blocks(theirs) >= 3
     assert_same_files(tmp_path / "tf", tmp_path / "us")
@@ -665,9 +662,7 @@ def test_huge_keys_and_non_utf8_names(tmp_path):
     big = "h" * (600 * 1024)
     names: list[str | bytes] = ["a", big, "z" + big, "\u00e9" * 10, b"\xff\xfe", b"\xff\xff"]
     items = [Item(n, "", np.array([i, -i], np.int32), "int32") for i, n in enumerate(names)]
-    theirs, ours = tmp_path / "tf" / "ckpt", tmp_path / "us" / "ckpt"
-    tf_save(theirs, items)
-    our_save(ours, items)
+    theirs, ours = save_both(tmp_path, items)
     assert index_data_blocks(theirs) >= 3
     assert_same_files(tmp_path / "tf", tmp_path / "us")
     for prefix in (ours, theirs):

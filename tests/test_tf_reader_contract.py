@@ -8,6 +8,7 @@ adversary tests are built with the project's own SSTable writer.
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import subprocess
 import sys
 import textwrap
 import tracemalloc
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,30 +45,34 @@ from shardckpt.format.table import TableBuilder
 
 ITER = "iterator/.ATTRIBUTES/ITERATOR_STATE"
 
+
+def _describe(value):
+    """A value's Python type, dtype, shape and exact contents, as JSON.  TensorFlow's answers are described by
+    this same function (its source runs in `_TF_WRITER`), so only what the readers return can differ."""
+    kind = type(value).__module__ + "." + type(value).__name__
+    if isinstance(value, bytes):
+        return {"type": kind, "bytes": value.hex()}
+    arr = np.asarray(value)
+    if arr.dtype == object:
+        return {"type": kind, "dtype": "object", "shape": list(arr.shape), "bytes": [b.hex() for b in arr.ravel()]}
+    return {"type": kind, "dtype": str(arr.dtype), "shape": list(arr.shape),
+            "values": arr.astype(np.complex128).ravel().view(np.float64).tolist()}
+
+
 # Writes the checkpoints and records, for each, what TensorFlow's reader says about every tensor.
 _TF_WRITER = textwrap.dedent(r'''
     import json, os, sys
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
     import numpy as np, tensorflow as tf
     root = sys.argv[1]
-
-    def describe(value):
-        kind = type(value).__module__ + "." + type(value).__name__
-        if isinstance(value, bytes):
-            return {"type": kind, "bytes": value.hex()}
-        arr = np.asarray(value)
-        if arr.dtype == object:
-            return {"type": kind, "dtype": "object", "shape": list(arr.shape), "bytes": [b.hex() for b in arr.ravel()]}
-        return {"type": kind, "dtype": str(arr.dtype), "shape": list(arr.shape),
-                "values": arr.astype(np.complex128).ravel().view(np.float64).tolist()}
-
+''') + inspect.getsource(_describe) + textwrap.dedent(r'''
     def record(path):
         r = tf.train.load_checkpoint(path)
         out = {"debug": r.debug_string().hex(), "list": tf.train.list_variables(path),
                "dtypes": {k: v.name for k, v in r.get_variable_to_dtype_map().items()}, "tensors": {}}
         for name in r.get_variable_to_shape_map():
             try:
-                out["tensors"][name] = describe(r.get_tensor(name))
+                out["tensors"][name] = _describe(r.get_tensor(name))
             except Exception as exc:
                 out["tensors"][name] = {"error": type(exc).__name__}
         return out
@@ -149,17 +155,6 @@ def tfdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def records(tfdir: Path) -> dict[str, Any]:
     return json.loads((tfdir / "records.json").read_text())
-
-
-def _describe(value: Any) -> dict[str, Any]:
-    kind = type(value).__module__ + "." + type(value).__name__
-    if isinstance(value, bytes):
-        return {"type": kind, "bytes": value.hex()}
-    arr = np.asarray(value)
-    if arr.dtype == object:
-        return {"type": kind, "dtype": "object", "shape": list(arr.shape), "bytes": [b.hex() for b in arr.ravel()]}
-    return {"type": kind, "dtype": str(arr.dtype), "shape": list(arr.shape),
-            "values": arr.astype(np.complex128).ravel().view(np.float64).tolist()}
 
 
 def _dtype_label(dtype: Any) -> str:
@@ -260,8 +255,10 @@ def test_variant_entries_list_inspect_verify_and_diff_but_get_tensor_refuses(
     assert [t.note for t in report.tensors if t.name == ITER] == ["stored bytes identical"]
 
 
-def test_a_flipped_byte_in_a_variant_entry_fails_verify_and_diff(
-        tfdir: Path, records: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _damaged_iterator_copy(records: dict[str, Any], tmp_path: Path,
+                           damage: Callable[[bytearray, int, int], None]) -> str:
+    """The managed checkpoint copied into ``tmp_path``, its variant entry's stored bytes changed in place by
+    ``damage(data_file_bytes, entry_offset, entry_size)``; the copy's prefix."""
     src = Path(records["managed_latest"])
     for f in src.parent.glob(src.name + ".*"):
         shutil.copy(f, tmp_path / f.name)
@@ -269,26 +266,30 @@ def test_a_flipped_byte_in_a_variant_entry_fails_verify_and_diff(
     entry = sc.BundleReader(prefix).entry(ITER)
     data = Path(prefix + ".data-00000-of-00001")
     raw = bytearray(data.read_bytes())
-    raw[entry.offset + entry.size // 2] ^= 0x10
+    damage(raw, entry.offset, entry.size)
     data.write_bytes(bytes(raw))
+    return prefix
+
+
+def test_a_flipped_byte_in_a_variant_entry_fails_verify_and_diff(
+        tfdir: Path, records: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def flip(raw: bytearray, offset: int, size: int) -> None:
+        raw[offset + size // 2] ^= 0x10
+
+    prefix = _damaged_iterator_copy(records, tmp_path, flip)
     assert main(["verify", "-q", prefix]) == 1
     out = capsys.readouterr().out
     assert "FAIL" in out and ITER in out and "checksum" in out
     with pytest.raises(ChecksumMismatchError, match=ITER):  # as for any other damaged tensor
-        diff_tensors(prefix, src)
+        diff_tensors(prefix, Path(records["managed_latest"]))
 
 
 def test_a_variant_element_running_past_its_entry_is_corrupt_not_a_crash(
         records: dict[str, Any], tmp_path: Path) -> None:
-    src = Path(records["managed_latest"])
-    for f in src.parent.glob(src.name + ".*"):
-        shutil.copy(f, tmp_path / f.name)
-    prefix = str(tmp_path / src.name)
-    entry = sc.BundleReader(prefix).entry(ITER)
-    data = Path(prefix + ".data-00000-of-00001")
-    raw = bytearray(data.read_bytes())
-    raw[entry.offset : entry.offset + 5] = b"\xff\xff\xff\xff\x0f"  # first element: a 4 GiB length
-    data.write_bytes(bytes(raw))
+    def huge_first_element(raw: bytearray, offset: int, size: int) -> None:
+        raw[offset : offset + 5] = b"\xff\xff\xff\xff\x0f"  # a 4 GiB length
+
+    prefix = _damaged_iterator_copy(records, tmp_path, huge_first_element)
     with pytest.raises(CorruptCheckpointError, match="runs past"):
         sc.BundleReader(prefix).read_raw(ITER)
 

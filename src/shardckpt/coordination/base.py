@@ -12,6 +12,7 @@ import contextlib
 import itertools
 import math
 import os
+import threading
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -174,6 +175,28 @@ class KeyValueCoordinator(Coordinator):
         number = self._sessions
         self._sessions += 1
         return _KVSession(self, number, kind)
+
+
+class StepDeadlineCoordinator(KeyValueCoordinator):
+    """A `KeyValueCoordinator` over a store whose set and create take no timeout: each session step records its
+    deadline (per thread, so concurrent steps of other threads keep theirs) for the store calls it makes."""
+
+    def __init__(self, rank: int, size: int, namespace: str = "shardckpt") -> None:
+        super().__init__(rank, size, namespace)
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def _within(self, timeout: float) -> Iterator[None]:
+        outer = self._step_deadline()
+        self._local.deadline = time.monotonic() + timeout
+        try:
+            yield
+        finally:
+            self._local.deadline = outer
+
+    def _step_deadline(self) -> float | None:
+        """The ``time.monotonic()`` deadline of the step this thread is in, or None outside a step."""
+        return getattr(self._local, "deadline", None)
 
 
 def _part_key(key: str, i: int) -> str:

@@ -43,11 +43,9 @@ import socketserver
 import struct
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 from ..errors import ClientTimeoutError, CoordinationError
-from .base import KeyValueCoordinator
+from .base import StepDeadlineCoordinator
 
 ENV_ADDRESS = "SHARDCKPT_COORDINATOR"
 ENV_RANK = "SHARDCKPT_RANK"
@@ -447,7 +445,7 @@ class KVServer(socketserver.ThreadingTCPServer):
                 self._per_rank[rank] -= 1
 
 
-class LauncherCoordinator(KeyValueCoordinator):
+class LauncherCoordinator(StepDeadlineCoordinator):
     """A client of `KVServer`; made from the environment ``shardckpt launch`` sets.
 
     A collective gives up at its deadline plus `GRACE_SECONDS` even when the
@@ -462,7 +460,6 @@ class LauncherCoordinator(KeyValueCoordinator):
         self._address = address
         self._key = key
         self._lock = threading.Lock()
-        self._local = threading.local()
         self._broken: str | None = None
         deadline = time.monotonic() + CONNECT_SECONDS
         delay = 0.05
@@ -534,16 +531,6 @@ class LauncherCoordinator(KeyValueCoordinator):
         except (KeyError, ValueError) as exc:
             raise CoordinationError(f"incomplete shardckpt launch environment: {type(exc).__name__} {exc}") from None
 
-    # _set and _create take no timeout, so each session step records its deadline for the calls it makes.
-    @contextmanager
-    def _within(self, timeout: float) -> Iterator[None]:
-        outer = getattr(self._local, "deadline", None)
-        self._local.deadline = time.monotonic() + timeout
-        try:
-            yield
-        finally:
-            self._local.deadline = outer
-
     def _call(self, op: bytes, key: str, value: bytes, wait: float, answers: int = 1) -> list[bytes | None]:
         k = key.encode()
         if len(k) > MAX_KEY:
@@ -552,7 +539,7 @@ class LauncherCoordinator(KeyValueCoordinator):
             raise CoordinationError(
                 f"{self.engine}: a value of {len(value)} bytes exceeds the frame limit of {self.max_frame_bytes} "
                 f"bytes of the coordinator at {self._address} (shardckpt launch --max-frame-bytes, {ENV_MAX_FRAME})")
-        collective = getattr(self._local, "deadline", None)
+        collective = self._step_deadline()
         now = time.monotonic()
         end = now + (wait + GRACE_SECONDS if op in (b"G", b"M") else OUTSIDE_COLLECTIVE_SECONDS)
         if collective is not None:

@@ -16,15 +16,14 @@ torch is imported only here, and only when a `TorchCoordinator` is made.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from ..errors import ClientTimeoutError, CoordinationError
-from .base import Coordinator, KeyValueCoordinator, _missing_error
+from .base import Coordinator, StepDeadlineCoordinator, _missing_error
 from .session import MessageSession, Session
 
 
@@ -114,7 +113,7 @@ class _Connection:
         return self._store
 
 
-class _StoreCoordinator(KeyValueCoordinator):
+class _StoreCoordinator(StepDeadlineCoordinator):
     engine = "torch.distributed"
 
     def __init__(self, dist: Any, store: Any, rank: int, size: int) -> None:
@@ -125,16 +124,6 @@ class _StoreCoordinator(KeyValueCoordinator):
         instance = self._call(lambda: self._shared.add(f"instances/{rank}", 1), "register")
         super().__init__(rank, size, namespace=f"i{instance}")
         self._conn = _Connection(self._shared)
-        self._local = threading.local()
-
-    @contextlib.contextmanager
-    def _within(self, timeout: float) -> Iterator[None]:
-        outer = getattr(self._local, "deadline", None)
-        self._local.deadline = time.monotonic() + timeout
-        try:
-            yield
-        finally:
-            self._local.deadline = outer
 
     def _call(self, fn: Any, what: str) -> Any:
         try:
@@ -146,7 +135,7 @@ class _StoreCoordinator(KeyValueCoordinator):
 
     def _op(self, fn: Callable[[Any], Any], what: str, wait: float = 0.0) -> Any:
         """``fn(store)`` on a thread of its own, given up ``_GRACE`` s past the step's deadline (or ``wait``)."""
-        deadline = getattr(self._local, "deadline", None)
+        deadline = self._step_deadline()
         limit = max(wait, deadline - time.monotonic() if deadline is not None else _OUTSIDE) + _GRACE
         conn = self._conn
         box: list[tuple[bool, Any]] = []
