@@ -593,6 +593,36 @@ def main(argv: list[str]) -> int:
     return 0 if ok else 1
 
 
+def write_result(rank: int, ok: bool, events: dict[str, Any], failure: str | None) -> None:
+    """``$WORKER_RESULTS/result-RANK.json``, whole or not at all (the parent may read while a rank dies)."""
+    path = os.path.join(os.environ["WORKER_RESULTS"], f"result-{rank}.json")
+    with open(path + ".tmp", "w") as f:
+        json.dump({"rank": rank, "ok": ok, "events": events, "failure": failure}, f)
+    os.replace(path + ".tmp", path)
+
+
+def torch_worker(run: Callable[[int, dict[str, Any]], None], *, hard_exit: bool = False) -> int:
+    """A gloo rank of a test module's own scenario: init, ``run(rank, events)``, the result file, teardown.
+
+    ``hard_exit`` skips the group's teardown (a scenario that killed a peer cannot leave it in order)."""
+    rank = int(os.environ["WORKER_RANK"])
+    events: dict[str, Any] = {}
+    ok, failure = True, None
+    engine = None
+    try:
+        engine = init_torch()
+        run(rank, events)
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        ok, failure = False, traceback.format_exc()
+        print(f"[rank {rank}] {failure}", file=sys.stderr, flush=True)
+    write_result(rank, ok, events, failure)
+    if hard_exit:
+        os._exit(0)
+    if engine is not None:
+        engine.finish()
+    return 0 if ok else 1
+
+
 # --- launch helpers for the test modules ---------------------------------------------------------------
 
 

@@ -24,7 +24,6 @@ import pickle
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -219,7 +218,9 @@ def scenario_two(rank: int, directory: str, events: dict) -> None:
 
     two = os.path.join(directory, "two")
     dcp.save(state, storage_writer=StorageWriter(two, durable=False))
-    _write_result(rank, True, events, None)  # rank 1 does not outlive the next save
+    import engine_worker as ew
+
+    ew.write_result(rank, True, events, None)  # rank 1 does not outlive the next save
     os.environ[ENV] = "mid_data_write@1:kill"
     events["killed"] = "no"
     try:
@@ -273,32 +274,12 @@ def scenario_fsdp2(rank: int, directory: str, events: dict) -> None:
     events["lr"] = opt2.param_groups[0]["lr"]
 
 
-def _write_result(rank: int, ok: bool, events: dict, failure: str | None) -> None:
-    path = os.path.join(os.environ["WORKER_RESULTS"], f"result-{rank}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"rank": rank, "ok": ok, "events": events, "failure": failure}, f)
-    os.replace(path + ".tmp", path)
-
-
 def worker(scenario: str, directory: str) -> int:
     import engine_worker as ew
 
-    rank = int(os.environ["WORKER_RANK"])
-    events: dict[str, Any] = {}
-    ok, failure = True, None
-    engine = None
-    try:
-        engine = ew.init_torch()
-        {"four": scenario_four, "two": scenario_two, "fsdp2": scenario_fsdp2}[scenario](rank, directory, events)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        ok, failure = False, traceback.format_exc()
-        print(f"[rank {rank}] {failure}", file=sys.stderr, flush=True)
-    _write_result(rank, ok, events, failure)
-    if scenario == "two":
-        os._exit(0)  # the other rank was killed: no orderly teardown of the group
-    if engine is not None:
-        engine.finish()
-    return 0 if ok else 1
+    run = {"four": scenario_four, "two": scenario_two, "fsdp2": scenario_fsdp2}[scenario]
+    # "two" kills the other rank: no orderly teardown of the group
+    return ew.torch_worker(lambda rank, events: run(rank, directory, events), hard_exit=scenario == "two")
 
 
 # --- test side ----------------------------------------------------------------------------------------

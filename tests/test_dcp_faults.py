@@ -22,7 +22,6 @@ import os
 import subprocess
 import sys
 import time
-import traceback
 from pathlib import Path
 from typing import Any
 
@@ -252,30 +251,10 @@ def scenario(rank: int, disk: str, results: str, events: dict) -> None:
     free()
 
 
-def _write_result(rank: int, ok: bool, events: dict, failure: str | None) -> None:
-    path = os.path.join(os.environ["WORKER_RESULTS"], f"result-{rank}.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump({"rank": rank, "ok": ok, "events": events, "failure": failure}, f)
-    os.replace(path + ".tmp", path)
-
-
 def worker(disk: str) -> int:
     import engine_worker as ew
 
-    rank = int(os.environ["WORKER_RANK"])
-    events: dict[str, Any] = {}
-    ok, failure = True, None
-    engine = None
-    try:
-        engine = ew.init_torch()
-        scenario(rank, disk, os.environ["WORKER_RESULTS"], events)
-    except BaseException:  # noqa: BLE001 - reported to the parent
-        ok, failure = False, traceback.format_exc()
-        print(f"[rank {rank}] {failure}", file=sys.stderr, flush=True)
-    _write_result(rank, ok, events, failure)
-    if engine is not None:
-        engine.finish()
-    return 0 if ok else 1
+    return ew.torch_worker(lambda rank, events: scenario(rank, disk, os.environ["WORKER_RESULTS"], events))
 
 
 if __name__ == "__main__" and len(sys.argv) > 1 and sys.argv[1] == "worker":
