@@ -423,3 +423,54 @@ def test_merge_across_file_systems_copies_where_it_cannot_link(tmp_path):
         assert_holds(d / "m", {"a": np.arange(3.0), "b": np.arange(4.0)})
         assert files(d) == ["m.data-00000-of-00002", "m.data-00001-of-00002", "m.index"]
     assert not (tmp_path / "in").exists()
+
+
+CRASHED_SAVE = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import shardckpt as sc
+    mesh = sc.create_mesh([("x", 1)])
+    sc.name_based_save(mesh, sys.argv[1], {"w": np.full(4096, 2.0, np.float32)}, overwrite=True)
+""")
+
+
+def test_clean_on_a_full_disk_takes_over_a_crashed_saves_lease_and_frees_its_files(tmp_path):
+    # A save killed after staging leaves its files and a dead P.lease; the disk is then full, which is when
+    # `clean` is needed most, yet a new lease cannot be written.  The dead lease is taken over in place.
+    from shardckpt.faults import ENV as FAULT_ENV
+
+    with full_filesystem(tmp_path, 1 << 20) as d:
+        prefix = d / "ckpt"
+        mesh = sc.create_mesh([("x", 1)])
+        sc.name_based_save(mesh, prefix, {"w": np.full(4096, 1.0, np.float32)})
+        env = {**os.environ, FAULT_ENV: "after_index_staged@0:kill"}
+        env.pop("SHARDCKPT_COORDINATOR", None)
+        crashed = subprocess.run([sys.executable, "-c", CRASHED_SAVE, str(prefix)], env=env, capture_output=True,
+                                 timeout=120)
+        assert crashed.returncode == -9, crashed.stderr[-2000:]
+        left = [n for n in files(d) if ".staging-" in n]
+        assert len(left) >= 2 and "ckpt.lease" in files(d), files(d)
+        fill_to(d, 0)
+        cleaned = subprocess.run([sys.executable, "-m", "shardckpt", "clean", str(prefix)], capture_output=True,
+                                 text=True, timeout=120)
+        assert cleaned.returncode == 0, cleaned.stderr[-2000:]
+        assert files(d) == ["ckpt.data-00000-of-00001", "ckpt.data-00000-of-00001.crc32c", "ckpt.index",
+                            "filler"] or files(d) == ["ckpt.data-00000-of-00001", "ckpt.index", "filler"], files(d)
+        np.testing.assert_array_equal(sc.load_checkpoint(prefix).get_tensor("w"), np.full(4096, 1.0, np.float32))
+
+
+def test_clean_on_a_full_disk_never_takes_over_a_live_lease(tmp_path):
+    from shardckpt.lease import PrefixLease
+
+    with full_filesystem(tmp_path, 1 << 20) as d:
+        prefix = d / "ckpt"
+        write(prefix, OLD)
+        staged = d / "ckpt.data-00000-of-00001.staging-0123456789abcdef"
+        with PrefixLease.acquire(str(prefix), what="a live save"):
+            staged.write_bytes(b"x" * 4096)
+            fill_to(d, 0)
+            cleaned = subprocess.run([sys.executable, "-m", "shardckpt", "clean", str(prefix)], capture_output=True,
+                                     text=True, timeout=120)
+            assert cleaned.returncode == 1 and "a live save" in cleaned.stderr, (cleaned.stdout, cleaned.stderr)
+            assert staged.read_bytes() == b"x" * 4096
+        assert_holds(prefix, OLD)

@@ -15,6 +15,13 @@ expiry has passed; the holder renews the expiry every `TTL` / 3 seconds.  Breaki
 takes the lock on the old file and unlinks the name only if it still names that
 same file, so two breakers cannot remove a lease that a third party made between.
 
+On a full disk a new lease cannot be written, yet that is when ``shardckpt clean``
+is needed most (a crashed save's staged files hold the space).  Then a dead lease
+is *adopted* instead: its lock taken, its name checked to still be that file, and
+the new record written over the old one's own block (an overwrite in place needs
+no free space).  The lock makes adoption as exclusive as creation; without locks
+there is no adoption.
+
 On an object store there is no lock and no atomic create through fsspec: the
 lease object is written if absent or expired and read back; two savers starting
 within one round trip can both believe they hold it.  That limit is documented.
@@ -103,7 +110,14 @@ class PrefixLease:
             return _acquire_remote(prefix, holder, ttl)
         path = lease_filename(prefix)
         for _attempt in range(8):
-            lease = _try_create(prefix, path, holder)
+            try:
+                lease = _try_create(prefix, path, holder)
+            except CheckpointIOError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                lease = _adopt_dead(prefix, path, holder)
+                if lease is None:
+                    raise
             if lease is not None:
                 lease._start_renewing(ttl)
                 return lease
@@ -193,6 +207,42 @@ def _try_create(prefix: str, path: str, holder: Holder) -> PrefixLease | None:
     finally:
         with contextlib.suppress(OSError):
             os.unlink(private)
+
+
+def _adopt_dead(prefix: str, path: str, holder: Holder) -> PrefixLease | None:
+    """Take over a dead lease file in place (a full disk); None when there is none to adopt.
+
+    Raises `PrefixBusyError` when the lease is live."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _io_error(prefix, path, "cannot open the lease", exc) from exc
+    adopted = False
+    try:
+        if not _is_regular(fd):
+            raise PrefixBusyError(f"{prefix}: {path} is not a regular file; remove it by hand")
+        old = _read_holder(fd)
+        try:
+            locked = _lock(fd)
+        except OSError:
+            who = old.describe() if old else "a process that left no readable record"
+            raise PrefixBusyError(f"{prefix}: the prefix is in use by {who}; wait for it to finish") from None
+        record = _record(holder).ljust(_MAX_RECORD // 4)
+        # Only a locked file whose name still names it (no breaker removed it meanwhile) and whose own blocks
+        # hold the whole new record can be taken over.
+        if not locked or os.stat(path).st_ino != os.fstat(fd).st_ino or os.fstat(fd).st_size < len(record):
+            return None
+        try:
+            os.pwrite(fd, record, 0)
+        except OSError as exc:
+            raise _io_error(prefix, path, "cannot take over the dead lease", exc) from exc
+        adopted = True
+        return PrefixLease(prefix, holder, fd, True)
+    finally:
+        if not adopted:
+            os.close(fd)  # drops the lock we may have taken: the lease stays as it was
 
 
 def _lock(fd: int) -> bool:
