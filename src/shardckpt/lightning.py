@@ -52,6 +52,7 @@ Processes
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -206,6 +207,22 @@ def _retype(value: Any, path: Path, types: dict[Path, tuple[type, Any]], on_way:
     return out
 
 
+@contextlib.contextmanager
+def _own_error() -> Iterator[None]:
+    """Raise this process's own error instead of DCP's wrapper around it.
+
+    DCP's ``CheckpointException`` is a ``BaseException``: ``except Exception`` misses it, as it would not miss
+    Lightning's own CheckpointIO failing on a full disk or a corrupt file.  Here (``no_dist``) there is one
+    process, so one error, and it is what the caller is owed."""
+    try:
+        yield
+    except CheckpointException as exc:
+        own = [e for e, _ in exc.failures.values()]
+        if len(own) != 1 or not isinstance(own[0], Exception):
+            raise
+        raise own[0] from own[0].__cause__  # the OSError of a CheckpointIOError stays its cause
+
+
 class CheckpointIO(_LightningCheckpointIO):
     """Lightning ``CheckpointIO`` writing each checkpoint as a TensorFlow V2 bundle through torch DCP.
 
@@ -249,15 +266,8 @@ class CheckpointIO(_LightningCheckpointIO):
         state[LAYOUT_NAME] = layout
         writer = StorageWriter(path, allow_pickle=self.allow_pickle, durable=self.durable)
         planner = DefaultSavePlanner(flatten_state_dict=False, flatten_sharded_tensors=False)
-        try:
+        with _own_error():
             dcp.save(state, storage_writer=writer, planner=planner, no_dist=True)
-        except CheckpointException as exc:
-            # DCP's wrapper is a BaseException (``except Exception`` misses it, as it would not miss Lightning's
-            # own CheckpointIO failing on a full disk); this one process's error is what the caller is owed.
-            own = [e for e, _ in exc.failures.values()]
-            if len(own) != 1 or not isinstance(own[0], Exception):
-                raise
-            raise own[0] from own[0].__cause__  # the OSError of a CheckpointIOError stays its cause
 
     def load_checkpoint(self, path: str | os.PathLike[str], map_location: Any | None = None,
                         weights_only: bool | None = None) -> dict[str, Any]:
@@ -272,7 +282,8 @@ class CheckpointIO(_LightningCheckpointIO):
             raise CorruptCheckpointError(f"{path}: no {LAYOUT_NAME} entry: not a checkpoint of "
                                          "shardckpt.lightning.CheckpointIO (read it with shardckpt.load_checkpoint)")
         head: dict[str, Any] = {LAYOUT_NAME: None}
-        dcp.load(head, storage_reader=reader, planner=_load_planner(), no_dist=True)
+        with _own_error():
+            dcp.load(head, storage_reader=reader, planner=_load_planner(), no_dist=True)
         layout = head[LAYOUT_NAME]
         if not (isinstance(layout, dict) and layout.get("version") == _LAYOUT_VERSION
                 and isinstance(layout.get("types"), list)):
@@ -289,7 +300,8 @@ class CheckpointIO(_LightningCheckpointIO):
             else:
                 target[name] = None
         reader.reset(path)
-        dcp.load(target, storage_reader=reader, planner=_load_planner(), no_dist=True)
+        with _own_error():
+            dcp.load(target, storage_reader=reader, planner=_load_planner(), no_dist=True)
         checkpoint = _assemble(tree, target, where)
         types: dict[Path, tuple[type, Any]] = {}
         for item in layout["types"]:
