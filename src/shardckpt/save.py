@@ -965,7 +965,7 @@ class _StagedWrite:
             else:
                 assert self.fd is not None
                 written, self.end = write_at(self.fd, prepared, start=self.end, shard_id=rank, midway=midway,
-                                             sums=self.sums)
+                                             sums=self.sums, writeback=self.session.durable)
             self.entries.extend(written)
         finally:
             # The writers are done with the wave whether or not it failed (a stream keeps its own copy),

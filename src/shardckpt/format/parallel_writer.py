@@ -18,11 +18,19 @@ pipeline one segment's gathering and checksumming with another's ``pwrite``:
 Tensors over one sidecar chunk are checksummed chunk by chunk (`format.chunks`);
 a segment's chunk CRCs are joined with its neighbours' (`join_chunk_crcs`) and
 the tensor's own CRC combined from them, so every byte goes through CRC32C once.
+
+A file that will be fsynced (``writeback=True``) has each job's range handed to
+the kernel's writeback as soon as the job is written (Linux ``sync_file_range``),
+so the device writes while later jobs are still being copied into the page cache
+and the closing ``fsync`` finds little left to do.  That is a hint only: the
+``fsync`` still decides durability and reports write errors.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import sys
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -58,6 +66,32 @@ def _take_bounce() -> np.ndarray:
 def _give_bounce(buf: np.ndarray) -> None:
     if len(_free_bounces) < _MAX_FREE:
         _free_bounces.append(buf)
+
+
+def _load_sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    return fn  # a CDLL function releases the GIL while it runs
+
+
+_sync_file_range = _load_sync_file_range()
+_SYNC_FILE_RANGE_WRITE = 2  # start writeback of the range's dirty pages; wait for none of it
+
+
+def start_writeback(fd: int, offset: int, size: int) -> None:
+    """Ask the kernel to start writing ``[offset, offset + size)`` of ``fd`` to the device now.
+
+    Where that does not exist or fails (another OS, a file system without it) nothing happens: the
+    caller's ``fsync`` writes and checks everything anyway.
+    """
+    if _sync_file_range is not None and size > 0:
+        _sync_file_range(fd, offset, size, _SYNC_FILE_RANGE_WRITE)
 
 
 Part = memoryview | list[memoryview] | np.ndarray  # a contiguous run, contiguous long rows, a block to gather
@@ -317,21 +351,26 @@ def _finish(plan: _Plan, done: list[tuple[int, int, list[int]] | None], sums: Ch
 
 def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shard_id: int = 0, alignment: int = 1,
              threads: int | None = None, midway: Callable[[], None] | None = None,
-             sums: ChunkSums | None = None) -> tuple[list[BundleEntry], int]:
+             sums: ChunkSums | None = None, writeback: bool = False) -> tuple[list[BundleEntry], int]:
     """Write ``tensors`` in order into ``fd`` from byte ``start``; returns their entries and the end offset.
 
     ``midway`` runs once the first job (a group of small tensors or a segment of a large one) is written
     (a fault-injection point for tests).  ``sums`` collects the chunk CRCs of the file's sidecar
-    (`format.chunks`), taken with the tensors' own.
+    (`format.chunks`), taken with the tensors' own.  ``writeback``: the caller will fsync ``fd``, so each
+    written job's range is sent on to the device at once (`start_writeback`).
     """
     plan = _layout(tensors, start, shard_id, alignment, sums)
     write: Write = lambda buffers, pos: _pwritev_all(fd, buffers, pos)  # noqa: E731
 
     def run(job: _Job | _Segment) -> tuple[int, int, list[int]] | None:
+        out = None
         if isinstance(job, _Segment):
-            return _run_segment(write, job, plan.chunk_size)
-        _run(fd, job, plan.crcs, plan.chunked)
-        return None
+            out = _run_segment(write, job, plan.chunk_size)
+        else:
+            _run(fd, job, plan.crcs, plan.chunked)
+        if writeback:
+            start_writeback(fd, job.offset, job.size)
+        return out
 
     workers = threads or min(4, os.cpu_count() or 1)
     done: list[tuple[int, int, list[int]] | None] = []
@@ -405,7 +444,7 @@ def write_data_file(path: str, tensors: Sequence[PreparedTensor], *, shard_id: i
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
         entries, size = write_at(fd, tensors, shard_id=shard_id, alignment=alignment, threads=threads, midway=midway,
-                                 sums=sums)
+                                 sums=sums, writeback=durable)
         if durable:
             os.fsync(fd)
         if sums is not None and sidecar is not None:
