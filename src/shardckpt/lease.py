@@ -209,26 +209,40 @@ def _try_create(prefix: str, path: str, holder: Holder) -> PrefixLease | None:
             os.unlink(private)
 
 
-def _adopt_dead(prefix: str, path: str, holder: Holder) -> PrefixLease | None:
-    """Take over a dead lease file in place (a full disk); None when there is none to adopt.
-
-    Raises `PrefixBusyError` when the lease is live."""
+def _open_unless_locked(prefix: str, path: str, flags: int) -> tuple[int, Holder | None, bool] | None:
+    """Open the lease file at ``path`` and take its lock: (fd, its record, whether locks exist here), or None
+    when it is gone.  Raises `PrefixBusyError` when its holder holds the lock (or it is not a regular file)."""
     try:
-        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as exc:
         raise _io_error(prefix, path, "cannot open the lease", exc) from exc
-    adopted = False
     try:
         if not _is_regular(fd):
             raise PrefixBusyError(f"{prefix}: {path} is not a regular file; remove it by hand")
-        old = _read_holder(fd)
+        holder = _read_holder(fd)
         try:
             locked = _lock(fd)
         except OSError:
-            who = old.describe() if old else "a process that left no readable record"
+            who = holder.describe() if holder else "a process that left no readable record"
             raise PrefixBusyError(f"{prefix}: the prefix is in use by {who}; wait for it to finish") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, holder, locked
+
+
+def _adopt_dead(prefix: str, path: str, holder: Holder) -> PrefixLease | None:
+    """Take over a dead lease file in place (a full disk); None when there is none to adopt.
+
+    Raises `PrefixBusyError` when the lease is live."""
+    opened = _open_unless_locked(prefix, path, os.O_RDWR)
+    if opened is None:
+        return None
+    fd, _, locked = opened
+    adopted = False
+    try:
         record = _record(holder).ljust(_MAX_RECORD // 4)
         # Only a locked file whose name still names it (no breaker removed it meanwhile) and whose own blocks
         # hold the whole new record can be taken over.
@@ -284,21 +298,11 @@ def holder_of(prefix: str) -> Holder | None:
 
 def _break_if_dead(prefix: str, path: str) -> None:
     """Remove the lease at ``path`` if its holder is provably gone; raise `PrefixBusyError` if it is live."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
+    opened = _open_unless_locked(prefix, path, os.O_RDONLY)
+    if opened is None:
         return  # released meanwhile: try again
-    except OSError as exc:
-        raise _io_error(prefix, path, "cannot open the lease", exc) from exc
+    fd, holder, locked = opened
     try:
-        if not _is_regular(fd):
-            raise PrefixBusyError(f"{prefix}: {path} is not a regular file; remove it by hand")
-        holder = _read_holder(fd)
-        try:
-            locked = _lock(fd)
-        except OSError:
-            who = holder.describe() if holder else "a process that left no readable record"
-            raise PrefixBusyError(f"{prefix}: the prefix is in use by {who}; wait for it to finish") from None
         if not locked and holder is not None and holder.expires > time.time():
             raise PrefixBusyError(
                 f"{prefix}: the prefix is in use by {holder.describe()} (this file system has no locks: the lease "
