@@ -196,13 +196,16 @@ def scenario(rank: int, disk: str, results: str, events: dict) -> None:
 
     # D: rank 1 alone finds the disk full, once rank 0's file is staged: the coordinator's staged file and its
     # lease stay (its process lives on and DCP never calls finish), for the next save of this process.
-    marker = os.path.join(results, "staged-D")
-    if rank == 0:
-        with when("after_data_fsync", lambda: open(marker, "w").close()):
-            events["D"] = _fails(lambda: save(3))
-    else:
-        with when("after_plan", lambda: (_wait_for(marker), fill_to(disk, 0))):
-            events["D"] = _fails(lambda: save(3))
+    def rank_1_fills(phase: str, version: int) -> None:
+        marker = os.path.join(results, f"staged-{phase}")
+        if rank == 0:
+            with when("after_data_fsync", lambda: open(marker, "w").close()):
+                events[phase] = _fails(lambda: save(version))
+        else:
+            with when("after_plan", lambda: (_wait_for(marker), fill_to(disk, 0))):
+                events[phase] = _fails(lambda: save(version))
+
+    rank_1_fills("D", 3)
     after("D", 2)
     free()
 
@@ -240,13 +243,7 @@ def scenario(rank: int, disk: str, results: str, events: dict) -> None:
     dist.barrier()
 
     # G: as D, and then the processes exit: what is left is a dead session's, for `shardckpt clean`.
-    marker = os.path.join(results, "staged-G")
-    if rank == 0:
-        with when("after_data_fsync", lambda: open(marker, "w").close()):
-            events["G"] = _fails(lambda: save(4))
-    else:
-        with when("after_plan", lambda: (_wait_for(marker), fill_to(disk, 0))):
-            events["G"] = _fails(lambda: save(4))
+    rank_1_fills("G", 4)
     after("G", 3)
     free()
 

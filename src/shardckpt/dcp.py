@@ -57,7 +57,6 @@ Guarantees (the same as `sharded_save`'s)
 from __future__ import annotations
 
 import dataclasses
-import errno
 import io
 import logging
 import os
@@ -99,7 +98,6 @@ from .checkpoint_reader import latest_checkpoint
 from .commit import STAGING, StagedFile, commit, recover, sidecar_path
 from .errors import (
     CheckpointError,
-    CheckpointIOError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     InvalidArgumentError,
@@ -108,7 +106,7 @@ from .errors import (
 )
 from .faults import fault_point
 from .format.dtypes import DataType, to_numpy
-from .format.files import index_filename, staging_data_filename
+from .format.files import index_filename, io_error, staging_data_filename
 from .format.parallel_writer import write_data_file
 from .format.protos import BundleEntry, pack_entries
 from .format.reader import BundleReader
@@ -220,13 +218,9 @@ def _os_refusal(exc: BaseException) -> TypeGuard[OSError]:
     return isinstance(exc, OSError) and not isinstance(exc, CheckpointError)
 
 
-def _io_error(prefix: str, path: str, what: str, exc: OSError) -> CheckpointIOError:
-    """An OS refusal (ENOSPC, EROFS ...) as the `CheckpointIOError` naming the prefix and the file that users are
-    promised (``os.write`` names no file); the caller keeps the OSError as its cause."""
-    where = exc.filename if isinstance(exc.filename, str) else path
-    err = CheckpointIOError(exc.errno or errno.EIO, f"{prefix}: {what} {where}: {exc.strerror or exc}")
-    err.filename = where
-    return err
+def _named(exc: OSError, path: str) -> str:
+    """The file the refusal was about: its own where it names one (a sidecar, a staged index), else ``path``."""
+    return exc.filename if isinstance(exc.filename, str) else path
 
 
 def _full(size: tuple[int, ...], offsets: tuple[int, ...], sizes: tuple[int, ...]) -> bool:
@@ -305,7 +299,7 @@ class StorageWriter(_DcpWriter):
         except BaseException as exc:
             _drop_hold(self.prefix, hold.token)
             if _os_refusal(exc):
-                raise _io_error(self.prefix, self.prefix, "cleaning up an earlier save failed at", exc) from exc
+                raise io_error(exc, self.prefix, self.prefix, "clean up an earlier save") from exc
             raise
         world = len(plans)
         return [dataclasses.replace(p, storage_data=_PlanData(token, r, world)) for r, p in enumerate(plans)]
@@ -387,7 +381,7 @@ class StorageWriter(_DcpWriter):
             if self.is_coordinator:  # this save fails for sure: let the prefix go at once
                 _drop_hold(self.prefix, info.token)
             if _os_refusal(exc):
-                raise _io_error(self.prefix, staging, "cannot write", exc) from exc
+                raise io_error(exc, self.prefix, _named(exc, staging), "write") from exc
             raise
         index: list[tuple[bytes, BundleEntry]] = []
         results: list[WriteResult] = []
@@ -445,7 +439,7 @@ class StorageWriter(_DcpWriter):
                 for r in range(len(files)):
                     _discard(staging_data_filename(prefix, r, len(files), token))
             if _os_refusal(exc):
-                raise _io_error(prefix, index_filename(prefix), "commit failed writing", exc) from exc
+                raise io_error(exc, prefix, _named(exc, index_filename(prefix)), "commit") from exc
             raise
         finally:
             with _holds_lock:
@@ -465,7 +459,7 @@ class StorageWriter(_DcpWriter):
         try:
             write_file_atomically(path, text, durable=self.durable)
         except OSError as exc:
-            raise _io_error(self.prefix, path, "cannot write the checkpoint state file", exc) from exc
+            raise io_error(exc, self.prefix, path, "write the checkpoint state file") from exc
 
 
 def _host_array(tensor: torch.Tensor, fqn: str) -> np.ndarray:
