@@ -516,6 +516,42 @@ def test_a_crafted_json_entry_is_refused(tmp_path, payload: bytes) -> None:
     assert "CorruptCheckpointError" in msg and f"{tmp_path / 'model'}: x in " in msg, msg
 
 
+def test_a_region_no_stored_slice_holds_is_refused_not_left_stale(tmp_path) -> None:
+    import dataclasses
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from shardckpt import BundleWriter
+    from shardckpt.torch import StorageReader
+
+    with BundleWriter(str(tmp_path / "model"), durable=False) as w:
+        w.add_slice("x", "6 0,3", np.arange(3, dtype=np.float32))  # elements 3..5 are stored nowhere
+        w.add_slice("y", "4 0,2", np.ones(2, np.float32))  # two slices that fill y
+        w.add_slice("y", "4 2,2", np.full(2, 2, np.float32))
+    target = {"x": torch.full((6,), -1.0), "y": torch.zeros(4)}
+    msg = _dcp_error(lambda: dcp.load(target, storage_reader=StorageReader(tmp_path), no_dist=True))
+    assert "InsufficientSlicesError" in msg and "sufficient slices for partitioned tensor x to read 0,6" in msg, msg
+    assert torch.equal(target["x"], torch.full((6,), -1.0))  # refused before anything was written
+    # The gap does not spoil what is stored: y loads, and so does the stored part of x.
+    only_y = {"y": torch.zeros(4)}
+    dcp.load(only_y, storage_reader=StorageReader(tmp_path), no_dist=True)
+    assert torch.equal(only_y["y"], torch.tensor([1.0, 1, 2, 2]))
+    reader = StorageReader(tmp_path)
+    md = reader.read_metadata()
+    assert len(md.state_dict_metadata["y"].chunks) == 2  # a filled tensor: its stored slices only
+    planner = DefaultLoadPlanner()
+    part = {"x": torch.full((6,), -1.0)}
+    planner.set_up_planner(part, md, True)
+    reader.set_up_storage_reader(md, True)
+    items = [dataclasses.replace(i, lengths=torch.Size([3])) for i in planner.create_local_plan().items]
+    assert len(items) == 2  # the stored slice's and the whole-tensor chunk's, both cut to elements 0..2
+    reader.read_data(LoadPlan(items), planner).wait()
+    assert torch.equal(part["x"], torch.tensor([0.0, 1, 2, -1, -1, -1]))
+
+
 class _Boom:
     def __init__(self, path: str) -> None:
         self.path = path
