@@ -107,7 +107,7 @@ from .errors import (
 )
 from .faults import fault_point
 from .format.dtypes import DataType, to_numpy
-from .format.files import index_filename, io_error, staging_data_filename
+from .format.files import ORBAX_ITEM_PREFIX, index_filename, io_error, staging_data_filename
 from .format.parallel_writer import write_data_file
 from .format.protos import BundleEntry, pack_entries
 from .format.reader import BundleReader
@@ -492,7 +492,8 @@ def _torch_dtype(code: int) -> torch.dtype | None:
 
 def _resolve_prefix(path: str) -> str:
     """The bundle of a checkpoint directory: ``path/model``, else the one its ``checkpoint`` file names, else
-    ``path`` itself as a prefix (a bundle saved by `sharded_save` or ``shardckpt.torch.save``)."""
+    an Orbax item directory's ``path/checkpoint`` (`shardckpt.orbax`), else ``path`` itself as a prefix (a
+    bundle saved by `sharded_save` or ``shardckpt.torch.save``)."""
     inside = os.path.join(path, PREFIX_NAME)
     if os.path.exists(index_filename(inside)):
         return inside
@@ -500,10 +501,13 @@ def _resolve_prefix(path: str) -> str:
         found = latest_checkpoint(path)
         if found is not None:
             return found
+    item = os.path.join(path, ORBAX_ITEM_PREFIX)
+    if os.path.exists(index_filename(item)):
+        return item
     if os.path.exists(index_filename(path)):
         return path
     raise CheckpointNotFoundError(f"no checkpoint at {path}: neither {index_filename(inside)} nor a checkpoint "
-                                  f"state file nor {index_filename(path)}")
+                                  f"state file nor an Orbax item's {index_filename(item)} nor {index_filename(path)}")
 
 
 @dataclass(frozen=True)
@@ -519,7 +523,8 @@ class StorageReader(_DcpReader):
     """DCP storage reader of a TensorFlow V2 bundle: one `StorageWriter` wrote, or any bundle.
 
     ``path`` is a checkpoint directory (``path/model``, or the bundle its TensorFlow
-    ``checkpoint`` file names) or a bundle's prefix.  Bundle names with ``/`` (saved by
+    ``checkpoint`` file names), an Orbax item directory (``<step>/<item>``, whose bundle
+    `shardckpt.orbax` writes at ``<item>/checkpoint``) or a bundle's prefix.  Bundle names with ``/`` (saved by
     ``shardckpt.torch.save``) are offered to DCP also with ``.``, DCP's separator, unless taken.
     Every read is served from the stored slices that overlap it, with CRC32C checks
     (``verify=False`` skips them); a region no stored slice holds is an
