@@ -78,6 +78,109 @@ def test_verify_draws_a_binary_unit_bar_only_on_a_terminal_and_never_with_json(t
     assert code == 0 and err == "", err
 
 
+def _rate_mib_s(err: str) -> float:
+    """The rate on the bar's last drawing, in MiB/s."""
+    rates = re.findall(r"(\d+(?:\.\d+)?)([KMGT]i)B/s", err)
+    assert rates, err
+    value, unit = rates[-1]
+    return float(value) * {"Ki": 1 / 1024, "Mi": 1, "Gi": 1024, "Ti": 1024**2}[unit]
+
+
+def test_diff_and_convert_draw_a_bar_only_on_a_terminal_never_with_json_and_diff_rates_its_whole_run(tmp_path):
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _big_checkpoint(a)
+    with sc.BundleWriter(b) as w:
+        w.add("big", np.full(BIG // 4, 2, np.float32))
+    code, out, err = _run(["diff", a, b], tty=True)
+    assert code == 1 and "differ" in out, (out, err)
+    assert "diff" in err and "160MiB/160MiB" in err and not re.search(r"\d(k|M|G)B\b", err), err
+    code, out, err = _run(["diff", "--json", a, b], tty=True)
+    assert code == 1 and json.loads(out)["identical"] is False and err == "", err
+    code, out, err = _run(["diff", a, b], tty=False)
+    assert code == 1 and err == "", err
+    for i, (flags, tty) in enumerate([([], True), (["--json"], True), ([], False)]):
+        dest = str(tmp_path / f"out{i}.safetensors")
+        code, out, err = _run(["convert", *flags, a, dest], tty=tty)
+        assert code == 0 and os.path.getsize(dest) > BIG, (out, err)
+        if flags:
+            json.loads(out)
+        if tty and not flags:
+            assert "convert" in err and "80.0MiB/80.0MiB" in err and re.search(r"[MG]iB/s", err), err
+        else:
+            assert err == "", err
+    code, out, err = _run(["convert", str(tmp_path / "out0.safetensors"), str(tmp_path / "back")], tty=True)
+    assert code == 0 and "convert" in err and "80.0MiB/80.0MiB" in err, (out, err)
+
+
+PAUSE = 2.0  # seconds the diff below is held stopped before it reports anything
+
+
+def _diff_held_before_its_first_report(a: str, b: str) -> str | None:
+    """Run ``diff A B`` on a terminal, SIGSTOPped for `PAUSE` s once it has opened A's data file and before it
+    drew anything; its stderr, or None when it drew its bar before the stop landed (the caller tries again)."""
+    import signal
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 65536)
+            except OSError:
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain)
+    proc = subprocess.Popen([sys.executable, "-m", "shardckpt", "diff", a, b], stdout=subprocess.PIPE,
+                            stderr=slave, env=dict(os.environ, COLUMNS="120"))
+    os.close(slave)
+    reader.start()
+    try:
+        data_file = os.path.realpath(a + ".data-00000-of-00001")
+        fds = f"/proc/{proc.pid}/fd"
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                links = [os.readlink(os.path.join(fds, n)) for n in os.listdir(fds)]
+            except OSError:  # an fd closed while listed
+                continue
+            if data_file in links:
+                break
+        proc.send_signal(signal.SIGSTOP)
+        time.sleep(0.3)  # whatever it wrote before the stop reaches `chunks`
+        early = bool(chunks)
+        time.sleep(PAUSE - 0.3)
+        proc.send_signal(signal.SIGCONT)
+        proc.communicate(timeout=120)
+        reader.join(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    return None if early else b"".join(chunks).decode(errors="replace")
+
+
+def test_diffs_rate_counts_the_time_before_its_first_report(tmp_path):
+    # A diff of one tensor reports once, at the end.  The process is held stopped between opening the files
+    # and that report, so a rate over the command's run is at most 160 MiB / PAUSE; a bar timed from its first
+    # report (the bug) showed the bytes over almost no time (2.34 TiB/s here).
+    a, b = str(tmp_path / "a"), str(tmp_path / "b")
+    _big_checkpoint(a)
+    with sc.BundleWriter(b) as w:
+        w.add("big", np.full(BIG // 4, 2, np.float32))
+    for _ in range(5):
+        err = _diff_held_before_its_first_report(a, b)
+        if err is not None:
+            break
+    assert err is not None, "the diff drew its bar before every stop landed"
+    assert "160MiB/160MiB" in err and _rate_mib_s(err) <= 160 / PAUSE, err
+
+
 def test_a_bars_clock_starts_with_the_command_not_at_its_first_report():
     # diff and convert report after each tensor: a bar made at the first report timed that tensor's bytes
     # over almost no time.  Its start must be no later than a moment between creation and the first report.

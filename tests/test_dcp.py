@@ -112,6 +112,42 @@ def _compare(prefix: str, tensors: dict[str, np.ndarray]) -> list[str]:
     return bad
 
 
+def _tcp_sockets() -> set[str]:
+    """This process's TCP sockets (listening or connected), from its fds and the kernel's tables."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[len("socket:["):-1])
+    found = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            cols = row.split()
+            if cols[9] in inodes:
+                found.add(f"{table} {cols[1]} -> {cols[2]} state {cols[3]}")
+    return found
+
+
+def _grid(mesh: Any) -> dict[str, Any]:
+    """DTensors on the whole 2x2 mesh: both dims sharded, one replicated, one dim sharded twice (uneven)."""
+    import torch
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+
+    full = torch.arange(6 * 10, dtype=torch.float32).reshape(6, 10)
+    return {"ss": distribute_tensor(full, mesh, [Shard(0), Shard(1)]),
+            "rs": distribute_tensor(full + 1, mesh, [Replicate(), Shard(1)]),
+            "sr": distribute_tensor(full + 2, mesh, [Shard(0), Replicate()]),
+            "s0s0": distribute_tensor(torch.arange(7.0), mesh, [Shard(0), Shard(0)])}
+
+
 def scenario_four(rank: int, directory: str, events: dict) -> None:
     import torch
     import torch.distributed.checkpoint as dcp
@@ -132,16 +168,41 @@ def scenario_four(rank: int, directory: str, events: dict) -> None:
     uneven = distribute_tensor(torch.arange(7.0), mesh["tp"], [Shard(0)])  # 4 and 3 rows
     tiny = distribute_tensor(torch.ones(1), mesh["tp"], [Shard(0)])  # one element: the second shard is empty
     state = {"model": msd, "optim": osd, "extra": dict(EXTRA), "uneven": uneven, "tiny": tiny,
-             "empty": torch.zeros(0, 3)}
+             "empty": torch.zeros(0, 3), "grid": _grid(mesh)}
     tensors, objs = _flat_full(state)
     if rank == 0:
         np.savez(os.path.join(directory, "expected.npz"), **{k.replace("/", "|"): v for k, v in tensors.items()})
         with open(os.path.join(directory, "objects.pkl"), "wb") as f:  # the test's own file, never a checkpoint
             pickle.dump(objs, f)
 
+    # DCP's own collectives only: no socket (a TCPStore server, a second rendezvous's connections) and no
+    # process group appears during the save (seen at its fault points on every rank) or the load.
+    from torch.distributed.distributed_c10d import _world
+
+    from shardckpt import faults
+    from shardckpt.torch import StorageReader
+
+    sockets, groups = _tcp_sockets(), len(_world.pg_map)
+    new_sockets: dict[str, list[str]] = {}
+
+    def look(point: str, client: int) -> None:
+        if _tcp_sockets() - sockets:
+            new_sockets[point] = sorted(_tcp_sockets() - sockets)
+        events.setdefault("points_seen", []).append(point)
+
     t = time.monotonic()
-    dcp.save(state, storage_writer=StorageWriter(os.path.join(directory, "sync"), durable=False))
+    with faults.hook(look):
+        dcp.save(state, storage_writer=StorageWriter(os.path.join(directory, "sync"), durable=False))
     events["sync_s"] = time.monotonic() - t
+    # The 2x2-mesh DTensors back onto the same mesh and placements, from zeros.
+    back = {"grid": {k: v * 0 for k, v in _grid(mesh).items()}}
+    dcp.load(back, storage_reader=StorageReader(os.path.join(directory, "sync")))
+    look("after_load", rank)
+    events["grid_back"] = [k for k, v in back["grid"].items()
+                           if _bits(v.full_tensor().numpy()) != _bits(tensors[f"grid.{k}"])
+                           or v.placements != state["grid"][k].placements]
+    events["new_sockets"] = new_sockets
+    events["new_groups"] = len(_world.pg_map) - groups
     t = time.monotonic()
     fut = dcp.async_save(state, storage_writer=StorageWriter(os.path.join(directory, "async"), durable=False))
     events["async_type"] = type(fut).__name__
@@ -183,7 +244,7 @@ def scenario_two(rank: int, directory: str, events: dict) -> None:
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Replicate, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
     from shardckpt.faults import ENV
     from shardckpt.torch import StorageReader, StorageWriter
@@ -204,8 +265,13 @@ def scenario_two(rank: int, directory: str, events: dict) -> None:
         extra = {"epoch": 0, "note": "", "none": 0, "hist": [], "pair": None,
                  "nested": [{"k": None}, {"k": None}]}  # lists of dicts: DCP flattens them, the template too
         uneven = distribute_tensor(torch.zeros(7), mesh, [Replicate()])
+        grid = {"ss": distribute_tensor(torch.zeros(6, 10), mesh, [Shard(1)]),
+                "rs": distribute_tensor(torch.zeros(6, 10), mesh, [Shard(0)]),
+                "sr": distribute_tensor(torch.zeros(6, 10), mesh, [Replicate()]),
+                "s0s0": distribute_tensor(torch.zeros(7), mesh, [Shard(0)])}
         state = {"model": msd, "optim": osd, "extra": extra, "uneven": uneven,
-                 "tiny": distribute_tensor(torch.zeros(1), mesh, [Replicate()]), "empty": torch.ones(0, 3)}
+                 "tiny": distribute_tensor(torch.zeros(1), mesh, [Replicate()]), "empty": torch.ones(0, 3),
+                 "grid": grid}
         events[f"{which}_placements"] = str(msd["0.weight"].placements)
         dcp.load(state, storage_reader=StorageReader(os.path.join(directory, which)))
         tensors, objs = _flat_full(state)
@@ -390,10 +456,80 @@ def test_the_bundle_holds_every_fqn_whole_and_partitioned(runs) -> None:
         # One element over 2 shards: the empty shard adds nothing, the other is the whole tensor.
         assert not names["tiny"].slices and names["tiny"].shape == (1,) and names["empty"].shape == (0, 3)
         assert not names["model.2.bias"].slices  # Replicate: one whole piece
+        # On the whole 2x2 mesh: 4 blocks; columns over the second dim written once though the first
+        # replicates them; rows likewise; 7 elements split over both dims in turn (4, 3 -> 2, 2, 2, 1).
+        assert boxes("grid.ss") == [((r, r + 3), (c, c + 5)) for r in (0, 3) for c in (0, 5)]
+        assert boxes("grid.rs") == [((0, 6), (0, 5)), ((0, 6), (5, 10))]
+        assert boxes("grid.sr") == [((0, 3), (0, 10)), ((3, 6), (0, 10))]
+        assert boxes("grid.s0s0") == [((0, 2),), ((2, 4),), ((4, 6),), ((6, 7),)]
         for fqn, want in objs.items():
             got = objects.decode(r.read(fqn)[()], fqn)
             assert repr(got) == repr(want), fqn
     assert shardckpt.load_checkpoint(runs["dir"] / "sync").get_tensor("model.0.weight").shape == (6, 8)
+
+
+def test_2x2_mesh_dtensors_load_back_onto_their_own_placements(runs) -> None:
+    for r, res in runs["four"].results.items():
+        assert res["events"]["grid_back"] == [], (r, res["events"]["grid_back"])
+
+
+def test_dcp_save_and_load_open_no_socket_and_no_process_group_of_their_own(runs) -> None:
+    for r, res in runs["four"].results.items():
+        ev = res["events"]
+        assert ev["new_sockets"] == {} and ev["new_groups"] == 0, (r, ev["new_sockets"], ev["new_groups"])
+        # The look was taken inside the save on every rank (its data write) and on rank 0 in its commit too.
+        assert {"after_data_fsync", "after_load"} <= set(ev["points_seen"]), ev["points_seen"]
+        if r == 0:
+            assert "after_index_staged" in ev["points_seen"], ev["points_seen"]
+
+
+def test_a_bit_flip_in_a_dcp_written_bundle_is_found_by_dcp_load(runs, tmp_path) -> None:
+    import dataclasses
+    import shutil
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from shardckpt.format.files import data_filename
+    from shardckpt.format.reader import BundleReader
+    from shardckpt.torch import StorageReader
+
+    tensors, _ = _expected(runs["dir"])
+    copy = tmp_path / "sync"
+    shutil.copytree(runs["dir"] / "sync", copy)
+    prefix = str(copy / "model")
+    with BundleReader(prefix) as r:  # the second column block of grid.ss, rows 3..5: written by a rank
+        piece = next(p for p in r.stored_slices("grid.ss") if p.bounds == ((3, 6), (5, 10)))
+    path = data_filename(prefix, piece.entry.shard_id, 4)
+    with open(path, "r+b") as f:
+        f.seek(piece.entry.offset + 7)
+        byte = f.read(1)
+        f.seek(piece.entry.offset + 7)
+        f.write(bytes([byte[0] ^ 0x10]))
+    target = {"grid": {"ss": torch.zeros(6, 10)}, "model": {"0.weight": torch.zeros(6, 8)}}
+    msg = _dcp_error(lambda: dcp.load(target, storage_reader=StorageReader(copy), no_dist=True))
+    assert "ChecksumMismatchError" in msg and "grid.ss" in msg and os.path.basename(path) in msg, msg
+    # A read of part of that piece is checked too (against its chunk, read whole: a piece under one chunk).
+    reader = StorageReader(copy)
+    md = reader.read_metadata()
+    planner = DefaultLoadPlanner()
+    part = {"grid": {"ss": torch.zeros(6, 10)}}
+    planner.set_up_planner(part, md, True)
+    reader.set_up_storage_reader(md, True)
+    items = [i for i in planner.create_local_plan().items if tuple(i.storage_index.offset) == (3, 5)]
+    items = [dataclasses.replace(i, storage_offsets=torch.Size([1, 0]), dest_offsets=torch.Size([4, 5]),
+                                 lengths=torch.Size([1, 5])) for i in items]  # row 4 of the block only
+    assert len(items) == 1
+    from shardckpt import ChecksumMismatchError
+
+    with pytest.raises(ChecksumMismatchError, match="grid.ss"):
+        reader.read_data(LoadPlan(items), planner)
+    # Every other tensor of the bundle still loads, bit-identical.
+    other = {"model": {"0.weight": torch.zeros(6, 8)}}
+    dcp.load(other, storage_reader=StorageReader(copy), no_dist=True)
+    assert _bits(other["model"]["0.weight"].numpy()) == _bits(tensors["model.0.weight"])
 
 
 def test_a_failing_rank_or_commit_keeps_the_old_checkpoint_and_the_next_save_works(runs) -> None:
@@ -514,6 +650,42 @@ def test_a_crafted_json_entry_is_refused(tmp_path, payload: bytes) -> None:
         w.add("x", np.array(objects.JSON_MARKER + payload, dtype=object))
     msg = _dcp_error(lambda: dcp.load({"x": 0}, storage_reader=StorageReader(tmp_path), no_dist=True))
     assert "CorruptCheckpointError" in msg and f"{tmp_path / 'model'}: x in " in msg, msg
+
+
+def test_a_region_no_stored_slice_holds_is_refused_not_left_stale(tmp_path) -> None:
+    import dataclasses
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.planner import LoadPlan
+
+    from shardckpt import BundleWriter
+    from shardckpt.torch import StorageReader
+
+    with BundleWriter(str(tmp_path / "model"), durable=False) as w:
+        w.add_slice("x", "6 0,3", np.arange(3, dtype=np.float32))  # elements 3..5 are stored nowhere
+        w.add_slice("y", "4 0,2", np.ones(2, np.float32))  # two slices that fill y
+        w.add_slice("y", "4 2,2", np.full(2, 2, np.float32))
+    target = {"x": torch.full((6,), -1.0), "y": torch.zeros(4)}
+    msg = _dcp_error(lambda: dcp.load(target, storage_reader=StorageReader(tmp_path), no_dist=True))
+    assert "InsufficientSlicesError" in msg and "sufficient slices for partitioned tensor x to read 0,6" in msg, msg
+    assert torch.equal(target["x"], torch.full((6,), -1.0))  # refused before anything was written
+    # The gap does not spoil what is stored: y loads, and so does the stored part of x.
+    only_y = {"y": torch.zeros(4)}
+    dcp.load(only_y, storage_reader=StorageReader(tmp_path), no_dist=True)
+    assert torch.equal(only_y["y"], torch.tensor([1.0, 1, 2, 2]))
+    reader = StorageReader(tmp_path)
+    md = reader.read_metadata()
+    assert len(md.state_dict_metadata["y"].chunks) == 2  # a filled tensor: its stored slices only
+    planner = DefaultLoadPlanner()
+    part = {"x": torch.full((6,), -1.0)}
+    planner.set_up_planner(part, md, True)
+    reader.set_up_storage_reader(md, True)
+    items = [dataclasses.replace(i, lengths=torch.Size([3])) for i in planner.create_local_plan().items]
+    assert len(items) == 2  # the stored slice's and the whole-tensor chunk's, both cut to elements 0..2
+    reader.read_data(LoadPlan(items), planner).wait()
+    assert torch.equal(part["x"], torch.tensor([0.0, 1, 2, -1, -1, -1]))
 
 
 class _Boom:

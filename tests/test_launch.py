@@ -94,7 +94,8 @@ dist.init_process_group("gloo")                         # env://: what the launc
 t = torch.tensor([float(dist.get_rank() + 1)])
 dist.all_reduce(t)
 seen = {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR")}
-print("sum", int(t.item()), "rank", dist.get_rank(), "of", dist.get_world_size(), sorted(seen.items()))
+print("sum", int(t.item()), "rank", dist.get_rank(), "of", dist.get_world_size(), sorted(seen.items()),
+      "port", os.environ["MASTER_PORT"])
 dist.destroy_process_group()
 """
 
@@ -106,10 +107,12 @@ def test_a_plain_torch_script_runs_under_launch(tmp_path):
     assert result.returncode == 0, result.stdout + result.stderr
     lines = sorted(line for line in result.stdout.splitlines() if " sum " in line)
     assert len(lines) == 2, result.stdout
+    ports = {line.rpartition(" port ")[2] for line in lines}
+    assert len(ports) == 1 and 0 < int(ports.pop()) < 65536, lines  # one MASTER_PORT, the TCPStore's
     for rank, line in enumerate(lines):
         env = [("LOCAL_RANK", str(rank)), ("LOCAL_WORLD_SIZE", "2"), ("MASTER_ADDR", "127.0.0.1"),
                ("RANK", str(rank)), ("WORLD_SIZE", "2")]
-        assert line == f"[rank{rank}] sum 3 rank {rank} of 2 {env}"
+        assert line.rpartition(" port ")[0] == f"[rank{rank}] sum 3 rank {rank} of 2 {env}"
 
 
 CHATTY = """

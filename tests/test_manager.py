@@ -356,6 +356,33 @@ def test_restore_waits_for_the_managers_own_pending_async_save(tmp_path):
         assert sc.LocalGroup(2).run(client) == [[2], [2]]
 
 
+def test_latest_waits_for_the_managers_own_pending_async_save(tmp_path):
+    d = str(tmp_path / "run")
+    armed, asked = threading.Event(), threading.Event()
+
+    def hold_step_2(point: str, client: int) -> None:
+        # As above, with latest(): a latest that does not wait for the pending save answers 1.
+        if armed.is_set() and point == "after_plan" and client == 0:
+            asked.wait(3)
+
+    def client(coord):
+        manager = sc.CheckpointManager(d, coordinator=coord)
+        manager.save(1, MESH, _sharded(coord, 1), timeout=30)
+        coord.barrier("saved-1", 30)
+        if coord.rank == 0:
+            armed.set()
+        coord.barrier("armed", 30)
+        manager.save(2, MESH, _sharded(coord, 2), blocking=False, timeout=30)
+        latest = manager.latest(timeout=30)
+        if coord.rank == 0:
+            asked.set()
+        manager.close()
+        return latest
+
+    with sc.faults.hook(hold_step_2):
+        assert sc.LocalGroup(2).run(client) == [2, 2]
+
+
 def test_clients_agree_on_the_latest_step_when_their_listings_differ(tmp_path):
     d = tmp_path / "run"
     listed = threading.Event()

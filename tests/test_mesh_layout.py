@@ -118,15 +118,26 @@ if sys.argv[1] == "torch":                              # no launcher variables:
         os.environ.pop(name)
     import torch.distributed as dist
     dist.init_process_group("gloo")
+elif sys.argv[1] == "jax":                              # no launcher variables: JAX's distributed runtime tells
+    for name in ("SHARDCKPT_COORDINATOR", "SHARDCKPT_RANK", "SHARDCKPT_WORLD_SIZE", "SHARDCKPT_COORDINATOR_KEY"):
+        os.environ.pop(name)
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    import jax
+    address = "127.0.0.1:" + os.environ["MASTER_PORT"]
+    jax.distributed.initialize(coordinator_address=address, num_processes=int(os.environ["WORLD_SIZE"]),
+                               process_id=int(os.environ["RANK"]), coordinator_bind_address=address,
+                               initialization_timeout=120)
 mesh = sc.create_mesh([("x", 2), ("y", 3)])
 w = sc.DTensor.from_global(np.arange(36).reshape(6, 6), sc.Layout(["x", "y"], mesh))
 small = sc.create_mesh([("z", 2)])                      # fewer devices than clients: no local block
 print(json.dumps({"rank": int(os.environ["RANK"]), "local": list(mesh.local_device_ids),
                   "shards": sorted(w.shards), "small": small.local_device_ids}))
+if sys.argv[1] == "jax":
+    jax.distributed.shutdown()
 """
 
 
-@pytest.mark.parametrize("engine", ["launch", "torch"])
+@pytest.mark.parametrize("engine", ["launch", "torch", "jax"])
 def test_create_mesh_knows_this_clients_devices_in_a_launched_process(tmp_path, engine):
     import json
     import subprocess

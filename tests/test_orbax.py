@@ -391,6 +391,25 @@ def test_tensorflow_and_torch_read_the_step_bundle_whole(saved_one, tmp_path: Pa
     assert int(state["step"]) == 3
 
 
+def test_the_dcp_storage_reader_takes_the_item_directory_or_its_bundle_prefix(saved_one) -> None:
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from shardckpt.torch import StorageReader
+
+    directory, _ = saved_one
+    item = directory / "ckpt" / "3" / "state"
+    for path in (item, item / "checkpoint"):
+        got = {"params": {"w": torch.zeros(8, 16), "emb": torch.zeros(8, 8, dtype=torch.bfloat16)},
+               "opt": {"1": torch.zeros(4, 4, dtype=torch.int32)}, "step": torch.zeros((), dtype=torch.int32)}
+        dcp.load(got, storage_reader=StorageReader(path), no_dist=True)  # "params/w" offered as "params.w"
+        assert got["params"]["w"].numpy().tobytes() == global_value("params/w", 3).tobytes(), path
+        assert got["params"]["emb"].view(torch.uint16).numpy().tobytes() == \
+            global_value("params/emb", 3).view(np.uint16).tobytes(), path
+        assert got["opt"]["1"].numpy().tobytes() == global_value("opt/1", 3).tobytes(), path
+        assert int(got["step"]) == 3, path
+
+
 def test_two_processes_save_through_the_manager_and_restore_onto_another_sharding(tmp_path: Path) -> None:
     results = run("manager", tmp_path, 2, 2)
     for res in results:

@@ -59,6 +59,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import math
 import os
 import secrets
 import threading
@@ -106,11 +107,11 @@ from .errors import (
 )
 from .faults import fault_point
 from .format.dtypes import DataType, to_numpy
-from .format.files import index_filename, io_error, staging_data_filename
+from .format.files import ORBAX_ITEM_PREFIX, index_filename, io_error, staging_data_filename
 from .format.parallel_writer import write_data_file
 from .format.protos import BundleEntry, pack_entries
 from .format.reader import BundleReader
-from .format.slices import TensorSlice, encode_slice_key
+from .format.slices import TensorSlice, box_volume, encode_slice_key
 from .format.writer import PreparedTensor, prepare, write_file_atomically
 from .lease import CLEANER, PrefixLease, holder_of, lease_filename
 from .manager import STATE_FILENAME, format_state
@@ -491,7 +492,8 @@ def _torch_dtype(code: int) -> torch.dtype | None:
 
 def _resolve_prefix(path: str) -> str:
     """The bundle of a checkpoint directory: ``path/model``, else the one its ``checkpoint`` file names, else
-    ``path`` itself as a prefix (a bundle saved by `sharded_save` or ``shardckpt.torch.save``)."""
+    an Orbax item directory's ``path/checkpoint`` (`shardckpt.orbax`), else ``path`` itself as a prefix (a
+    bundle saved by `sharded_save` or ``shardckpt.torch.save``)."""
     inside = os.path.join(path, PREFIX_NAME)
     if os.path.exists(index_filename(inside)):
         return inside
@@ -499,10 +501,13 @@ def _resolve_prefix(path: str) -> str:
         found = latest_checkpoint(path)
         if found is not None:
             return found
+    item = os.path.join(path, ORBAX_ITEM_PREFIX)
+    if os.path.exists(index_filename(item)):
+        return item
     if os.path.exists(index_filename(path)):
         return path
     raise CheckpointNotFoundError(f"no checkpoint at {path}: neither {index_filename(inside)} nor a checkpoint "
-                                  f"state file nor {index_filename(path)}")
+                                  f"state file nor an Orbax item's {index_filename(item)} nor {index_filename(path)}")
 
 
 @dataclass(frozen=True)
@@ -511,17 +516,20 @@ class _ReadData:
 
     prefix: str
     names: dict[str, str]  # fqn -> bundle name, only where they differ
+    gaps: dict[str, int]  # fqn -> index of its whole-tensor chunk, for tensors the stored slices do not fill
 
 
 class StorageReader(_DcpReader):
     """DCP storage reader of a TensorFlow V2 bundle: one `StorageWriter` wrote, or any bundle.
 
     ``path`` is a checkpoint directory (``path/model``, or the bundle its TensorFlow
-    ``checkpoint`` file names) or a bundle's prefix.  Bundle names with ``/`` (saved by
+    ``checkpoint`` file names), an Orbax item directory (``<step>/<item>``, whose bundle
+    `shardckpt.orbax` writes at ``<item>/checkpoint``) or a bundle's prefix.  Bundle names with ``/`` (saved by
     ``shardckpt.torch.save``) are offered to DCP also with ``.``, DCP's separator, unless taken.
     Every read is served from the stored slices that overlap it, with CRC32C checks
-    (``verify=False`` skips them).  Pickled objects (``StorageWriter(allow_pickle=True)``)
-    are refused unless ``allow_pickle=True``.
+    (``verify=False`` skips them); a region no stored slice holds is an
+    `InsufficientSlicesError`, never left as the target held it.  Pickled objects
+    (``StorageWriter(allow_pickle=True)``) are refused unless ``allow_pickle=True``.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, allow_pickle: bool = False, verify: bool = True) -> None:
@@ -550,6 +558,7 @@ class StorageReader(_DcpReader):
         prefix = _resolve_prefix(self.path)
         items: dict[str, TensorStorageMetadata | BytesStorageMetadata] = {}
         names: dict[str, str] = {}
+        gaps: dict[str, int] = {}
         with BundleReader(prefix) as reader:
             listed = list(reader.entries())
             present = {name for name, _ in listed}
@@ -562,9 +571,18 @@ class StorageReader(_DcpReader):
                     if dtype is None:
                         log.warning("%s: %s has a dtype torch lacks; not offered to DCP", prefix, name)
                         continue
+                    pieces = reader.stored_slices(name, entry)
                     chunks = [ChunkStorageMetadata(offsets=torch.Size([lo for lo, _ in p.bounds]),
                                                    sizes=torch.Size([hi - lo for lo, hi in p.bounds]))
-                              for p in reader.stored_slices(name, entry)]
+                              for p in pieces]
+                    # DCP's planner reads only what overlaps a stored chunk: a region no slice holds would keep
+                    # whatever the target held.  One more chunk, the whole tensor, makes the planner ask for
+                    # every region, and `read_data` refuses the ones not stored (pieces are disjoint, so
+                    # volumes say whether they fill the tensor).
+                    if sum(box_volume(p.bounds) for p in pieces) != math.prod(entry.shape):
+                        gaps[name] = len(chunks)
+                        chunks.append(ChunkStorageMetadata(offsets=torch.Size([0] * len(entry.shape)),
+                                                           sizes=torch.Size(entry.shape)))
                     md = TensorStorageMetadata(TensorProperties(dtype=dtype), torch.Size(entry.shape), chunks)
                 items[name] = md
                 # shardckpt.torch.save joins nested keys with "/", DCP with ".": offer both unless taken.
@@ -572,7 +590,9 @@ class StorageReader(_DcpReader):
                 if dotted != name and dotted not in present and dotted not in names:
                     items[dotted] = md
                     names[dotted] = name
-        data = _ReadData(prefix, names)
+                    if name in gaps:
+                        gaps[dotted] = gaps[name]
+        data = _ReadData(prefix, names, gaps)
         self._data = data
         return Metadata(state_dict_metadata=dict(items), storage_data=data,
                         storage_meta=StorageMeta(checkpoint_id=self.path))
@@ -615,9 +635,20 @@ class StorageReader(_DcpReader):
         assert data is not None
         with BundleReader(data.prefix) as reader:
             entries: dict[str, BundleEntry] = {}
+            reads: list[tuple[ReadItem, str, str]] = []
             for item in plan.items:
                 fqn = item.storage_index.fqn
                 name = data.names.get(fqn, fqn)
+                if item.type != LoadItemType.BYTE_IO and item.storage_index.index == data.gaps.get(fqn, -1):
+                    # A region of the whole-tensor chunk: its data comes with the stored chunks' own items;
+                    # checked before anything is written into the target.
+                    entry = entries.get(name)
+                    if entry is None:
+                        entry = entries[name] = reader.entry(name)
+                    reader.check_covered(name, _box(item, entry), entry=entry)
+                    continue
+                reads.append((item, fqn, name))
+            for item, fqn, name in reads:
                 if item.type == LoadItemType.BYTE_IO:
                     value = self._object(reader, name, fqn)
                     buf = io.BytesIO()
@@ -638,10 +669,7 @@ class StorageReader(_DcpReader):
 
     def _read_tensor(self, reader: BundleReader, name: str, entry: BundleEntry, item: ReadItem,
                      planner: LoadPlanner) -> None:
-        base = item.storage_index.offset or torch.Size([0] * len(entry.shape))
-        box = [(int(b) + int(o), int(b) + int(o) + int(n))
-               for b, o, n in zip(base, item.storage_offsets, item.lengths)]
-        arr = reader.read_bounds(name, box, verify=self.verify, entry=entry)
+        arr = reader.read_bounds(name, _box(item, entry), verify=self.verify, entry=entry)
         target = planner.resolve_tensor(item).detach()
         dtype = _torch_dtype(entry.dtype)
         if dtype is None or dtype != target.dtype:
@@ -656,6 +684,12 @@ class StorageReader(_DcpReader):
         with torch.no_grad():
             target.copy_(src)
         planner.commit_tensor(item, target)
+
+
+def _box(item: ReadItem, entry: BundleEntry) -> list[tuple[int, int]]:
+    """The region of the tensor a read item asks for, in the tensor's own coordinates."""
+    base = item.storage_index.offset or torch.Size([0] * len(entry.shape))
+    return [(int(b) + int(o), int(b) + int(o) + int(n)) for b, o, n in zip(base, item.storage_offsets, item.lengths)]
 
 
 @dataclass(frozen=True)

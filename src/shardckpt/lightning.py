@@ -38,9 +38,9 @@ Loading
     entry is loaded first, then every tensor is allocated with the shape and dtype the
     bundle's index records (``StorageReader.read_metadata``), on ``map_location`` (a
     device or device string; CPU by default), and ``dcp.load`` fills them (a tensor its
-    stored slices do not fill is refused: nothing uninitialised is handed back).  The
-    dict is then put back together from the layout.  No pickle from the file is run
-    (``weights_only`` holds whatever it is given).
+    stored slices do not fill is refused by the reader, `InsufficientSlicesError`:
+    nothing uninitialised is handed back).  The dict is then put back together from the
+    layout.  No pickle from the file is run (``weights_only`` holds whatever it is given).
 
 Processes
     Lightning calls ``save_checkpoint`` on global rank 0 only, with the full (replicated)
@@ -53,7 +53,6 @@ Processes
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 from collections import OrderedDict
@@ -295,7 +294,6 @@ class CheckpointIO(_LightningCheckpointIO):
             if md is None or name == LAYOUT_NAME:
                 raise CorruptCheckpointError(f"{where}: the layout names {name!r}, which is not stored")
             if isinstance(md, TensorStorageMetadata):
-                _check_covered(md, name, where)
                 target[name] = torch.empty(md.size, dtype=md.properties.dtype, device=device)
             else:
                 target[name] = None
@@ -327,15 +325,6 @@ class CheckpointIO(_LightningCheckpointIO):
             raise InvalidArgumentError(f"{path}: not a checkpoint directory of shardckpt.lightning.CheckpointIO "
                                        f"(no {PREFIX_NAME}.index or {STATE_FILENAME} inside); not removed")
         shutil.rmtree(path)
-
-
-def _check_covered(md: TensorStorageMetadata, name: str, where: str) -> None:
-    """Refuse a tensor its stored slices do not fill: DCP reads only what is stored, so a gap would stay as
-    ``torch.empty`` left it.  The bundle reader already refuses overlapping slices, so volumes add up exactly."""
-    numel = math.prod(md.size)
-    stored = sum(math.prod(c.sizes) for c in md.chunks)
-    if stored != numel:
-        raise CorruptCheckpointError(f"{where}: {name}: the stored slices cover {stored} of its {numel} elements")
 
 
 def _device(map_location: Any, path: str) -> torch.device:

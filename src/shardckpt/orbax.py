@@ -49,13 +49,13 @@ from . import storage
 from .coordination import Coordinator
 from .errors import CheckpointNotFoundError
 from .format.dtypes import to_numpy
-from .format.files import index_filename
+from .format.files import ORBAX_ITEM_PREFIX, index_filename
 from .format.reader import BundleReader
 from .lease import PrefixLease, lease_filename
 
 __all__ = ["ITEM_PREFIX", "RestoreArgs", "SaveArgs", "ShardckptCheckpointHandler"]
 
-ITEM_PREFIX = "checkpoint"
+ITEM_PREFIX = ORBAX_ITEM_PREFIX
 """The bundle's prefix inside an item's directory: ``<step dir>/<item>/checkpoint.index`` and its data files."""
 
 

@@ -15,6 +15,7 @@ from ..errors import CheckpointIOError
 
 STAGING = ".staging-"
 TEMPSTATE = ".tempstate"
+ORBAX_ITEM_PREFIX = "checkpoint"  # the bundle inside an Orbax item directory (here: shardckpt.orbax imports JAX)
 
 
 def index_filename(prefix: str) -> str:

@@ -828,6 +828,15 @@ class BundleReader:
         e = entry if entry is not None else self.entry(key)
         return self._assemble(key, e, self._check_box(key, e, bounds, out), verify, out)
 
+    def check_covered(self, name: str | bytes, bounds: Sequence[tuple[int, int]], *,
+                      entry: BundleEntry | None = None) -> None:
+        """Raise `InsufficientSlicesError` unless the stored slices fill the box ``bounds``; reads nothing."""
+        key = _as_key(name)
+        e = entry if entry is not None else self.entry(key)
+        box = self._check_box(key, e, bounds, None)
+        parts = [inter for p in self.stored_slices(key, e) if (inter := intersect_bounds(p.bounds, box)) is not None]
+        _check_cover(self.prefix, key, box, parts)
+
     def read_boxes(self, name: str | bytes, boxes: Sequence[Sequence[tuple[int, int]]], *, verify: Verify = True,
                    entry: BundleEntry | None = None, outs: Sequence[np.ndarray | None] | None = None
                    ) -> list[np.ndarray]:
