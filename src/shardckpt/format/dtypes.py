@@ -136,7 +136,10 @@ def to_numpy(code: int) -> np.dtype:
         dt = _TO_NUMPY.get(code)
     if dt is None:
         if code in (DataType.VARIANT, DataType.RESOURCE):
-            raise UnsupportedDTypeError(f"{datatype_name(code)} tensors cannot be read or written by shardckpt")
+            raise UnsupportedDTypeError(
+                f"{datatype_name(code)} tensors have no array form: they are listed, verified, diffed and copied as "
+                "stored bytes, but cannot be read as arrays or saved from them"
+            )
         raise UnsupportedDTypeError(f"unsupported or invalid {datatype_name(code)}")
     return dt
 
