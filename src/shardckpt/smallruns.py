@@ -55,9 +55,10 @@ def plan_with_runs(specs: Sequence[SaveTensor], values: Sequence[object], client
     check_disjoint_regions(specs)  # over every argument: a slice elsewhere may name a run's tensor
     runs: list[tuple[int, int]] = []  # [first, end) of each run
     first, size = 0, 0
+    as_is = _as_is.get
     for i, held in enumerate(values):
         if (type(held) is np.ndarray and held.nbytes <= SMALL_BYTES and held.flags.c_contiguous
-                and _stored_as_is(held.dtype)):
+                and (as_is(held.dtype) or _stored_as_is(held.dtype))):
             if size + held.nbytes <= RUN_BYTES:
                 size += held.nbytes
                 continue
