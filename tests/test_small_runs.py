@@ -31,11 +31,13 @@ def _arguments() -> tuple[list[str], list[str], list[object]]:
         values.append(value)
 
     kinds = [np.float32, np.float64, np.float16, np.int8, np.int16, np.int32, np.int64, np.uint8, np.uint16,
-             np.uint32, np.uint64, np.complex64, np.complex128, bool, ml_dtypes.bfloat16]
+             np.uint32, np.uint64, np.complex64, np.complex128, bool, ml_dtypes.bfloat16, ml_dtypes.float8_e4m3fn,
+             ml_dtypes.int4]
     for i in range(3000):
         kind = kinds[i % len(kinds)]
         shape = [(), (0,), (1,), (7,), (2, 3), (0, 4), (3, 1, 2), (300,)][i % 8]
-        value = np.asarray(rng.standard_normal(shape) * 50)
+        value = np.asarray(np.clip(rng.standard_normal(shape) * 50, -7, 7) if kind is ml_dtypes.int4
+                           else rng.standard_normal(shape) * 50)
         add(f"run/{i}", np.asarray((value > 0) if kind is bool else value.astype(kind)))
         if i % 500 == 499:  # what breaks a run: each of these goes the general way
             add(f"str/{i}", np.array([b"a", b"", b"xyz" * i], dtype=object))
