@@ -71,6 +71,7 @@ from .format.dtypes import DataType, from_numpy
 from .format.files import data_filename, index_filename
 from .format.parallel_writer import write_at, write_data_file, write_stream
 from .format.protos import BundleEntry, pack_entries
+from .format.runs import TensorRun
 from .format.slices import TensorSlice, encode_slice_key, parse_shape_and_slice
 from .format.writer import STORED_AS_IS, PreparedTensor, prepare
 from .gcpause import paused_gc
@@ -78,6 +79,7 @@ from .layout import Layout
 from .lease import CLEANER, PrefixLease, holder_of, lease_filename
 from .mesh import Mesh
 from .plan import Owners, SaveTensor, WriteItem, plan_local
+from .smallruns import Planned, pack_written, plan_with_runs
 
 log = logging.getLogger("shardckpt.save")
 
@@ -299,7 +301,7 @@ class _Save:
     durable: bool
     specs: list[SaveTensor]
     dtensors: list[DTensor | np.ndarray]
-    items: list[WriteItem]
+    items: list[Planned]  # `TensorRun`s only in a blocking one-client save (`smallruns`)
     timings: dict[str, float]
     t0: float
     lease: PrefixLease | None = None  # client 0's hold on the prefix, from the agreement to the outcome
@@ -322,11 +324,16 @@ class _Save:
             return data_filename(self.prefix, self.rank, self.coord.size)
         return staging_data_filename(self.prefix, self.rank, self.coord.size, self.token)
 
-    def prepared(self, items: list[WriteItem], snapshot: Callable[[np.ndarray], np.ndarray] | None = None) -> list:
-        out = []
+    def prepared(self, items: Sequence[Planned], snapshot: Callable[[np.ndarray], np.ndarray] | None = None) -> list:
+        out: list = []
         staging = self.staging
         specs, dtensors = self.specs, self.dtensors
         for item in items:
+            if type(item) is TensorRun:  # written as it is; never snapshot (only blocking saves make runs)
+                assert snapshot is None
+                out.append(item)
+                continue
+            assert type(item) is WriteItem
             spec = specs[item.arg]
             held = dtensors[item.arg]
             # A numpy array was given as is: the same on every device.
@@ -379,7 +386,15 @@ class _Save:
                                             midway=midway, sidecar=sidecar_path(self.staging))
             inode = os.stat(self.staging).st_ino
         fault_point("after_data_fsync", self.rank)
-        return _Written(pack_entries(_entries_for(self.items, self.specs, written)), None, size, inode)
+        return _Written(self.packed(written), None, size, inode)
+
+    def packed(self, written: list[BundleEntry]) -> bytes:
+        """This client's index entries, as `pack_entries` spells them."""
+        def general(items: list[WriteItem], entries: list[BundleEntry]) -> bytes:
+            return pack_entries(_entries_for(items, self.specs, entries))
+        if any(type(item) is TensorRun for item in self.items):
+            return pack_written(self.items, written, self.rank, general)
+        return general(cast("list[WriteItem]", self.items), written)
 
     def _give_up(self) -> None:
         """This client's part of a failed save: its staged file goes, and client 0 lets the prefix go."""
@@ -608,7 +623,8 @@ def _verdict(prefix: str, mesh: Mesh, replies: list[dict], overwrite: bool, dura
 
 
 def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slices: Sequence[str],
-           tensors: Sequence[object], coord: Coordinator, wait: float, overwrite: bool, durable: bool) -> _Save:
+           tensors: Sequence[object], coord: Coordinator, wait: float, overwrite: bool, durable: bool,
+           small_runs: bool = False) -> _Save:
     """Open the save's session: check every client called alike, take the prefix, compute this client's plan."""
     rank, size = coord.rank, coord.size
     timings: dict[str, float] = {}
@@ -623,7 +639,8 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     try:
         with paused_gc():
             specs, dtensors = _normalize(mesh, prefix, tensor_names, shape_and_slices, tensors, local)
-            digest = _describe(prefix, mesh, specs)
+            # One client's digest is only ever compared with itself.
+            digest = _describe(prefix, mesh, specs) if size > 1 else {}
         if directory and not storage.is_remote(prefix):
             try:
                 os.makedirs(directory, exist_ok=True)
@@ -672,7 +689,11 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     # blocks) unless the verdict lists every client's devices.
     owners = Owners(mesh, size, cast("list[Sequence[int]] | None", verdict["devices"]))
     with paused_gc():
-        items = plan_local(specs, rank, owners)
+        # Runs of small arrays are written straight from the caller's arrays: not for a snapshotting save.
+        if small_runs and size == 1 and not storage.is_remote(prefix):
+            items = plan_with_runs(specs, dtensors, rank, owners)
+        else:
+            items = list(plan_local(specs, rank, owners))
     timings["plan"] = time.perf_counter() - t
     return _Save(coord, session, wait, prefix, str(verdict["token"]), overwrite, durable, specs, dtensors, items,
                  timings, t0, lease_box[0] if lease_box else None)
@@ -894,7 +915,7 @@ def sharded_save(
     wait_for_pending_save(coord)
     wait = default_timeout(timeout)
     session = _agree(mesh, os.fspath(file_prefix), tensor_names, shape_and_slices, tensors, coord, wait,
-                     overwrite, durable)
+                     overwrite, durable, small_runs=blocking)
     if blocking:
         try:
             written = session.write_blocking()
@@ -982,10 +1003,11 @@ class _StagedWrite:
                 self.stream = storage.open_stream(s.staging)
             else:
                 self.fd = os.open(s.staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+            items = cast("list[WriteItem]", s.items)  # no runs: `_agree` makes them for blocking saves only
             if self.pool is not None:
-                self.pool.begin(Counter(it.nbytes for it in s.items if s.specs[it.arg].dtype != DataType.STRING))
+                self.pool.begin(Counter(it.nbytes for it in items if s.specs[it.arg].dtype != DataType.STRING))
             in_flight = 0
-            for i, wave in enumerate(_waves(s.items, self.cap)):
+            for i, wave in enumerate(_waves(items, self.cap)):
                 size = sum(it.nbytes for it in wave)
                 while self.cap is not None and self.futures and in_flight + size > self.cap:
                     done, nbytes = self.futures.pop(0)
@@ -1019,7 +1041,7 @@ class _StagedWrite:
             fault_point("after_data_fsync", s.rank)
             inode = os.fstat(self.fd).st_ino if self.fd is not None else 0
             with paused_gc():
-                blob = pack_entries(_entries_for(s.items, s.specs, self.entries))
+                blob = s.packed(self.entries)
             return _Written(blob, None, self.end, inode)
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
             return s.failed_write(exc)

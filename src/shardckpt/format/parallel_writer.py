@@ -15,6 +15,9 @@ pipeline one segment's gathering and checksumming with another's ``pwrite``:
   reused bounce buffer, checksummed there while hot, and written from it: one
   system call per buffer instead of one iovec per short row.
 
+A `TensorRun` (many small tensors, `format.runs`) is one buffer in a group, joined and checksummed by
+the job that writes it.
+
 Tensors over one sidecar chunk are checksummed chunk by chunk (`format.chunks`);
 a segment's chunk CRCs are joined with its neighbours' (`join_chunk_crcs`) and
 the tensor's own CRC combined from them, so every byte goes through CRC32C once.
@@ -43,6 +46,7 @@ from .buffers import IOV_MAX, byte_views, rows_of
 from .chunks import CHUNK_SIZE, ChunkCrc, ChunkSums, combine_chunks, join_chunk_crcs
 from .coding import crc32c, mask_crc
 from .protos import BundleEntry
+from .runs import TensorRun
 from .writer import PreparedTensor
 
 CHUNK = 8 << 20  # bytes per write of a contiguous run: fits in L3 between its CRC and its write
@@ -214,7 +218,7 @@ def _pieces(data: np.ndarray) -> list[memoryview]:
 @dataclass
 class _Job:
     offset: int
-    tensors: list[tuple[int, list[memoryview]]] = field(default_factory=list)
+    tensors: list[tuple[int, list[memoryview] | TensorRun]] = field(default_factory=list)
     size: int = 0
 
 
@@ -242,7 +246,9 @@ def _run(fd: int, job: _Job, crcs: list[int], chunked: list[ChunkCrc | None]) ->
     buffers: list[memoryview] = []
     small: list[memoryview] = []  # consecutive short pieces: joined into one buffer, not an iovec each
     for index, pieces in job.tensors:
-        if index >= 0 and crcs[index] < 0:
+        if isinstance(pieces, TensorRun):
+            pieces = [memoryview(pieces.join())]
+        elif index >= 0 and crcs[index] < 0:
             crcs[index] = _crc_of(pieces, chunked[index])
         for piece in pieces:
             if len(piece) < MIN_ROW:
@@ -284,7 +290,7 @@ class _Plan:
     chunk_size: int
 
 
-def _layout(tensors: Sequence[PreparedTensor], start: int, shard_id: int, alignment: int,
+def _layout(tensors: Sequence[PreparedTensor | TensorRun], start: int, shard_id: int, alignment: int,
             sums: ChunkSums | None = None) -> _Plan:
     entries: list[BundleEntry] = []
     crcs: list[int] = []
@@ -293,7 +299,21 @@ def _layout(tensors: Sequence[PreparedTensor], start: int, shard_id: int, alignm
     chunk_size = sums.chunk_size if sums is not None else CHUNK_SIZE
     group: _Job | None = None
     offset = start
-    for i, t in enumerate(tensors):
+    for t in tensors:
+        if isinstance(t, TensorRun):
+            if alignment > 1:
+                raise ValueError("a TensorRun is laid out back to back: alignment must be 1")
+            t.offset = offset
+            size = t.nbytes
+            if group is None or group.size + size > GROUP:
+                group = _Job(offset)
+                jobs.append(group)
+            # Joined when its job runs, so only the groups being written hold a copy; -1: it takes its own CRCs.
+            group.tensors.append((-1, t))
+            group.size += size
+            offset += size
+            continue
+        i = len(entries)
         if isinstance(t.data, list):
             parts, crc = strings.encode(t.data)
             pieces = [memoryview(p) for p in parts if p]
@@ -349,10 +369,13 @@ def _finish(plan: _Plan, done: list[tuple[int, int, list[int]] | None], sums: Ch
             sums.add(entry.offset, entry.size, entry.crc32c, acc.crcs)
 
 
-def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shard_id: int = 0, alignment: int = 1,
-             threads: int | None = None, midway: Callable[[], None] | None = None,
+def write_at(fd: int, tensors: Sequence[PreparedTensor | TensorRun], *, start: int = 0, shard_id: int = 0,
+             alignment: int = 1, threads: int | None = None, midway: Callable[[], None] | None = None,
              sums: ChunkSums | None = None, writeback: bool = False) -> tuple[list[BundleEntry], int]:
     """Write ``tensors`` in order into ``fd`` from byte ``start``; returns their entries and the end offset.
+
+    A `TensorRun` among them adds no entries to the result: its ``offset`` is set instead, and its own
+    `TensorRun.pack` encodes its entries in bulk.
 
     ``midway`` runs once the first job (a group of small tensors or a segment of a large one) is written
     (a fault-injection point for tests).  ``sums`` collects the chunk CRCs of the file's sidecar
@@ -395,7 +418,7 @@ def write_at(fd: int, tensors: Sequence[PreparedTensor], *, start: int = 0, shar
     return plan.entries, plan.end
 
 
-def write_stream(stream: BinaryIO, tensors: Sequence[PreparedTensor], *, start: int = 0, shard_id: int = 0,
+def write_stream(stream: BinaryIO, tensors: Sequence[PreparedTensor | TensorRun], *, start: int = 0, shard_id: int = 0,
                  alignment: int = 1, midway: Callable[[], None] | None = None,
                  sums: ChunkSums | None = None) -> tuple[list[BundleEntry], int]:
     """Append ``tensors`` in order to a stream positioned at ``start`` (an object-store upload)."""
@@ -412,6 +435,8 @@ def write_stream(stream: BinaryIO, tensors: Sequence[PreparedTensor], *, start: 
         else:
             done.append(None)
             for index, pieces in job.tensors:
+                if isinstance(pieces, TensorRun):
+                    pieces = [memoryview(pieces.join())]
                 compute = index >= 0 and plan.crcs[index] < 0
                 acc = plan.chunked[index] if index >= 0 else None
                 crc = 0
@@ -431,7 +456,7 @@ def write_stream(stream: BinaryIO, tensors: Sequence[PreparedTensor], *, start: 
     return plan.entries, plan.end
 
 
-def write_data_file(path: str, tensors: Sequence[PreparedTensor], *, shard_id: int = 0, alignment: int = 1,
+def write_data_file(path: str, tensors: Sequence[PreparedTensor | TensorRun], *, shard_id: int = 0, alignment: int = 1,
                     threads: int | None = None, durable: bool = True,
                     midway: Callable[[], None] | None = None,
                     sidecar: str | None = None) -> tuple[list[BundleEntry], int]:

@@ -136,16 +136,22 @@ def _varint(value: int) -> bytes:
 _head_cache: dict[tuple[int, tuple[int, ...]], bytes] = {}
 
 
-def encode_entry(e: BundleEntry) -> bytes:
-    """The serialized ``BundleEntryProto``, byte-identical to TensorFlow's."""
-    kind = (e.dtype, e.shape)
+def entry_head(dtype: int, shape: tuple[int, ...], shard_id: int = 0) -> bytes:
+    """An entry's fields before its offset: dtype, shape, shard_id."""
+    kind = (dtype, shape)
     out = _head_cache.get(kind)
     if out is None:
-        out = (b"\x08" + encode_varint(e.dtype) if e.dtype else b"") + encode_shape(e.shape)
+        out = (b"\x08" + encode_varint(dtype) if dtype else b"") + encode_shape(shape)
         if len(_head_cache) < 4096:
             _head_cache[kind] = out
-    if e.shard_id:
-        out += b"\x18" + encode_varint(e.shard_id)
+    if shard_id:
+        out += b"\x18" + encode_varint(shard_id)
+    return out
+
+
+def encode_entry(e: BundleEntry) -> bytes:
+    """The serialized ``BundleEntryProto``, byte-identical to TensorFlow's."""
+    out = entry_head(e.dtype, e.shape, e.shard_id)
     if e.offset:
         out += b"\x20" + _varint(e.offset)
     if e.size:
