@@ -388,3 +388,33 @@ def test_convert_to_a_prefix_a_save_holds_is_refused(tmp_path):
                           text=True, timeout=60)
     assert proc.returncode == 0, proc
     assert sc.load_checkpoint(prefix).get_tensor("w").tolist() == [1.0] * 4
+
+
+@pytest.mark.parametrize("clients", [1, 2])
+@pytest.mark.parametrize("blocking", [True, False])
+def test_a_save_whose_plan_fails_lets_the_prefix_go_and_the_next_save_succeeds(tmp_path, clients, blocking):
+    """A plan that fails after the agreement (two overlapping slices of one name) used to skip the release:
+    client 0 kept the lease, so every later save to that prefix in the process raised PrefixBusyError.  Now
+    the error is reported as a write error: one outcome on every client, nothing staged, the old checkpoint
+    whole, and the next save succeeds."""
+    prefix = str(tmp_path / "p")
+    group = LocalGroup(clients) if clients > 1 else None
+    run = group.run if group is not None else (lambda fn: [fn(SingleClient())])
+    run(lambda c: save(c, prefix, 1))
+    slices = ["8 0,6", "8 4,4"]  # rows 0-5 and 4-7: they overlap
+    parts = [np.zeros(6, np.float32), np.ones(4, np.float32)]
+
+    def overlapping(c) -> str:
+        def call():
+            r = sc.sharded_save(MESH, prefix, ["v", "v"], slices, parts, coordinator=c, timeout=TIMEOUT,
+                                overwrite=True, blocking=blocking)
+            if not blocking:
+                r.result()  # type: ignore[union-attr]
+        return outcome(call)
+
+    assert run(overlapping) == ["DuplicateTensorError"] * clients
+    assert not os.path.exists(prefix + ".lease")
+    assert not [n for n in os.listdir(tmp_path) if ".staging-" in n]
+    assert holds(prefix) == 1
+    run(lambda c: save(c, prefix, 2, overwrite=True))
+    assert holds(prefix) == 2

@@ -305,6 +305,7 @@ class _Save:
     timings: dict[str, float]
     t0: float
     lease: PrefixLease | None = None  # client 0's hold on the prefix, from the agreement to the outcome
+    plan_error: CheckpointError | None = None  # this client's plan failed: reported as its write's error
 
     @property
     def rank(self) -> int:
@@ -359,6 +360,8 @@ class _Save:
         try:
             fault_point("after_agree", self.rank)
             fault_point("after_plan", self.rank)
+            if self.plan_error is not None:
+                raise self.plan_error
             with paused_gc():
                 return self._write_blocking()
         except Exception as exc:  # noqa: BLE001 - reported to every client, re-raised here
@@ -688,15 +691,22 @@ def _agree(mesh: Mesh, prefix: str, tensor_names: Sequence[str], shape_and_slice
     # Each client plans only its own writes; the owners of other devices follow from the mesh (contiguous
     # blocks) unless the verdict lists every client's devices.
     owners = Owners(mesh, size, cast("list[Sequence[int]] | None", verdict["devices"]))
-    with paused_gc():
-        # Runs of small arrays are written straight from the caller's arrays: not for a snapshotting save.
-        if small_runs and size == 1 and not storage.is_remote(prefix):
-            items = plan_with_runs(specs, dtensors, rank, owners)
-        else:
-            items = list(plan_local(specs, rank, owners))
+    items: list[Planned] = []
+    plan_error: CheckpointError | None = None
+    try:
+        with paused_gc():
+            # Runs of small arrays are written straight from the caller's arrays: not for a snapshotting save.
+            if small_runs and size == 1 and not storage.is_remote(prefix):
+                items = plan_with_runs(specs, dtensors, rank, owners)
+            else:
+                items = list(plan_local(specs, rank, owners))
+    except CheckpointError as exc:
+        # The session is open and client 0 holds the lease: the error goes the way a write error goes, so
+        # every client learns the one outcome and `finish` lets the prefix go.
+        plan_error = exc
     timings["plan"] = time.perf_counter() - t
     return _Save(coord, session, wait, prefix, str(verdict["token"]), overwrite, durable, specs, dtensors, items,
-                 timings, t0, lease_box[0] if lease_box else None)
+                 timings, t0, lease_box[0] if lease_box else None, plan_error)
 
 
 def _abandoned(exc: BaseException) -> bytes:
@@ -999,6 +1009,8 @@ class _StagedWrite:
         try:
             fault_point("after_agree", s.rank)
             fault_point("after_plan", s.rank)
+            if s.plan_error is not None:
+                raise s.plan_error
             if s.remote:
                 self.stream = storage.open_stream(s.staging)
             else:
