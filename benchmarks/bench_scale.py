@@ -111,6 +111,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _faults() -> int:
+    """Page faults of this process so far (minor ones: copy-on-write breaks of pages shared with a zygote)."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
 def group_memory() -> dict[str, Any]:
     """Client 0's view of the launch's memory: PSS of its parent and of the parent's other children (the
     ranks), and the machine's MemAvailable.  Shared pages are split between their sharers, so the sum is what
@@ -145,17 +153,21 @@ def _worker_sc(args: argparse.Namespace) -> dict[str, Any]:
     tensors = [sc.DTensor((n * ROWS, COLS), np.float32, lay, {rank: shard_value(k)}) for k in range(args.tensors)]
     times: list[float] = []
     phases: list[dict[str, float]] = []
+    faults: list[int] = []
     for rep in range(args.reps + 1):
         prefix = os.path.join(args.dir, f"sc-{rep}", "ckpt")
         coord.barrier("start", WAIT)
+        f0 = _faults()
         t = time.perf_counter()
         res = sc.sharded_save(mesh, prefix, names, [""] * len(names), tensors, coordinator=coord, timeout=WAIT,
                               durable=False)
         dt = time.perf_counter() - t
+        f1 = _faults()
         coord.barrier("end", WAIT)
         if rep:  # the first is a warm-up
             times.append(dt)
             phases.append(res.timings)
+            faults.append(f1 - f0)
         if rank == 0:
             if rep == 0:
                 with sc.BundleReader(prefix) as r:  # a complete checkpoint: every client's slice is there
@@ -165,7 +177,7 @@ def _worker_sc(args: argparse.Namespace) -> dict[str, Any]:
     memory = group_memory() if rank == 0 else None  # every other client is alive, waiting here
     coord.barrier("memory", WAIT)
     coord.close()
-    return {"times": times, "phases": phases, "memory": memory}
+    return {"times": times, "phases": phases, "memory": memory, "faults": faults}
 
 
 def _worker_dcp(args: argparse.Namespace) -> dict[str, Any]:
@@ -195,21 +207,25 @@ def _worker_dcp(args: argparse.Namespace) -> dict[str, Any]:
                                              shape=torch.Size((n * ROWS, COLS)), stride=(COLS, 1))
           for k in range(args.tensors)}
     times: list[float] = []
+    faults: list[int] = []
     for rep in range(args.reps + 1):
         path = os.path.join(args.dir, f"dcp-{rep}")
         dist.barrier()
+        f0 = _faults()
         t = time.perf_counter()
         dcp.save(sd, storage_writer=dcp.FileSystemWriter(path, sync_files=False))
         dt = time.perf_counter() - t
+        f1 = _faults()
         dist.barrier()
         if rep:
             times.append(dt)
+            faults.append(f1 - f0)
         if rank == 0:
             shutil.rmtree(path)
     memory = group_memory() if rank == 0 else None  # every other rank is alive, waiting here
     dist.barrier()
     dist.destroy_process_group()
-    return {"times": times, "memory": memory}
+    return {"times": times, "memory": memory, "faults": faults}
 
 
 def worker_main(args: argparse.Namespace) -> int:
@@ -912,15 +928,21 @@ def _real_lines(real: dict[str, Any]) -> list[str]:
     res = real["results"]
     sc, dcp = res.get("sc", {}), res.get("dcp", {})
     ns = sorted({int(k) for k in [*sc, *dcp]})
-    lines = ["| N | shardckpt save (s) | DCP save (s) | DCP / shardckpt |", "|---|---|---|---|"]
+    lines = ["| N | shardckpt save (s) | DCP save (s) | DCP / shardckpt | PSS, shardckpt (MiB) | PSS, DCP (MiB) |",
+             "|---|---|---|---|---|---|"]
 
     def med(d: dict[str, Any], n: int) -> float | None:
         v = d.get(str(n), {})
         return v.get("median")
 
+    def pss(d: dict[str, Any], n: int) -> str:
+        m = d.get(str(n), {}).get("memory")
+        return "-" if not m else f"{m['ranks_pss_mib'] + m['parent_pss_mib']:.0f}"
+
     for n in ns:
         a, b = med(sc, n), med(dcp, n)
-        lines.append(f"| {n} | {_fmt(a, 3)} | {_fmt(b, 3)} | {_fmt(b / a if a and b else None, 1)}× |")
+        lines.append(f"| {n} | {_fmt(a, 3)} | {_fmt(b, 3)} | {_fmt(b / a if a and b else None, 1)}× | "
+                     f"{pss(sc, n)} | {pss(dcp, n)} |")
     for name, d in (("shardckpt", sc), ("DCP", dcp)):
         pts = [(n, med(d, n)) for n in ns if med(d, n)]
         e = fit_exponent([p[0] for p in pts], [p[1] for p in pts])  # type: ignore[misc]
@@ -940,9 +962,13 @@ def report(real: dict[str, Any] | None, sim: dict[str, Any] | None, notes: str =
            f"Machine: {info['nproc']} cores ({info['cpu']}), {info['memory']}, Python {info['python']}, "
            f"torch {info['torch']}; {info['date']}.", ""]
     if real:
+        rounds = real.get("rounds", 1)
+        start = {"fork": "ranks forked by one zygote per launch", "exec": "shardckpt launch / one python per "
+                 "DCP rank"}[real.get("start", "exec")]
         out += [f"### Real processes: T = {real['tensors']} row-sharded float32 tensors (1×16 per client), "
-                f"page cache (/dev/shm), no fsync, median of {real['reps']} saves after a warm-up, timed by "
-                "client 0 between barriers", ""]
+                f"page cache (/dev/shm), no fsync, median of {real['reps']} saves after a warm-up"
+                f"{'' if rounds == 1 else f' in each of {rounds} alternating launches'}, timed by client 0 "
+                f"between barriers; {start}; PSS: every rank and their parent after the last save", ""]
         out += _real_lines(real)
         out.append("")
     if sim:

@@ -227,6 +227,7 @@ def test_the_real_benchmark_runs_both_systems_and_measures_their_memory(tmp_path
         r = data["results"][system]["3"]
         assert "error" not in r, r
         assert len(r["rounds"]) == 2 and len(r["times"]) == 2  # one timed save per round
+        assert all(len(x["faults"]) == 1 and x["faults"][0] >= 0 for x in r["rounds"]), r["rounds"]
         mem = r["memory"]
         assert mem["processes"] == 3, mem  # the parent's children are the three ranks, no more
         assert 0 < mem["max_rank_pss_mib"] <= mem["ranks_pss_mib"] and mem["parent_pss_mib"] > 0
