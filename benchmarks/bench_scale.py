@@ -30,7 +30,8 @@ has passed a barrier):
 
 After the last timed save, client 0 sums the proportional set size (PSS, from ``/proc/PID/smaps_rollup``) of
 every rank and of their parent (the zygote, the launcher, or this driver for ``exec`` DCP) while they all wait at
-a barrier, and reads ``MemAvailable``: the memory a launch really holds, shared pages counted once.
+a barrier, and reads ``MemAvailable``: the memory a launch really holds, shared pages counted once (not the
+coordinator's: for ``fork`` shardckpt, that is this driver).
 
 ``sim``: the real code of the root (client 0) and of one ordinary client (client 1) runs ``sharded_save`` in two
 threads against N-2 simulated clients, all over one in-memory key-value store (`SimCoordinator`, a
@@ -112,7 +113,8 @@ def _children(pid: int) -> list[int]:
 
 
 def _faults() -> int:
-    """Page faults of this process so far (minor ones: copy-on-write breaks of pages shared with a zygote)."""
+    """Page faults of this process so far: a forked rank's copy-on-write breaks of the zygote's pages are among
+    the minor ones, so a save's count bounds what sharing those pages cost it."""
     import resource
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
@@ -129,7 +131,7 @@ def group_memory() -> dict[str, Any]:
     for pid in ranks:
         try:
             rank_kib.append(_pss_kib(pid))
-        except FileNotFoundError:  # not one of ours (a helper process that already exited)
+        except FileNotFoundError:  # exited between the listing and the read: it holds nothing now
             pass
     available = 0
     with open("/proc/meminfo") as f:
