@@ -3,7 +3,7 @@
 Usage::
 
     python benchmarks/bench_scale.py real [--sizes 8,16,32,64,128] [--reps 3] [--tensors 100] [--only sc,dcp]
-                                          [--json real.json]
+                                          [--start fork|exec] [--rounds R] [--json real.json]
     python benchmarks/bench_scale.py sim [--sizes 8,...,4096] [--tensors 1000,100000] [--max-slices M]
                                          [--json sim.json] [--profile DIR]
     python benchmarks/bench_scale.py report --real real.json --sim sim.json [--output BENCHMARKS.md]
@@ -13,7 +13,25 @@ row-sharded float32 tensors (``[N*ROWS, COLS]``, ``ROWS x COLS`` per client) wit
 T tensors are saved by N torch.distributed processes (gloo over a TCPStore on 127.0.0.1) with PyTorch DCP
 (``FileSystemWriter(path, sync_files=False)``), in the same run.  Each launch does one untimed warm-up save and
 then ``--reps`` timed saves; client 0 times each save between two barriers; the median is reported.  Output goes
-to a directory on /dev/shm (page cache, no disk) and is deleted.
+to a directory on /dev/shm (page cache, no disk) and is deleted.  ``--rounds R`` repeats the launches R times,
+alternating the systems at each N (sc, dcp, sc, dcp, ...); the median is over every round's timed saves.
+
+How the N processes start (``--start``; outside the timed region either way, which begins after every client
+has passed a barrier):
+
+- ``fork`` (the default): one "zygote" per launch imports numpy, torch, torch.distributed, its DCP modules and
+  shardckpt once, checks it still has a single thread, then forks the N ranks, which share its pages
+  copy-on-write.  Both systems start this way.  A shardckpt rank gets the environment ``shardckpt launch`` would
+  give it from the launcher's own coordinator (`KVServer`, run by this driver); a DCP rank gets ``RANK`` and
+  ``WORLD_SIZE`` and makes its process group over a TCPStore on 127.0.0.1, as before.  128 separate
+  python+torch processes do not fit in 24 GiB; 128 forked ones do.
+- ``exec``: ``shardckpt launch -n N python bench_scale.py ...`` for shardckpt and one ``python`` process per rank
+  for DCP, each importing what it needs itself.
+
+After the last timed save, client 0 sums the proportional set size (PSS, from ``/proc/PID/smaps_rollup``) of
+every rank and of their parent (the zygote, the launcher, or this driver for ``exec`` DCP) while they all wait at
+a barrier, and reads ``MemAvailable``: the memory a launch really holds, shared pages counted once (not the
+coordinator's: for ``fork`` shardckpt, that is this driver).
 
 ``sim``: the real code of the root (client 0) and of one ordinary client (client 1) runs ``sharded_save`` in two
 threads against N-2 simulated clients, all over one in-memory key-value store (`SimCoordinator`, a
@@ -33,10 +51,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
+import gc
+import importlib
 import json
 import math
 import os
 import shutil
+import signal
 import socket
 import statistics
 import subprocess
@@ -75,6 +96,53 @@ def shard_value(k: int) -> np.ndarray:
 # --- real processes -------------------------------------------------------------------------------------
 
 
+def _pss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    raise RuntimeError(f"no Pss line in /proc/{pid}/smaps_rollup")
+
+
+def _children(pid: int) -> list[int]:
+    out: list[int] = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/children") as f:
+            out += [int(x) for x in f.read().split()]
+    return out
+
+
+def _faults() -> int:
+    """Page faults of this process so far: a forked rank's copy-on-write breaks of the zygote's pages are among
+    the minor ones, so a save's count bounds what sharing those pages cost it."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt + usage.ru_majflt
+
+
+def group_memory() -> dict[str, Any]:
+    """Client 0's view of the launch's memory: PSS of its parent and of the parent's other children (the
+    ranks), and the machine's MemAvailable.  Shared pages are split between their sharers, so the sum is what
+    the launch holds."""
+    parent = os.getppid()
+    ranks = _children(parent)
+    rank_kib = []
+    for pid in ranks:
+        try:
+            rank_kib.append(_pss_kib(pid))
+        except FileNotFoundError:  # exited between the listing and the read: it holds nothing now
+            pass
+    available = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                available = int(line.split()[1])
+    return {"processes": len(rank_kib), "ranks_pss_mib": sum(rank_kib) / 1024,
+            "max_rank_pss_mib": max(rank_kib) / 1024, "parent_pss_mib": _pss_kib(parent) / 1024,
+            "mem_available_mib": available / 1024}
+
+
 def _worker_sc(args: argparse.Namespace) -> dict[str, Any]:
     import shardckpt as sc
     from shardckpt.coordination import LauncherCoordinator
@@ -87,25 +155,31 @@ def _worker_sc(args: argparse.Namespace) -> dict[str, Any]:
     tensors = [sc.DTensor((n * ROWS, COLS), np.float32, lay, {rank: shard_value(k)}) for k in range(args.tensors)]
     times: list[float] = []
     phases: list[dict[str, float]] = []
+    faults: list[int] = []
     for rep in range(args.reps + 1):
         prefix = os.path.join(args.dir, f"sc-{rep}", "ckpt")
         coord.barrier("start", WAIT)
+        f0 = _faults()
         t = time.perf_counter()
         res = sc.sharded_save(mesh, prefix, names, [""] * len(names), tensors, coordinator=coord, timeout=WAIT,
                               durable=False)
         dt = time.perf_counter() - t
+        f1 = _faults()
         coord.barrier("end", WAIT)
         if rep:  # the first is a warm-up
             times.append(dt)
             phases.append(res.timings)
+            faults.append(f1 - f0)
         if rank == 0:
             if rep == 0:
                 with sc.BundleReader(prefix) as r:  # a complete checkpoint: every client's slice is there
                     got = r.read(tensor_name(args.tensors - 1))
                     assert got.shape == (n * ROWS, COLS) and float(got.min()) == float(args.tensors - 1)
             shutil.rmtree(os.path.dirname(prefix))
+    memory = group_memory() if rank == 0 else None  # every other client is alive, waiting here
+    coord.barrier("memory", WAIT)
     coord.close()
-    return {"times": times, "phases": phases}
+    return {"times": times, "phases": phases, "memory": memory, "faults": faults}
 
 
 def _worker_dcp(args: argparse.Namespace) -> dict[str, Any]:
@@ -135,29 +209,139 @@ def _worker_dcp(args: argparse.Namespace) -> dict[str, Any]:
                                              shape=torch.Size((n * ROWS, COLS)), stride=(COLS, 1))
           for k in range(args.tensors)}
     times: list[float] = []
+    faults: list[int] = []
     for rep in range(args.reps + 1):
         path = os.path.join(args.dir, f"dcp-{rep}")
         dist.barrier()
+        f0 = _faults()
         t = time.perf_counter()
         dcp.save(sd, storage_writer=dcp.FileSystemWriter(path, sync_files=False))
         dt = time.perf_counter() - t
+        f1 = _faults()
         dist.barrier()
         if rep:
             times.append(dt)
+            faults.append(f1 - f0)
         if rank == 0:
             shutil.rmtree(path)
+    memory = group_memory() if rank == 0 else None  # every other rank is alive, waiting here
     dist.barrier()
     dist.destroy_process_group()
-    return {"times": times}
+    return {"times": times, "memory": memory, "faults": faults}
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    out = (_worker_sc if args.worker == "sc" else _worker_dcp)(args)
     rank = int(os.environ.get("SHARDCKPT_RANK", os.environ.get("RANK", "0")))
+    if os.environ.get("BENCH_FAIL_RANK") == str(rank):  # the tests' fault point: this rank never joins
+        return 7
+    out = (_worker_sc if args.worker == "sc" else _worker_dcp)(args)
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(out, f)
     return 0
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _rehearse(args: argparse.Namespace) -> list[str]:
+    """The modules the worker imports lazily (DCP's first save imports some 200 of torch's), found by one
+    single-client run in a throwaway child: imported in the zygote, their pages are shared by every rank too."""
+    import traceback
+
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        code = 1
+        try:
+            before = set(sys.modules)
+            one = argparse.Namespace(**{**vars(args), "reps": 0, "dir": os.path.join(args.dir, "rehearsal")})
+            os.makedirs(one.dir)
+            if args.worker == "sc":
+                from shardckpt.coordination.launcher import KVServer
+
+                os.environ.update(KVServer("127.0.0.1", 0, size=1).start().env(0))
+                _worker_sc(one)
+            else:
+                os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "BENCH_PORT": str(_free_port())})
+                _worker_dcp(one)
+            shutil.rmtree(one.dir)
+            with os.fdopen(write, "w") as f:
+                json.dump(sorted(set(sys.modules) - before), f)
+            code = 0
+        except BaseException:  # noqa: BLE001 - reported; the zygote goes on without the list
+            traceback.print_exc()
+        finally:
+            os._exit(code)
+    os.close(write)
+    with os.fdopen(read) as f:
+        text = f.read()
+    _, raw = os.waitpid(pid, 0)
+    if os.waitstatus_to_exitcode(raw) != 0 or not text:
+        raise RuntimeError(f"zygote: the one-client rehearsal of {args.worker} failed")
+    return list(json.loads(text))
+
+
+def zygote_main(args: argparse.Namespace) -> int:
+    """Import what both workers need once, then fork one rank per environment read from stdin (a JSON list).
+
+    The fork comes before any thread exists (torch's pools, gloo, a coordinator's): a child of a threaded
+    process may inherit a lock some other thread held.  A failing rank makes the others be killed, and the
+    zygote exits with its status, as ``shardckpt launch`` does.
+    """
+    import traceback
+
+    import torch  # noqa: F401 - imported for the children, before the fork
+    import torch.distributed  # noqa: F401
+    import torch.distributed.checkpoint  # noqa: F401
+    import torch.distributed.device_mesh  # noqa: F401
+    import torch.distributed.tensor  # noqa: F401
+
+    import shardckpt  # noqa: F401
+    import shardckpt.coordination  # noqa: F401
+
+    envs = json.load(sys.stdin)
+    for name in _rehearse(args):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - a module that cannot be imported by name (a C extension's stub)
+            pass
+    if _threads() != 1:
+        print(f"zygote: {_threads()} threads before the fork; refusing to fork", file=sys.stderr, flush=True)
+        return 3
+    # The imported modules' objects go to the permanent generation: the children's collections then never
+    # write their headers, which would copy every page of the zygote's heap into every child.
+    gc.freeze()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    ranks: dict[int, int] = {}
+    for rank, env in enumerate(envs):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                os.environ.update(env)
+                code = worker_main(args)
+            except BaseException:  # noqa: BLE001 - reported, then the child's status says it failed
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        ranks[pid] = rank
+    status = 0
+    while ranks:
+        pid, raw = os.wait()
+        code = os.waitstatus_to_exitcode(raw)
+        rank = ranks.pop(pid)
+        if code != 0 and status == 0:
+            print(f"zygote: rank {rank} exited with status {code}; killing the others", file=sys.stderr, flush=True)
+            status = code if code > 0 else 1
+            for other in ranks:
+                os.kill(other, signal.SIGKILL)
+    return status
 
 
 def _free_port() -> int:
@@ -186,8 +370,25 @@ def run_real(system: str, n: int, args: argparse.Namespace, workdir: str) -> dic
     env = _env()
     t = time.monotonic()
     procs: list[subprocess.Popen[bytes]] = []
+    server = None
     try:
-        if system == "sc":
+        if args.start == "fork":
+            if system == "sc":
+                from shardckpt.coordination.launcher import KVServer
+
+                # The coordinator `shardckpt launch` runs, and the environment it gives each client.
+                server = KVServer("127.0.0.1", 0, size=n).start()
+                envs = [server.env(r) for r in range(n)]
+            else:
+                port = str(_free_port())
+                envs = [{"RANK": str(r), "WORLD_SIZE": str(n), "BENCH_PORT": port} for r in range(n)]
+            # Its own session, so that a timeout kills the ranks too (the process group).
+            zygote = subprocess.Popen([*me, "--zygote"], env=env, stdin=subprocess.PIPE, start_new_session=True)
+            procs = [zygote]
+            assert zygote.stdin is not None
+            zygote.stdin.write(json.dumps(envs).encode())  # the ranks' keys never touch a file
+            zygote.stdin.close()
+        elif system == "sc":
             procs = [subprocess.Popen([sys.executable, "-m", "shardckpt", "launch", "-n", str(n), *me], env=env)]
         else:
             env["BENCH_PORT"] = str(_free_port())
@@ -203,15 +404,34 @@ def run_real(system: str, n: int, args: argparse.Namespace, workdir: str) -> dic
             raise RuntimeError(f"{system} N={n}: exit statuses {bad} after {time.monotonic() - t:.0f} s")
         with open(out) as f:
             result = json.load(f)
+        os.unlink(out)
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                if args.start == "fork":
+                    os.killpg(p.pid, signal.SIGKILL)
+                else:
+                    p.kill()
                 p.wait()
+        if server is not None:
+            server.stop()
         shutil.rmtree(data, ignore_errors=True)
     result["wall"] = time.monotonic() - t
     result["median"] = statistics.median(result["times"])
     return result
+
+
+def _combine(rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One system at one N over its rounds: the median of every timed save of the rounds that finished."""
+    ok = [r for r in rounds if "error" not in r]
+    if not ok:
+        return {"error": rounds[-1]["error"], "rounds": rounds}
+    times = [x for r in ok for x in r["times"]]
+    mems = [r["memory"] for r in ok if r.get("memory")]
+    out: dict[str, Any] = {"times": times, "median": statistics.median(times), "rounds": rounds}
+    if mems:
+        out["memory"] = max(mems, key=lambda m: m["ranks_pss_mib"] + m["parent_pss_mib"])
+    return out
 
 
 def cmd_real(args: argparse.Namespace) -> int:
@@ -224,19 +444,28 @@ def cmd_real(args: argparse.Namespace) -> int:
             results.update(json.load(f).get("results", {}))
     try:
         for n in sorted(sizes):
-            for system in systems:
-                try:
-                    r = run_real(system, n, args, workdir)
-                except RuntimeError as exc:
-                    print(f"{exc}", flush=True)
-                    results.setdefault(system, {})[str(n)] = {"error": str(exc)}
-                    continue
-                results.setdefault(system, {})[str(n)] = r
-                print(f"{system:4} N={n:4}: median {r['median']:.3f} s  {[round(x, 3) for x in r['times']]} "
-                      f"(launch wall {r['wall']:.0f} s)", flush=True)
-                if args.json:
-                    _dump(args.json, {"machine": machine_info(), "tensors": args.tensors, "reps": args.reps,
-                                      "results": results})
+            rounds: dict[str, list[dict[str, Any]]] = {s: [] for s in systems}
+            for k in range(args.rounds):
+                for system in systems:  # alternating: sc, dcp, sc, dcp, ... at each N
+                    load = os.getloadavg()[0]
+                    try:
+                        r = run_real(system, n, args, workdir)
+                    except RuntimeError as exc:
+                        print(f"{exc}", flush=True)
+                        r = {"error": str(exc)}
+                    r["load_before"] = load
+                    rounds[system].append(r)
+                    results.setdefault(system, {})[str(n)] = _combine(rounds[system])
+                    if "error" not in r:
+                        mem = r.get("memory") or {}
+                        print(f"{system:4} N={n:4} round {k + 1}: median {r['median']:.3f} s  "
+                              f"{[round(x, 3) for x in r['times']]} (launch wall {r['wall']:.0f} s, load "
+                              f"{load:.1f}; PSS ranks {mem.get('ranks_pss_mib', 0):.0f} MiB + parent "
+                              f"{mem.get('parent_pss_mib', 0):.0f} MiB, MemAvailable "
+                              f"{mem.get('mem_available_mib', 0):.0f} MiB)", flush=True)
+                    if args.json:
+                        _dump(args.json, {"machine": machine_info(), "tensors": args.tensors, "reps": args.reps,
+                                          "rounds": args.rounds, "start": args.start, "results": results})
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     return 0
@@ -701,15 +930,21 @@ def _real_lines(real: dict[str, Any]) -> list[str]:
     res = real["results"]
     sc, dcp = res.get("sc", {}), res.get("dcp", {})
     ns = sorted({int(k) for k in [*sc, *dcp]})
-    lines = ["| N | shardckpt save (s) | DCP save (s) | DCP / shardckpt |", "|---|---|---|---|"]
+    lines = ["| N | shardckpt save (s) | DCP save (s) | DCP / shardckpt | PSS, shardckpt (MiB) | PSS, DCP (MiB) |",
+             "|---|---|---|---|---|---|"]
 
     def med(d: dict[str, Any], n: int) -> float | None:
         v = d.get(str(n), {})
         return v.get("median")
 
+    def pss(d: dict[str, Any], n: int) -> str:
+        m = d.get(str(n), {}).get("memory")
+        return "-" if not m else f"{m['ranks_pss_mib'] + m['parent_pss_mib']:.0f}"
+
     for n in ns:
         a, b = med(sc, n), med(dcp, n)
-        lines.append(f"| {n} | {_fmt(a, 3)} | {_fmt(b, 3)} | {_fmt(b / a if a and b else None, 1)}× |")
+        lines.append(f"| {n} | {_fmt(a, 3)} | {_fmt(b, 3)} | {_fmt(b / a if a and b else None, 1)}× | "
+                     f"{pss(sc, n)} | {pss(dcp, n)} |")
     for name, d in (("shardckpt", sc), ("DCP", dcp)):
         pts = [(n, med(d, n)) for n in ns if med(d, n)]
         e = fit_exponent([p[0] for p in pts], [p[1] for p in pts])  # type: ignore[misc]
@@ -729,9 +964,13 @@ def report(real: dict[str, Any] | None, sim: dict[str, Any] | None, notes: str =
            f"Machine: {info['nproc']} cores ({info['cpu']}), {info['memory']}, Python {info['python']}, "
            f"torch {info['torch']}; {info['date']}.", ""]
     if real:
+        rounds = real.get("rounds", 1)
+        start = {"fork": "ranks forked by one zygote per launch", "exec": "shardckpt launch / one python per "
+                 "DCP rank"}[real.get("start", "exec")]
         out += [f"### Real processes: T = {real['tensors']} row-sharded float32 tensors (1×16 per client), "
-                f"page cache (/dev/shm), no fsync, median of {real['reps']} saves after a warm-up, timed by "
-                "client 0 between barriers", ""]
+                f"page cache (/dev/shm), no fsync, median of {real['reps']} saves after a warm-up"
+                f"{'' if rounds == 1 else f' in each of {rounds} alternating launches'}, timed by client 0 "
+                f"between barriers; {start}; PSS: every rank and their parent after the last save", ""]
         out += _real_lines(real)
         out.append("")
     if sim:
@@ -821,6 +1060,10 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--tensors", type=int, default=100)
     r.add_argument("--only", default="sc,dcp")
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds per launch")
+    r.add_argument("--start", choices=["fork", "exec"], default="fork",
+                   help="fork: one zygote imports torch and shardckpt, forks the ranks; exec: shardckpt launch "
+                        "and one python per DCP rank")
+    r.add_argument("--rounds", type=int, default=1, help="launches per system at each N, alternating")
     r.add_argument("--json")
     s = sub.add_parser("sim", help="simulated clients around the real root and one real client")
     s.add_argument("--sizes", default=",".join(map(str, _iter_sizes(8, 4096))))
@@ -842,7 +1085,9 @@ def main(argv: list[str] | None = None) -> int:
         w.add_argument("--out")
         w.add_argument("--tensors", type=int)
         w.add_argument("--reps", type=int)
-        return worker_main(w.parse_args(argv))
+        w.add_argument("--zygote", action="store_true")
+        wargs = w.parse_args(argv)
+        return zygote_main(wargs) if wargs.zygote else worker_main(wargs)
     args = p.parse_args(argv)
     if args.cmd == "real":
         return cmd_real(args)

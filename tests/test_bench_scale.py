@@ -205,3 +205,45 @@ def test_the_root_merge_equals_decoding_and_combining_every_entry(data) -> None:
 
     pieces = _random_pieces(data)
     assert build_index(BundleHeader(num_shards=len(pieces)), commit._merge(pieces)) == _reference_index(pieces)
+
+
+# --- real processes, CI-sized: both systems started by one zygote each ------------------------------------
+
+
+@pytest.mark.parametrize("start", ["fork", "exec"])
+def test_the_real_benchmark_runs_both_systems_and_measures_their_memory(tmp_path, start) -> None:
+    # fork lets 128 torch ranks fit in memory (one zygote imports torch and shardckpt, forks the ranks); exec is
+    # shardckpt launch and one python per DCP rank.  A rank that did not save, or saved something incomplete,
+    # fails its launch (rank 0 reads the checkpoint back), and a failed launch is an error, never a time.
+    pytest.importorskip("torch")
+    out = tmp_path / "real.json"
+    assert bench.main(["real", "--sizes", "3", "--reps", "1", "--tensors", "4", "--rounds", "2", "--start", start,
+                       "--timeout", "300", "--json", str(out)]) == 0
+    import json
+
+    data = json.loads(out.read_text())
+    assert data["start"] == start and data["rounds"] == 2
+    for system in ("sc", "dcp"):
+        r = data["results"][system]["3"]
+        assert "error" not in r, r
+        assert len(r["rounds"]) == 2 and len(r["times"]) == 2  # one timed save per round
+        assert all(len(x["faults"]) == 1 and x["faults"][0] >= 0 for x in r["rounds"]), r["rounds"]
+        mem = r["memory"]
+        assert mem["processes"] == 3, mem  # the parent's children are the three ranks, no more
+        assert 0 < mem["max_rank_pss_mib"] <= mem["ranks_pss_mib"] and mem["parent_pss_mib"] > 0
+    assert "| 3 |" in bench.report(data, None)
+
+
+@pytest.mark.parametrize("system", ["sc", "dcp"])
+def test_a_failing_forked_rank_fails_its_launch_and_the_zygote_stops_the_others(tmp_path, monkeypatch,
+                                                                                 system) -> None:
+    # Rank 1 exits with status 7 before it joins the others (BENCH_FAIL_RANK), so ranks 0 and 2 wait for it.
+    # The zygote must pass on its status and kill them: were they left to the launch's deadline, the launch
+    # would end with a rank still running ("exit statuses [None]").
+    pytest.importorskip("torch")
+    import argparse
+
+    monkeypatch.setenv("BENCH_FAIL_RANK", "1")
+    args = argparse.Namespace(tensors=2, reps=1, timeout=300.0, start="fork")
+    with pytest.raises(RuntimeError, match=rf"{system} N=3: exit statuses \[7\]"):
+        bench.run_real(system, 3, args, str(tmp_path))
