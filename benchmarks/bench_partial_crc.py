@@ -39,7 +39,7 @@ import numpy as np
 
 import shardckpt as sc
 from shardckpt import save as save_module
-from shardckpt.format import chunks
+from shardckpt.format import chunks, coding
 
 START = "<!-- bench_partial_crc:start -->"
 END = "<!-- bench_partial_crc:end -->"
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     values = [_tensor(k, args.side) for k in range(args.tensors)]
     names = [f"layer_{k:02d}/kernel" for k in range(args.tensors)]
     nbytes = sum(v.nbytes for v in values)
+    load = os.getloadavg()
     root = tempfile.mkdtemp(prefix="bench_partial_crc-", dir=args.dir)
     prefix = os.path.join(root, "ckpt")
     series: dict[str, list[float]] = {k: [] for k in
@@ -222,9 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{_dt.date.today().isoformat()}; {_machine()}. {args.tensors} float32 tensors of {args.side}x{args.side} "
         f"({nbytes / (1 << 30):.2f} GiB) saved 2x2 by 4 in-process clients (pieces of "
-        f"{args.side // 2}x{args.side // 2}); chunk {args.chunk_kib} KiB; {args.reps} interleaved repetitions, "
-        "page cache. *on*: the `.crc32c` sidecars in place (partial reads widened to whole chunks and checked); "
-        "*off*: the sidecars set aside (partial reads unchecked, as before).",
+        f"{args.side // 2}x{args.side // 2}); chunk {args.chunk_kib} KiB; CRC32C by {coding.CRC32C_BACKEND}; "
+        f"{args.reps} interleaved repetitions, page cache, load average {load[0]:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end. *on*: the `.crc32c` sidecars in place (partial reads widened to "
+        "whole chunks and checked); *off*: the sidecars set aside (partial reads unchecked, as before).",
         "",
         "| phase | on (median) | off (median) | on / off (median of same-repetition ratios) | min-max ratio |",
         "|---|---|---|---|---|",

@@ -19,6 +19,7 @@ import pytest
 import shardckpt as sc
 from shardckpt import commit
 from shardckpt.format import BundleReader, chunks
+from shardckpt.format import reader as reader_module
 from shardckpt.format.coding import crc32c, mask_crc
 from shardckpt.format.files import data_filename
 
@@ -411,3 +412,42 @@ def test_flips_of_data_bytes_are_caught_by_a_resharding_restore(saved, capsys):
             print(f"\n  {'with' if key else 'without'} sidecars: {caught} flips caught, {silent} read back wrong")
     assert results[True][1] == 0 and results[True][0] > 200
     assert results[False][1] > 0
+
+
+@pytest.mark.parametrize("chunk_size", [chunks.MIN_CHUNK, 1 << 16, chunks.CHUNK_SIZE])
+@pytest.mark.parametrize("count,last", [(1, 0), (2, 0), (2, 1), (3, -1), (9, 0), (17, 7)])
+def test_combined_chunk_crcs_equal_the_crc_of_the_bytes(chunk_size, count, last):
+    """The table-driven shift of `combine_chunks` against a CRC of the whole buffer: every count, a last chunk
+    full or short, chunk CRCs as a list (the writer) or an array (the sidecar)."""
+    last_size = chunk_size if last == 0 else (last if last > 0 else chunk_size + last)
+    data = np.random.default_rng(count * 31 + last).integers(0, 256, chunk_size * (count - 1) + last_size,
+                                                             np.uint8).tobytes()
+    parts = [crc32c(data[i : i + chunk_size]) for i in range(0, len(data), chunk_size)]
+    assert len(parts) == count
+    assert chunks.combine_chunks(parts, chunk_size, last_size) == crc32c(data)
+    assert chunks.combine_chunks(np.array(parts, "<u4"), chunk_size, last_size) == crc32c(data)
+    # and the same as the bit-serial rule it replaces
+    slow = parts[0]
+    for i in range(1, count):
+        slow = chunks.crc32c_combine(slow, parts[i], chunk_size if i < count - 1 else last_size)
+    assert slow == crc32c(data)
+
+
+@pytest.mark.parametrize("where", [0, reader_module._READ_CHECKED - 1, reader_module._READ_CHECKED,
+                                   (4 << 20) - 1])
+def test_a_whole_piece_read_in_checked_pieces_catches_a_flip_at_every_seam(saved, where):
+    """A checked local read goes in `_READ_CHECKED` pieces, each CRC'd while in cache: a flip on either side of
+    a seam between two of them, or in the first or last byte, still fails the piece's CRC, contiguous or not."""
+    p, path = _piece(saved, "kernel", 0)
+    _flip(path, p.entry.offset + where)
+    with BundleReader(saved) as r:
+        with pytest.raises(sc.ChecksumMismatchError, match="tensor kernel"):
+            r.read_bounds("kernel", [(0, 1024), (0, 1024)], out=np.empty((1024, 1024), np.float32))
+        with pytest.raises(sc.ChecksumMismatchError, match="tensor kernel"):
+            r.read_bounds("kernel", [(0, 1024), (0, 1024)], out=np.empty((1024, 2048), np.float32)[:, :1024])
+        got = r.read_bounds("kernel", [(0, 1024), (0, 1024)], verify=False)
+    want = KERNEL[:1024, :1024].copy().view(np.uint8).reshape(-1)
+    want[where] ^= 0x5A
+    np.testing.assert_array_equal(got.view(np.uint8).reshape(-1), want)  # the flip is where the test put it
+    with pytest.raises(sc.ChecksumMismatchError, match="tensor kernel"):
+        _restore_whole(saved)

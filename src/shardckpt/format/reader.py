@@ -35,7 +35,7 @@ from ..errors import (
     TruncatedFileError,
     UnsupportedDTypeError,
 )
-from ..storage import Identity, RandomAccess, identity, open_random, read_small
+from ..storage import Identity, LocalFile, RandomAccess, identity, open_random, read_small
 from . import chunks, strings
 from .buffers import IOV_MAX, rows_of
 from .chunks import ChunkTable, combine_chunks, sidecar_filename
@@ -59,6 +59,10 @@ Verify = bool | Literal["full"]
 
 _INT64_MAX = (1 << 63) - 1
 _READ_CHUNK = 16 * 1024 * 1024
+# A checked local read goes in pieces that are still in the core's cache when its CRC reads them: a CRC over the
+# 16 MiB just read comes from memory, 1.6x slower here (5.7 vs 3.5 ms per 64 MiB, 256 KiB reads; smaller reads
+# pay more calls).
+_READ_CHECKED = 512 * 1024
 _BOUNCE = 2 * 1024 * 1024  # rows shorter than _BOUNCE_ROW are read this many bytes at a time, then copied
 _BOUNCE_ROW = 256 * 1024
 _bounce = threading.local()
@@ -348,15 +352,17 @@ class BundleReader:
         """Fill ``views`` (consecutive in the file) from ``offset``; returns the CRC of the bytes when asked,
         taken chunk by chunk right after each chunk is read, while it is in cache (extending ``verify_crc``)."""
         crc = verify_crc or 0
+        # (a remote read is one GET per call, so it stays large)
+        step = _READ_CHECKED if verify_crc is not None and isinstance(f, LocalFile) else _READ_CHUNK
         pos = offset
         batch: list[memoryview] = []
         size = 0
         for view in views:
             # Large buffers go in chunks; small ones (rows) are gathered into one vectored read.
-            for start in range(0, len(view), _READ_CHUNK):
-                batch.append(view[start : start + _READ_CHUNK])
+            for start in range(0, len(view), step):
+                batch.append(view[start : start + step])
                 size += len(batch[-1])
-                if size >= _READ_CHUNK or len(batch) == IOV_MAX:
+                if size >= step or len(batch) == IOV_MAX:
                     f.read_into(batch, pos)
                     if verify_crc is not None:
                         for b in batch:
