@@ -6,9 +6,7 @@ reading past it, so every caller gets bounds checking for free.
 
 from __future__ import annotations
 
-import os
 import struct
-from collections.abc import Callable
 
 import crc32c as _crc32c
 
@@ -26,58 +24,9 @@ unpack_fixed32_from = _fixed32.unpack_from
 _SMALL = [bytes((i,)) for i in range(128)]
 
 
-def _fastest() -> tuple[Callable[..., int], str]:
-    """The CRC32C function to use and its name.
-
-    Checking a resharding restore's partial reads costs one CRC pass over every byte read, which with the
-    ``crc32c`` package (SSE4.2 ``crc32``, ~20 GB/s on cache-hot bytes) is ~14 % of the unchecked restore.
-    The optional ``crc32c-rs`` package folds with AVX-512 VPCLMULQDQ where the CPU has it (~50 GB/s on
-    this project's machines), and also releases the GIL on large buffers.  It is used when installed, after a
-    known-answer check against ``crc32c``; ``SHARDCKPT_CRC32C=crc32c`` keeps the ``crc32c`` package.
-    """
-    if os.environ.get("SHARDCKPT_CRC32C", "").strip().lower() == "crc32c":
-        return _crc32c.crc32c, "crc32c"
-    try:
-        import crc32c_rs
-    except ImportError:
-        return _crc32c.crc32c, "crc32c"
-    candidates: list[tuple[Callable[..., int], str]] = []
-    variant = getattr(crc32c_rs, "crc32c_avx512vl_vpclmulqdq_v4s5x3", None)
-    # Its automatic choice goes by CPU model and left this project's (Intel, AVX-512) at the SSE4.2 speed;
-    # the variant is taken only if the kernel reports every instruction set it needs.
-    if variant is not None and {"avx512f", "avx512vl", "vpclmulqdq", "pclmulqdq", "sse4_2"} <= _cpu_flags():
-        candidates.append((variant, "crc32c-rs (avx512 vpclmulqdq)"))
-    auto = getattr(crc32c_rs, "crc32c", None)
-    if auto is not None:
-        candidates.append((auto, "crc32c-rs"))
-    probe = bytes(range(256)) * 70 + b"shardckpt"  # long enough for the folding paths, with a ragged tail
-    want = _crc32c.crc32c(probe)
-    for fn, name in candidates:
-        try:
-            if fn(probe) == want and fn(probe[999:], fn(probe[:999])) == want and fn(b"", 7) == 7:
-                return fn, name
-        except Exception:  # an unsupported CPU or an incompatible release: the next one, or crc32c
-            continue
-    return _crc32c.crc32c, "crc32c"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-_crc, CRC32C_BACKEND = _fastest()
-
-
 def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     """CRC32C (Castagnoli) of ``data``, extending ``value``; hardware-accelerated, GIL released."""
-    return _crc(data, value)
+    return _crc32c.crc32c(data, value)
 
 
 def mask_crc(crc: int) -> int:
