@@ -39,7 +39,7 @@ import numpy as np
 
 import shardckpt as sc
 from shardckpt import save as save_module
-from shardckpt.format import chunks, coding
+from shardckpt.format import chunks
 
 START = "<!-- bench_partial_crc:start -->"
 END = "<!-- bench_partial_crc:end -->"
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         "",
         f"{_dt.date.today().isoformat()}; {_machine()}. {args.tensors} float32 tensors of {args.side}x{args.side} "
         f"({nbytes / (1 << 30):.2f} GiB) saved 2x2 by 4 in-process clients (pieces of "
-        f"{args.side // 2}x{args.side // 2}); chunk {args.chunk_kib} KiB; CRC32C by {coding.CRC32C_BACKEND}; "
+        f"{args.side // 2}x{args.side // 2}); chunk {args.chunk_kib} KiB; CRC32C by the crc32c package; "
         f"{args.reps} interleaved repetitions, page cache, load average {load[0]:.1f} at the start, "
         f"{os.getloadavg()[0]:.1f} at the end. *on*: the `.crc32c` sidecars in place (partial reads widened to "
         "whole chunks and checked); *off*: the sidecars set aside (partial reads unchecked, as before).",
