@@ -23,15 +23,10 @@ from shardckpt import cli
 BIG = 80 << 20  # above the 64 MiB below which no bar is drawn
 
 
-def _run(argv: list[str], *, tty: bool, timeout: float = 300) -> tuple[int, str, str]:
-    """Run the CLI with stdout piped and stderr a pseudo-terminal (``tty``) or a pipe; (status, stdout, stderr)."""
-    cmd = [sys.executable, "-m", "shardckpt", *argv]
-    env = dict(os.environ, COLUMNS="120")
-    if not tty:
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-        return r.returncode, r.stdout, r.stderr
+def _terminal() -> tuple[int, int, list[bytes], threading.Thread]:
+    """A pseudo-terminal of 120 columns (a fresh one has 0, and a bar of 0 columns is empty): its two ends, the
+    chunks read from it, and the (unstarted) thread that reads them until the other side closes."""
     master, slave = pty.openpty()
-    # A terminal of 120 columns (a fresh pseudo-terminal has 0, and a bar of 0 columns is empty).
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     chunks: list[bytes] = []
 
@@ -45,7 +40,17 @@ def _run(argv: list[str], *, tty: bool, timeout: float = 300) -> tuple[int, str,
                 return
             chunks.append(data)
 
-    reader = threading.Thread(target=drain)
+    return master, slave, chunks, threading.Thread(target=drain)
+
+
+def _run(argv: list[str], *, tty: bool, timeout: float = 300) -> tuple[int, str, str]:
+    """Run the CLI with stdout piped and stderr a pseudo-terminal (``tty``) or a pipe; (status, stdout, stderr)."""
+    cmd = [sys.executable, "-m", "shardckpt", *argv]
+    env = dict(os.environ, COLUMNS="120")
+    if not tty:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        return r.returncode, r.stdout, r.stderr
+    master, slave, chunks, reader = _terminal()
     try:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=slave, text=True, env=env)
         os.close(slave)
@@ -120,21 +125,7 @@ def _diff_held_before_its_first_report(a: str, b: str) -> str | None:
     drew anything; its stderr, or None when it drew its bar before the stop landed (the caller tries again)."""
     import signal
 
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
-    chunks: list[bytes] = []
-
-    def drain() -> None:
-        while True:
-            try:
-                data = os.read(master, 65536)
-            except OSError:
-                return
-            if not data:
-                return
-            chunks.append(data)
-
-    reader = threading.Thread(target=drain)
+    master, slave, chunks, reader = _terminal()
     proc = subprocess.Popen([sys.executable, "-m", "shardckpt", "diff", a, b], stdout=subprocess.PIPE,
                             stderr=slave, env=dict(os.environ, COLUMNS="120"))
     os.close(slave)

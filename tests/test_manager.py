@@ -328,40 +328,20 @@ def test_back_to_back_async_saves_queue_and_retention_follows_each(tmp_path):
     np.testing.assert_array_equal(tf.train.load_checkpoint(d).get_tensor("dense/kernel"), _model(5)["dense/kernel"])
 
 
-def test_restore_waits_for_the_managers_own_pending_async_save(tmp_path):
-    d = str(tmp_path / "run")
-    armed, restored = threading.Event(), threading.Event()
-
-    def hold_step_2(point: str, client: int) -> None:
-        # Client 0's background save of step 2 is held before it writes, until its restore returned (or 3 s):
-        # a restore that does not wait for the pending save finds only step 1.
-        if armed.is_set() and point == "after_plan" and client == 0:
-            restored.wait(3)
-
-    def client(coord):
-        manager = sc.CheckpointManager(d, coordinator=coord)
-        manager.save(1, MESH, _sharded(coord, 1), timeout=30)
-        coord.barrier("saved-1", 30)
-        if coord.rank == 0:
-            armed.set()
-        coord.barrier("armed", 30)
-        manager.save(2, MESH, _sharded(coord, 2), blocking=False, timeout=30)
-        out = manager.restore(MESH, {"dense/bias": BIAS}, timeout=30)
-        if coord.rank == 0:
-            restored.set()
-        manager.close()
-        return sorted({int(v) for shard in out["dense/bias"].shards.values() for v in shard})
-
-    with sc.faults.hook(hold_step_2):
-        assert sc.LocalGroup(2).run(client) == [[2], [2]]
+def _restored_step(manager, coord) -> object:
+    out = manager.restore(MESH, {"dense/bias": BIAS}, timeout=30)
+    return sorted({int(v) for shard in out["dense/bias"].shards.values() for v in shard})
 
 
-def test_latest_waits_for_the_managers_own_pending_async_save(tmp_path):
+@pytest.mark.parametrize("ask, want", [(_restored_step, [2]), (lambda m, c: m.latest(timeout=30), 2)],
+                         ids=["restore", "latest"])
+def test_restore_and_latest_wait_for_the_managers_own_pending_async_save(tmp_path, ask, want):
     d = str(tmp_path / "run")
     armed, asked = threading.Event(), threading.Event()
 
     def hold_step_2(point: str, client: int) -> None:
-        # As above, with latest(): a latest that does not wait for the pending save answers 1.
+        # Client 0's background save of step 2 is held before it writes, until its question was answered (or
+        # 3 s): a restore or latest that does not wait for the pending save finds only step 1.
         if armed.is_set() and point == "after_plan" and client == 0:
             asked.wait(3)
 
@@ -373,14 +353,14 @@ def test_latest_waits_for_the_managers_own_pending_async_save(tmp_path):
             armed.set()
         coord.barrier("armed", 30)
         manager.save(2, MESH, _sharded(coord, 2), blocking=False, timeout=30)
-        latest = manager.latest(timeout=30)
+        answer = ask(manager, coord)
         if coord.rank == 0:
             asked.set()
         manager.close()
-        return latest
+        return answer
 
     with sc.faults.hook(hold_step_2):
-        assert sc.LocalGroup(2).run(client) == [2, 2]
+        assert sc.LocalGroup(2).run(client) == [want, want]
 
 
 def test_clients_agree_on_the_latest_step_when_their_listings_differ(tmp_path):
