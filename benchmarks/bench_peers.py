@@ -43,7 +43,8 @@ its own process, in an order rotated per repetition, and writes the section betw
   restored by one client owning 4 devices (2x2 mesh: 2-D-sharded numpy views from ``DTensor.from_global``; 1x4:
   column blocks) and 8 devices (2x4 and 1x8), plus resharding restores of the 2x2 checkpoint (to 4x1 rows, to
   whole tensors); beside the raw ceiling in the same process: ``os.write`` of the 1 GiB contiguous to one file.
-  The phases run in an order rotated per repetition; ``os.sync()`` before each save.
+  The phases run in an order rotated per repetition; ``os.sync()`` before each save.  ``--one-layouts 2d4``
+  (with ``--no-write``) runs only those layouts beside the raw write, to iterate on one row.
 - ``one-jax`` (1 process, 8 CPU devices): ``shardckpt.jax.save`` / ``restore`` of the arrays sharded 2x4 beside
   Orbax ``StandardCheckpointer`` in the same process, alternated (A B B A).
 - ``tf``: TF DTensor on a 2x2 mesh of 4 logical CPU devices, one process (the row above).
@@ -694,7 +695,9 @@ def work_one_sc(w: Worker) -> None:
                 assert np.array_equal(out[3].to_numpy(), arrays[3]), phase
                 del out
 
-    steps: list[Callable[[], None]] = [raw] + [functools.partial(one, tag) for tag, _, _ in ONE_LAYOUTS]
+    chosen = os.environ.get("BENCH_ONE_LAYOUTS", "").split(",") if os.environ.get("BENCH_ONE_LAYOUTS") else None
+    steps: list[Callable[[], None]] = [raw] + [functools.partial(one, tag) for tag, _, _ in ONE_LAYOUTS
+                                               if chosen is None or tag in chosen]
     k = w.rep % len(steps)
     for step in steps[k:] + steps[:k]:
         # Steady state: each step runs once untimed first, so no phase pays for memory (page cache, output
@@ -833,6 +836,8 @@ def _env(system: str, args: argparse.Namespace) -> dict[str, str]:
         flags = " ".join(f for f in env.get("XLA_FLAGS", "").split() if "device_count" not in f)
         env["XLA_FLAGS"] = (flags + f" --xla_force_host_platform_device_count={count}").strip()
         env["JAX_PLATFORMS"] = "cpu"
+    if getattr(args, "one_layouts", None):
+        env["BENCH_ONE_LAYOUTS"] = ",".join(args.one_layouts)
     if args.perf:
         env["BENCH_PERF_PHASE"] = args.perf
         env["BENCH_PERF_DIR"] = args.perf_dir
@@ -1543,6 +1548,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile", action="store_true", help="cProfile client 0's timed phases and print the top")
     p.add_argument("--layouts", action="store_true",
                    help="the one-client layouts (4 and 8 devices, views, JAX beside Orbax) and their own section")
+    p.add_argument("--one-layouts", type=lambda s: s.split(","), default=None,
+                   help="with --layouts: only these one-sc layouts (of " + ",".join(t for t, _, _ in ONE_LAYOUTS)
+                   + ") beside the raw write; the section would lack the others, so --no-write is required")
     p.add_argument("--output", default=os.path.join(ROOT, "BENCHMARKS.md"))
     p.add_argument("--no-write", action="store_true", help="print the section but leave BENCHMARKS.md alone")
     p.add_argument("--json", default=os.path.join(ROOT, "bench-out", "bench_peers.json"))
@@ -1586,6 +1594,11 @@ def main(argv: list[str] | None = None) -> int:
             write_section(args.output, text)
             print(f"\nwrote the section between {START} and {END} of {args.output}")
         return 0
+    if args.one_layouts:
+        unknown = set(args.one_layouts) - {t for t, _, _ in ONE_LAYOUTS}
+        if unknown or not args.layouts or not args.no_write:
+            p.error("--one-layouts takes a subset of " + ",".join(t for t, _, _ in ONE_LAYOUTS)
+                    + ", with --layouts and --no-write (a partial section must not replace the whole one)")
     if args.reps is None:
         args.reps = 2 if args.quick else 5
     if args.small_count is None:

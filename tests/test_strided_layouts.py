@@ -6,6 +6,7 @@ path exists to save work, counts that work (bytes read through the kernel, from 
 
 from __future__ import annotations
 
+import errno
 import os
 
 import numpy as np
@@ -215,6 +216,78 @@ def test_a_failing_segment_removes_the_file(tmp_path):
         write_data_file(str(tmp_path / "f"), [prepare(v, contiguous=False) for v in _large_views()[:4]], midway=boom,
                         sidecar=str(tmp_path / "f.crc32c"))
     assert calls == [1] and not os.listdir(tmp_path)
+
+
+def _gathered_views() -> list[np.ndarray]:
+    """2-D shards of one matrix (rows 4 KiB apart, half of each used), 32 MiB: many bounce buffers' worth."""
+    g = _global((4096, 2048), np.float32)
+    return [g[i : i + 2048, j : j + 1024] for i in (0, 2048) for j in (0, 1024)]
+
+
+def test_writes_of_gathered_rows_reuse_the_same_bounce_buffers(tmp_path):
+    """Bounce buffers go back to the pool once written and the next save takes the same ones: it
+    allocates none (a fresh buffer costs a page fault per 4 KiB), and the bytes are the sequential
+    writer's."""
+    from shardckpt.format import parallel_writer as pw
+    from shardckpt.format.writer import DataFileWriter, prepare
+
+    views = _gathered_views()
+    seq = DataFileWriter(str(tmp_path / "seq"))
+    want = [seq.write(prepare(np.ascontiguousarray(v))) for v in views]
+    seq.close(durable=False)
+    pw.write_data_file(str(tmp_path / "warm"), [prepare(v, contiguous=False) for v in views], threads=2,
+                       durable=False)
+    pool = {id(b) for b in pw._free_bounces}
+    assert 0 < len(pool) <= pw._MAX_FREE
+    got, size = pw.write_data_file(str(tmp_path / "par"), [prepare(v, contiguous=False) for v in views], threads=2,
+                                   durable=False)
+    assert {id(b) for b in pw._free_bounces} == pool
+    assert got == want and size == seq.size
+    assert (tmp_path / "par").read_bytes() == (tmp_path / "seq").read_bytes()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_write_the_os_refuses_mid_file_is_raised_and_the_file_removed(tmp_path, threads):
+    """A ``pwritev`` refused on a writer thread (here EFBIG past RLIMIT_FSIZE, a real refusal) is raised by
+    the caller, leaves no file (nor sidecar), and the next write works."""
+    import resource
+    import signal
+
+    from shardckpt.format import parallel_writer as pw
+    from shardckpt.format.writer import prepare
+
+    views = _gathered_views()
+    old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead
+    resource.setrlimit(resource.RLIMIT_FSIZE, (9 << 20, old_limit[1]))
+    try:
+        with pytest.raises(OSError) as err:
+            pw.write_data_file(str(tmp_path / "f"), [prepare(v, contiguous=False) for v in views], threads=threads,
+                               durable=False, sidecar=str(tmp_path / "f.crc32c"))
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+        signal.signal(signal.SIGXFSZ, old_handler)
+    assert err.value.errno == errno.EFBIG
+    assert not os.listdir(tmp_path)
+    assert len(pw._free_bounces) <= pw._MAX_FREE
+    got, _ = pw.write_data_file(str(tmp_path / "g"), [prepare(v, contiguous=False) for v in views], threads=threads,
+                                durable=False)
+    assert (tmp_path / "g").stat().st_size == got[-1].offset + got[-1].size
+
+
+def test_midway_runs_once_the_first_job_is_in_the_file(tmp_path):
+    """The fault point after the first job sees that job's bytes in the file, though other threads
+    were already writing later jobs."""
+    from shardckpt.format.parallel_writer import SEGMENT, write_data_file
+    from shardckpt.format.writer import prepare
+
+    path = tmp_path / "f"
+    views = _gathered_views()
+    first = views[0][: SEGMENT // (1024 * 4)]  # exactly one segment's rows
+    seen = []
+    write_data_file(str(path), [prepare(v, contiguous=False) for v in views], threads=2, durable=False,
+                    midway=lambda: seen.append(path.read_bytes()[: SEGMENT]))
+    assert seen == [np.ascontiguousarray(first).tobytes()]
 
 
 def _files(prefix: str) -> dict[str, bytes]:
