@@ -537,33 +537,45 @@ def _chain(*names: str) -> Callable[[Engine, str, dict], None]:
 SCENARIOS["save-restore+kv-edges"] = _chain("save-restore", "kv-edges")
 
 
-def non_loopback_listeners() -> list[str]:
-    """This process's listening TCP sockets bound to anything but loopback (Linux /proc; [] elsewhere)."""
+def own_tcp_sockets() -> list[tuple[str, list[str]]]:
+    """This process's TCP sockets, listening or connected: (table, its row's columns) from the kernel's tables
+    for every socket among its fds (Linux /proc; [] elsewhere)."""
+    inodes = set()
     try:
-        inodes = set()
-        for fd in os.listdir("/proc/self/fd"):
-            try:
-                target = os.readlink(f"/proc/self/fd/{fd}")
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[8:-1])
-        bad = []
-        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-            with open(table) as f:
-                for line in f.readlines()[1:]:
-                    cols = line.split()
-                    local, state, inode = cols[1], cols[3], cols[9]
-                    if state != "0A" or inode not in inodes:  # 0A: LISTEN
-                        continue
-                    addr = local.split(":")[0]
-                    loopback = (addr.endswith("7F") if len(addr) == 8  # 127.x.x.x, little-endian hex
-                                else addr in ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F"))
-                    if not loopback:
-                        bad.append(f"{table}: {local}")
-        return bad
+        fds = os.listdir("/proc/self/fd")
     except OSError:
         return []
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(table) as f:
+                rows = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        found.extend((table, cols) for cols in (row.split() for row in rows) if cols[9] in inodes)
+    return found
+
+
+def non_loopback_listeners() -> list[str]:
+    """This process's listening TCP sockets bound to anything but loopback (Linux /proc; [] elsewhere)."""
+    bad = []
+    for table, cols in own_tcp_sockets():
+        local, state = cols[1], cols[3]
+        if state != "0A":  # 0A: LISTEN
+            continue
+        addr = local.split(":")[0]
+        loopback = (addr.endswith("7F") if len(addr) == 8  # 127.x.x.x, little-endian hex
+                    else addr in ("00000000000000000000000001000000", "0000000000000000FFFF00000100007F"))
+        if not loopback:
+            bad.append(f"{table}: {local}")
+    return bad
 
 
 def main(argv: list[str]) -> int:

@@ -114,26 +114,9 @@ def _compare(prefix: str, tensors: dict[str, np.ndarray]) -> list[str]:
 
 def _tcp_sockets() -> set[str]:
     """This process's TCP sockets (listening or connected), from its fds and the kernel's tables."""
-    inodes = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            link = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[len("socket:["):-1])
-    found = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table) as f:
-                rows = f.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            cols = row.split()
-            if cols[9] in inodes:
-                found.add(f"{table} {cols[1]} -> {cols[2]} state {cols[3]}")
-    return found
+    import engine_worker as ew
+
+    return {f"{table} {cols[1]} -> {cols[2]} state {cols[3]}" for table, cols in ew.own_tcp_sockets()}
 
 
 def _grid(mesh: Any) -> dict[str, Any]:
