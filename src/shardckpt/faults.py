@@ -36,6 +36,8 @@ POINTS = (
     "before_barrier_committed",
     "after_barrier_committed",
 )
+# Not a save's, so not in POINTS (the fault tests go through every one of those): a restore from a
+# directory fires "after_latest_resolved" on client 0 once it read the state file, before it tells the others.
 
 _hooks: list[Callable[[str, int], None]] = []
 

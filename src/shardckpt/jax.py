@@ -59,7 +59,7 @@ from .format.dtypes import to_numpy
 from .format.reader import BundleReader
 from .layout import UNSHARDED, Layout, Spec
 from .mesh import Mesh
-from .restore import sharded_restore
+from .restore import agreed_prefix, sharded_restore
 from .save import SaveFuture, SaveResult, sharded_save
 
 __all__ = ["layout_from_sharding", "mesh_from_jax", "restore", "save", "tree_names"]
@@ -514,8 +514,11 @@ def restore(
     must match the checkpoint (no casting).  Each process reads only the byte ranges of its
     own devices' shards, from a checkpoint saved on any mesh by any number of processes (or
     by TensorFlow).  ``kwargs`` go to `sharded_restore` (``verify``, ``threads``); no
-    collective is needed, ``coordinator`` is accepted for symmetry with `save`.
+    collective is needed for a prefix.  ``prefix`` may also be a directory holding a
+    ``checkpoint`` state file: its latest checkpoint, as process 0 reads it and broadcasts
+    through ``coordinator`` (every process calls it then).
     """
+    prefix = agreed_prefix(prefix, coordinator)
     if target is None:
         unknown = set(kwargs) - {"verify"}
         if unknown:

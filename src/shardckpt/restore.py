@@ -1,12 +1,18 @@
 """``sharded_restore``: each client reads only the stored byte ranges its own target shards need.
 
-No collective is needed: the checkpoint is immutable once its index exists, and
-every client computes its shards from the target layouts.  Shards of the same
-box on several local devices (replication) are read once and shared.
+No collective is needed for a prefix: the checkpoint is immutable once its index
+exists, and every client computes its shards from the target layouts.  Shards of
+the same box on several local devices (replication) are read once and shared.
+
+A directory holding TensorFlow's ``checkpoint`` state file stands for its latest
+checkpoint (`agreed_prefix`): then client 0 reads the state file and tells the
+others, one broadcast, so that clients whose views of a shared directory differ
+for a moment, or a save publishing while they start, cannot restore different steps.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -14,9 +20,17 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from .coordination import Coordinator, resolve
+from .checkpoint_reader import resolve_checkpoint
+from .coordination import Coordinator, default_timeout, resolve
 from .dtensor import DTensor
-from .errors import DTypeMismatchError, InvalidArgumentError, ShapeMismatchError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    DTypeMismatchError,
+    InvalidArgumentError,
+    ShapeMismatchError,
+)
+from .faults import fault_point
 from .format.dtypes import DataType, to_numpy
 from .format.protos import BundleEntry
 from .format.reader import BundleReader, Verify
@@ -26,6 +40,48 @@ from .layout import Layout
 from .mesh import Mesh
 
 _POOL_BYTES = 1 << 20  # pieces this large are read by the thread pool
+
+
+def is_checkpoint_directory(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a local directory that is not itself a prefix: it stands for its latest checkpoint."""
+    text = os.fspath(path)
+    return os.path.isdir(text) and not os.path.exists(text + ".index")
+
+
+def agreed_prefix(path: str | os.PathLike[str], coordinator: Coordinator | None = None,
+                  timeout: float | None = None) -> str:
+    """The checkpoint ``path`` names, the same on every client.
+
+    A prefix is returned as given, with no collective.  A directory (`is_checkpoint_directory`) is a
+    collective that every client calls: client 0 resolves it (TensorFlow's ``checkpoint`` state file, as
+    ``tf.train.latest_checkpoint``) and broadcasts the answer relative to the directory, which each client
+    joins to its own ``path`` (mount points may differ).  Raises `CheckpointNotFoundError` on every client
+    when the directory names no existing checkpoint.
+    """
+    text = os.fspath(path)
+    if not is_checkpoint_directory(text):
+        return text
+    coord = resolve(coordinator)
+    if coord.size == 1:
+        return resolve_checkpoint(text)
+    wait = default_timeout(timeout)
+    answer: bytes | None = None
+    if coord.rank == 0:
+        try:
+            found: str | None = resolve_checkpoint(text)
+            error = None
+        except CheckpointError as exc:
+            found, error = None, str(exc)
+        fault_point("after_latest_resolved", 0)
+        if found is not None:
+            relative = os.path.relpath(found, text)
+            found = relative if not relative.startswith(os.pardir) else found
+        answer = json.dumps({"prefix": found, "error": error}).encode()
+    with coord.session("restore-latest") as session:
+        reply = json.loads(session.broadcast("latest", answer, wait))
+    if reply.get("error") or not isinstance(reply.get("prefix"), str):
+        raise CheckpointNotFoundError(f"{text}: {reply.get('error') or 'client 0 found no checkpoint'}")
+    return os.path.join(text, reply["prefix"])
 
 
 def _restore_one(reader: BundleReader, name: str, layout: Layout, spec: str, local: Sequence[int],
@@ -150,6 +206,9 @@ def sharded_restore(
     shardckpt writes; a checkpoint without one, as TensorFlow writes, leaves parts
     unchecked); ``verify="full"`` reads every piece touched whole and checks it.
 
+    ``file_prefix`` may be a directory holding a ``checkpoint`` state file: its latest checkpoint, as client 0
+    reads it (`agreed_prefix`; a collective then, which every client calls).
+
     ``into[i]``, when given, is a DTensor whose local shards receive tensor ``i``
     in place (its shape, dtype and layout must be the target's): memory the caller
     already holds is filled without a copy, as DCP loads.  Every shape and dtype is
@@ -167,6 +226,7 @@ def sharded_restore(
     specs = list(shape_and_slices) if shape_and_slices is not None else [""] * len(tensor_names)
     if len(specs) != len(tensor_names):
         raise InvalidArgumentError(f"{len(tensor_names)} names but {len(specs)} shape_and_slices")
+    file_prefix = agreed_prefix(file_prefix, coordinator)
     if mesh.local_device_ids is not None:
         local = mesh.local_device_ids
     else:

@@ -75,7 +75,7 @@ from .errors import (
 )
 from .layout import UNSHARDED, Layout, Spec
 from .mesh import Mesh
-from .restore import sharded_restore
+from .restore import agreed_prefix, sharded_restore
 from .save import SaveFuture, SaveResult, sharded_save
 
 __all__ = ["flatten_state_dict", "load", "read_state_dict", "save", "to_numpy", "torch_layout"]
@@ -475,11 +475,13 @@ def load(state_dict: MutableMapping[Any, Any], prefix: str | os.PathLike[str], *
     The state dict's entries give the names, global shapes, dtypes and placements
     wanted; the checkpoint may come from any mesh and any number of ranks.  Tensors
     and DTensors' local shards are overwritten with ``copy_``; numbers are replaced
-    by the stored value, converted to the target's type.  No collective is needed;
-    ``coordinator`` is accepted for symmetry with `save`.  ``kwargs`` go to
-    `sharded_restore` (``verify``, ``threads``).
+    by the stored value, converted to the target's type.  No collective is needed for a
+    prefix.  ``prefix`` may also be a directory holding a ``checkpoint`` state file (a
+    `shardckpt.CheckpointManager` or TensorFlow directory): its latest checkpoint, as
+    rank 0 reads it and broadcasts through ``coordinator`` (every rank calls it then, as
+    with ``dcp.load``).  ``kwargs`` go to `sharded_restore` (``verify``, ``threads``).
     """
-    del coordinator  # reading needs no coordination: each rank reads its own shards
+    prefix = agreed_prefix(prefix, coordinator)  # past this, reading needs no coordination
     rank, _ = _rank()
     dtensor_cls = _dtensor_class()
     plain = Mesh(["rank"], [1], device_ids=[rank], local_device_ids=[rank])
