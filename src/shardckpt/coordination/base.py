@@ -26,6 +26,9 @@ DEFAULT_TIMEOUT = 300.0
 # The engines take a C int of milliseconds; longer waits (and ``inf``) are this long: about 24.8 days.
 MAX_TIMEOUT = (2**31 - 1) / 1000
 
+# Seconds a gather's reads may run past its deadline, for keys already in the store (`_get_many`).
+LATE_READ_GRACE = 0.25
+
 
 def default_timeout(timeout: float | None = None) -> float:
     """``timeout`` if given, else ``SHARDCKPT_TIMEOUT`` from the environment, else 300 seconds.
@@ -144,9 +147,19 @@ class KeyValueCoordinator(Coordinator):
         """Store ``value`` under ``key`` unless the key exists, atomically; the value stored afterwards."""
 
     def _get_many(self, keys: list[str], timeout: float) -> list[bytes | None]:
-        """Each key's value, waiting for all until one deadline; engines with a batched wait override this."""
+        """Each key's value, waiting for all until one deadline; engines with a batched wait override this.
+
+        Past the deadline a key is still asked for with what is left of `LATE_READ_GRACE`: reading a key that is
+        already there takes a round trip to the store, which on a loaded machine outlasts the 1 ms an expired
+        wait would give it (TF's and JAX's gets then report the key missing although its client was in time).
+        The grace is shared by the keys, so a wait ends at most that much after its deadline.
+        """
         deadline = time.monotonic() + timeout
-        return [self._get(k, max(0.0, deadline - time.monotonic())) for k in keys]
+        out: list[bytes | None] = []
+        for k in keys:
+            left = deadline - time.monotonic()
+            out.append(self._get(k, left if left > 0 else max(0.0, deadline + LATE_READ_GRACE - time.monotonic())))
+        return out
 
     def _delete(self, key: str) -> None:  # noqa: B027 - optional for stores that cannot delete
         pass

@@ -8,7 +8,8 @@ Use after ``dtensor.initialize_accelerator_system(...)`` in every client
 
 The service's key-value store keeps C strings (a NUL ends the value) and its
 Python getter decodes UTF-8, so values travel base64-encoded.  A get with a
-timeout of 0 would block forever, so an expired wait still asks with 1 ms.
+timeout of 0 would block forever, so an expired wait still asks with at least 1 ms
+(a gather's reads past the deadline share `LATE_READ_GRACE`: see `_get_many`).
 Keys live under ``shardckpt/<instance>/``: every client numbers its
 coordinators in creation order, so all clients must create them in the same order.
 """
