@@ -427,6 +427,7 @@ def test_a_gather_past_its_deadline_still_reads_the_keys_already_posted(monkeypa
     deadline share `LATE_READ_GRACE`, so keys already there are read, and a client really missing is still
     named within that grace."""
     from shardckpt.coordination.base import LATE_READ_GRACE
+    from shardckpt.coordination.local import LocalCoordinator
 
     rtt = 0.02
     real_get = LocalGroup.get
@@ -439,6 +440,7 @@ def test_a_gather_past_its_deadline_still_reads_the_keys_already_posted(monkeypa
         return real_get(self, key, timeout - rtt)
 
     monkeypatch.setattr(LocalGroup, "get", round_trip_late)
+    monkeypatch.setattr(LocalCoordinator, "late_read_grace", LATE_READ_GRACE)  # a store a round trip away
     group = LocalGroup(3)
     others = [threading.Thread(target=lambda r=r: group.coordinator(r).all_gather(str(r).encode(), "g", 30))
               for r in (1, 2)]

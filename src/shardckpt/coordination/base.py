@@ -26,7 +26,7 @@ DEFAULT_TIMEOUT = 300.0
 # The engines take a C int of milliseconds; longer waits (and ``inf``) are this long: about 24.8 days.
 MAX_TIMEOUT = (2**31 - 1) / 1000
 
-# Seconds a gather's reads may run past its deadline, for keys already in the store (`_get_many`).
+# Seconds a gather's reads may run past its deadline, for keys already in a remote store (`_get_many`).
 LATE_READ_GRACE = 0.25
 
 
@@ -126,6 +126,7 @@ class KeyValueCoordinator(Coordinator):
 
     KEPT = 64
     MAX_VALUE = 4 << 20  # bytes per stored value; larger ones travel in parts
+    late_read_grace = LATE_READ_GRACE  # a store a round trip away; 0 for one in this process
 
     def __init__(self, rank: int, size: int, namespace: str = "shardckpt") -> None:
         self.rank, self.size = rank, size
@@ -152,13 +153,15 @@ class KeyValueCoordinator(Coordinator):
         Past the deadline a key is still asked for with what is left of `LATE_READ_GRACE`: reading a key that is
         already there takes a round trip to the store, which on a loaded machine outlasts the 1 ms an expired
         wait would give it (TF's and JAX's gets then report the key missing although its client was in time).
-        The grace is shared by the keys, so a wait ends at most that much after its deadline.
+        The grace is shared by the keys, so a wait ends at most that much after its deadline.  A store in this
+        process (`late_read_grace` 0) answers at once and takes none.
         """
         deadline = time.monotonic() + timeout
+        grace = self.late_read_grace
         out: list[bytes | None] = []
         for k in keys:
             left = deadline - time.monotonic()
-            out.append(self._get(k, left if left > 0 else max(0.0, deadline + LATE_READ_GRACE - time.monotonic())))
+            out.append(self._get(k, left if left > 0 else max(0.0, deadline + grace - time.monotonic())))
         return out
 
     def _delete(self, key: str) -> None:  # noqa: B027 - optional for stores that cannot delete
