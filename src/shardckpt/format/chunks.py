@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import storage
 from ..errors import CheckpointError
-from .coding import crc32c, mask_crc, unmask_crc
+from .coding import crc32c, crc32c_bulk, mask_crc, unmask_crc
 
 log = logging.getLogger("shardckpt.chunks")
 
@@ -170,7 +170,7 @@ class ChunkCrc:
         n, at = len(data), 0
         while at < n:
             take = min(self.chunk_size - self.fill, n - at)
-            self.cur = crc32c(data[at : at + take], self.cur)
+            self.cur = crc32c_bulk(data[at : at + take], self.cur)
             self.fill += take
             at += take
             if self.fill == self.chunk_size:

@@ -44,7 +44,7 @@ import numpy as np
 from . import strings
 from .buffers import IOV_MAX, byte_views, rows_of
 from .chunks import CHUNK_SIZE, ChunkCrc, ChunkSums, combine_chunks, join_chunk_crcs
-from .coding import crc32c, mask_crc
+from .coding import crc32c_bulk, mask_crc
 from .protos import BundleEntry
 from .runs import TensorRun
 from .writer import PreparedTensor
@@ -275,7 +275,7 @@ def _crc_of(pieces: list[memoryview], acc: ChunkCrc | None) -> int:
         return acc.finish()
     crc = 0
     for piece in pieces:
-        crc = crc32c(piece, crc)
+        crc = crc32c_bulk(piece, crc)
     return crc
 
 
@@ -449,7 +449,7 @@ def write_stream(stream: BinaryIO, tensors: Sequence[PreparedTensor | TensorRun]
                         if acc is not None and compute:
                             acc.update(chunk)
                         elif compute:
-                            crc = crc32c(chunk, crc)
+                            crc = crc32c_bulk(chunk, crc)
                         stream.write(chunk)
                 if compute:
                     plan.crcs[index] = acc.finish() if acc is not None else crc

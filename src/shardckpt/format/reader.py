@@ -39,7 +39,7 @@ from ..storage import Identity, LocalFile, RandomAccess, identity, open_random, 
 from . import chunks, strings
 from .buffers import IOV_MAX, rows_of
 from .chunks import ChunkTable, combine_chunks, sidecar_filename
-from .coding import crc32c, decode_varint, unmask_crc
+from .coding import crc32c, crc32c_bulk, decode_varint, unmask_crc
 from .dtypes import ITEMSIZE, DataType, datatype_name, to_numpy
 from .files import data_filename, index_filename, normalize_prefix
 from .protos import BIG_ENDIAN, BundleEntry, BundleHeader, decode_entry, decode_header
@@ -366,14 +366,14 @@ class BundleReader:
                     f.read_into(batch, pos)
                     if verify_crc is not None:
                         for b in batch:
-                            crc = crc32c(b, crc)
+                            crc = crc32c_bulk(b, crc)
                     pos += size
                     batch, size = [], 0
         if batch:
             f.read_into(batch, pos)
             if verify_crc is not None:
                 for b in batch:
-                    crc = crc32c(b, crc)
+                    crc = crc32c_bulk(b, crc)
         return crc
 
     def _pread_array(self, f: RandomAccess, arr: np.ndarray, offset: int, verify_crc: int | None) -> int:
@@ -405,7 +405,7 @@ class BundleReader:
             staged = buf[: chunk.nbytes]
             f.read_into([staged.data], pos)
             if verify_crc is not None:
-                crc = crc32c(staged.data, crc)
+                crc = crc32c_bulk(staged.data, crc)
             chunk[...] = staged.view(rows.dtype).reshape(chunk.shape)
             pos += chunk.nbytes
         return crc
@@ -434,13 +434,13 @@ class BundleReader:
         mapping, at = got
         if check:
             with memoryview(mapping) as view:
-                crc = crc32c(view[at : at + size])
+                crc = crc32c_bulk(view[at : at + size])
             if crc != unmask_crc(e.crc32c):
                 raise _crc_error(f"{self.prefix}: tensor {_label(key)} in {f.path}", e, crc)
             at += first
         elif isinstance(span, _Span):
             with memoryview(mapping) as view:
-                crc = crc32c(view[at : at + size])
+                crc = crc32c_bulk(view[at : at + size])
             if crc != span.crc:
                 raise self._chunk_error(key, e, f, span)
             at += first - span.lo
@@ -612,7 +612,7 @@ class BundleReader:
             return crc
         buf = bytearray(nbytes)
         f.read_into([memoryview(buf)], offset)
-        return crc32c(buf, crc)
+        return crc32c_bulk(buf, crc)
 
     def _chunk_error(self, key: bytes, e: BundleEntry, f: RandomAccess, span: _Span) -> ChecksumMismatchError:
         """The error for a widened read whose bytes do not match their chunk CRCs, naming the bad chunk."""
@@ -782,7 +782,7 @@ class BundleReader:
             strings.decode(data, math.prod(e.shape), where, unmask_crc(e.crc32c))
             return data
         else:
-            crc = crc32c(data)
+            crc = crc32c_bulk(data)
         if crc != unmask_crc(e.crc32c):
             raise _crc_error(where, e, crc)
         return data

@@ -26,7 +26,7 @@ from ..errors import (
     UnsupportedDTypeError,
 )
 from . import strings
-from .coding import crc32c, mask_crc
+from .coding import crc32c_bulk, mask_crc
 from .dtypes import DataType, datatype_name, from_numpy, to_numpy
 from .files import (
     TEMPSTATE,
@@ -115,7 +115,7 @@ class DataFileWriter:
         """Queue or write ``view`` and return the CRC extended over it."""
         n = len(view)
         if n < _SMALL_WRITE:
-            crc = crc32c(view, crc)
+            crc = crc32c_bulk(view, crc)
             self._pending += view
             if len(self._pending) >= _CHUNK:
                 self._flush_pending()
@@ -124,7 +124,7 @@ class DataFileWriter:
             mv = memoryview(view)
             for start in range(0, n, _CHUNK):
                 chunk = mv[start : start + _CHUNK]
-                crc = crc32c(chunk, crc)
+                crc = crc32c_bulk(chunk, crc)
                 self._write_now(chunk)
         self.size += n
         return crc

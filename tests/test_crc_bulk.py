@@ -1,0 +1,100 @@
+"""The bulk CRC32C (awscrt, loaded on the first large buffer) is the same function as the crc32c package's, on
+every buffer the format layer hands it, and its fallback works where awscrt cannot be imported."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import subprocess
+import sys
+
+import crc32c as crc32c_package
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from shardckpt.format import coding
+
+SIZES = [0, 1, 7, 4096, coding.BULK_MIN - 1, coding.BULK_MIN, coding.BULK_MIN + 1, 3 << 20]
+
+
+def test_the_test_environment_has_the_fast_implementation() -> None:
+    # awscrt is a core dependency: a missing install step would silently halve checksum speed.
+    assert coding.load_bulk_crc() == "awscrt"
+
+
+@pytest.mark.parametrize("size", SIZES)
+@pytest.mark.parametrize("value", [0, 1, 0xE3069283, 0xFFFFFFFF])
+def test_bulk_matches_the_crc32c_package(size: int, value: int) -> None:
+    data = os.urandom(size)
+    want = crc32c_package.crc32c(data, value)
+    assert coding.crc32c_bulk(data, value) == want
+    assert coding.crc32c_bulk(bytearray(data), value) == want
+    assert coding.crc32c_bulk(memoryview(data), value) == want
+    assert coding.crc32c(data, value) == want
+
+
+def test_the_check_value_and_chaining_across_the_threshold() -> None:
+    assert coding.crc32c_bulk(b"123456789") == 0xE3069283  # the CRC-32C check value
+    data = os.urandom(2 * coding.BULK_MIN + 12345)
+    whole = crc32c_package.crc32c(data)
+    for cut in (1, coding.BULK_MIN - 1, coding.BULK_MIN, coding.BULK_MIN + 3):
+        head = coding.crc32c_bulk(data[:cut])
+        assert coding.crc32c_bulk(memoryview(data)[cut:], head) == whole
+
+
+def test_typed_multidimensional_and_mapped_buffers() -> None:
+    # What the reader and writers pass: numpy buffers of any item size and rank, slices of private mappings.
+    x = np.random.default_rng(0).random((512, 300), dtype=np.float32)
+    for view in (x.data, x.reshape(-1).data, x.view(np.uint8).reshape(-1)[5:].data):
+        assert coding.crc32c_bulk(view) == crc32c_package.crc32c(view)
+    m = mmap.mmap(-1, 1 << 20)
+    m.write(os.urandom(1 << 20))
+    with memoryview(m) as mv:
+        assert coding.crc32c_bulk(mv[3 : 1 << 20]) == crc32c_package.crc32c(mv[3 : 1 << 20])
+    m.close()
+    with pytest.raises(BufferError):
+        coding.crc32c_bulk(np.ones((512, 512))[:, ::2].data)  # never silently over a non-contiguous buffer
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(min_size=0, max_size=4096), st.integers(0, 0xFFFFFFFF), st.integers(0, 3))
+def test_bulk_agrees_on_any_bytes(tail: bytes, value: int, blocks: int) -> None:
+    data = os.urandom(blocks * coding.BULK_MIN) + tail
+    assert coding.crc32c_bulk(data, value) == crc32c_package.crc32c(data, value)
+
+
+def test_without_awscrt_the_crc32c_package_does_the_bulk_work(tmp_path) -> None:
+    # A platform with no awscrt wheel: the import fails, saves and checked reads still work, with crc32c.
+    code = (
+        "import sys; sys.modules['awscrt'] = None; sys.modules['awscrt.checksums'] = None\n"
+        "import numpy as np, shardckpt as sc\n"
+        "from shardckpt.format import coding\n"
+        "assert coding.load_bulk_crc() == 'crc32c', coding.load_bulk_crc()\n"
+        "x = np.arange(1 << 20, dtype=np.float32).reshape(1024, 1024)\n"
+        f"prefix = {str(tmp_path / 'ckpt')!r}\n"
+        "mesh = sc.create_mesh([('x', 1)], local_device_ids=[0])\n"
+        "sc.sharded_save(mesh, prefix, ['w'], [''], [sc.DTensor.from_global(x, sc.Layout.replicated(mesh, 2), [0])])\n"
+        "got = sc.sharded_restore(mesh, prefix, ['w'], [sc.Layout.replicated(mesh, 2)])[0]\n"
+        "assert np.array_equal(got.shards[0], x)\n"
+        "print('ok', coding.BULK_IMPLEMENTATION, 'awscrt' in sys.modules and sys.modules['awscrt'] is not None)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["ok", "crc32c", "False"]
+
+
+def test_small_work_never_loads_awscrt(tmp_path) -> None:
+    # The ~50 ms load is paid only by a process that checksums a large buffer.
+    code = (
+        "import sys, numpy as np, shardckpt as sc\n"
+        "from shardckpt.format import BundleWriter, BundleReader\n"
+        f"p = {str(tmp_path / 'c')!r}\n"
+        "w = BundleWriter(p); w.add('a', np.arange(100, dtype=np.float32)); w.finish()\n"
+        "assert BundleReader(p).read('a').sum() == 4950\n"
+        "print('_awscrt' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
