@@ -98,3 +98,12 @@ def test_small_work_never_loads_awscrt(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_buffer_past_two_gib() -> None:
+    # A whole-entry check over a mapping, or a raw read, hands over one buffer of the entry's size: past 2^31 an
+    # `int` length would wrap in C.  (Checked by hand past 2^32 as well; 2 GiB of memory here, ~1-2 s.)
+    big = np.full((1 << 31) + 12345, 0x5A, np.uint8)
+    big[(1 << 31) - 3 :] = np.arange(12348, dtype=np.uint8)
+    with memoryview(big) as mv:
+        assert coding.crc32c_bulk(mv, 5) == crc32c_package.crc32c(mv, 5)
