@@ -26,7 +26,7 @@ from ..errors import (
     UnsupportedDTypeError,
 )
 from . import strings
-from .coding import crc32c_bulk, mask_crc
+from .coding import crc32c, crc32c_bulk, mask_crc
 from .dtypes import DataType, datatype_name, from_numpy, to_numpy
 from .files import (
     TEMPSTATE,
@@ -114,8 +114,8 @@ class DataFileWriter:
     def _append(self, view: memoryview | bytes, crc: int) -> int:
         """Queue or write ``view`` and return the CRC extended over it."""
         n = len(view)
-        if n < _SMALL_WRITE:
-            crc = crc32c_bulk(view, crc)
+        if n < _SMALL_WRITE:  # below coding.BULK_MIN: straight to the small-buffer CRC, no size dispatch
+            crc = crc32c(view, crc)
             self._pending += view
             if len(self._pending) >= _CHUNK:
                 self._flush_pending()
