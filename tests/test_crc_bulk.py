@@ -1,10 +1,12 @@
-"""The bulk CRC32C (awscrt, loaded on the first large buffer) is the same function as the crc32c package's, on
-every buffer the format layer hands it, and its fallback works where awscrt cannot be imported."""
+"""The bulk CRC32C (awscrt on CPUs with AVX-512 folding, else the crc32c package; chosen on the first large buffer)
+is the same function under either implementation, on every buffer the format layer hands it, and asking for awscrt
+where it cannot be imported gives the crc32c package."""
 
 from __future__ import annotations
 
 import mmap
 import os
+import platform
 import subprocess
 import sys
 
@@ -14,14 +16,48 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from shardckpt.errors import InvalidArgumentError
 from shardckpt.format import coding
 
 SIZES = [0, 1, 7, 4096, coding.BULK_MIN - 1, coding.BULK_MIN, coding.BULK_MIN + 1, 3 << 20]
 
 
-def test_the_test_environment_has_the_fast_implementation() -> None:
-    # awscrt is a core dependency: a missing install step would silently halve checksum speed.
-    assert coding.load_bulk_crc() == "awscrt"
+@pytest.fixture(params=coding.BULK_IMPLEMENTATIONS, autouse=True)
+def implementation(request):
+    """Every test here runs under each bulk implementation; the CPU's own choice is restored after."""
+    was = coding.load_bulk_crc()
+    assert coding.load_bulk_crc(request.param) == request.param  # both are installed in the test environment
+    yield request.param
+    coding.load_bulk_crc(was)
+
+
+def test_the_cpu_decides_which_implementation_takes_bulk_work(implementation: str) -> None:
+    # awscrt only where it runs its AVX-512 folding: elsewhere it is slower than the crc32c package (half its speed
+    # on buffers from memory on an AVX2 host); the choice follows the first "flags" line of /proc/cpuinfo.
+    with open("/proc/cpuinfo", "rb") as f:
+        flags = next(line for line in f if line.startswith(b"flags")).split()
+    wide = platform.machine() == "x86_64" and b"avx512f" in flags and b"vpclmulqdq" in flags
+    coding._bulk = None  # as in a new process
+    assert coding.load_bulk_crc() == ("awscrt" if wide else "crc32c")
+
+
+def test_the_cpu_rule() -> None:
+    avx512 = [b"processor\t: 0\n", b"flags\t\t: fpu sse4_2 avx2 avx512f avx512vl vpclmulqdq pclmulqdq\n",
+              b"flags\t\t: fpu\n"]
+    avx2 = [b"processor\t: 0\n", b"flags\t\t: fpu sse4_2 pclmulqdq avx2 vpclmulqdq\n"]
+    no_wide_clmul = [b"flags\t\t: fpu sse4_2 pclmulqdq avx2 avx512f avx512vl\n"]
+    assert coding.wide_clmul("x86_64", avx512)
+    assert coding.wide_clmul("AMD64", avx512)
+    assert not coding.wide_clmul("x86_64", avx2)
+    assert not coding.wide_clmul("x86_64", no_wide_clmul)
+    assert not coding.wide_clmul("x86_64", [b"processor\t: 0\n"])  # no flags line: the safe default
+    assert not coding.wide_clmul("aarch64", [b"Features\t: fp asimd crc32 pmull\n"])
+    assert not coding.wide_clmul("aarch64", avx512)
+
+
+def test_an_unknown_implementation_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="zlib"):
+        coding.load_bulk_crc("zlib")
 
 
 @pytest.mark.parametrize("size", SIZES)
@@ -71,7 +107,7 @@ def test_without_awscrt_the_crc32c_package_does_the_bulk_work(tmp_path) -> None:
         "import sys; sys.modules['awscrt'] = None; sys.modules['awscrt.checksums'] = None\n"
         "import numpy as np, shardckpt as sc\n"
         "from shardckpt.format import coding\n"
-        "assert coding.load_bulk_crc() == 'crc32c', coding.load_bulk_crc()\n"
+        "assert coding.load_bulk_crc('awscrt') == 'crc32c', coding.load_bulk_crc()\n"
         "x = np.arange(1 << 20, dtype=np.float32).reshape(1024, 1024)\n"
         f"prefix = {str(tmp_path / 'ckpt')!r}\n"
         "mesh = sc.create_mesh([('x', 1)], local_device_ids=[0])\n"

@@ -6,13 +6,14 @@ reading past it, so every caller gets bounds checking for free.
 
 from __future__ import annotations
 
+import platform
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import crc32c as _crc32c
 
-from ..errors import CorruptCheckpointError
+from ..errors import CorruptCheckpointError, InvalidArgumentError
 
 _MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
@@ -32,27 +33,61 @@ def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
 
 
 # Bulk checksums (a data file's bytes as they are written or read) are a large share of a save's and a restore's
-# CPU: the crc32c package runs ~22 GB/s per core here (SSE4.2), awscrt's AVX-512 folding ~45 GB/s, the same
-# function.  awscrt's extension costs ~50 ms to load, so it is loaded on the first large buffer only (a process
-# that handles small tensors, as most CLI calls and test clients do, never pays it); `load_bulk_crc` loads it
-# ahead, and without awscrt (a platform with no wheel) the crc32c package does the bulk work too.
+# CPU.  Which library is faster depends on the CPU, measured on two hosts of this VM (`benchmarks/bench_crc.py`):
+# - with AVX-512 and VPCLMULQDQ, awscrt folds 64 bytes at a time: ~45-53 GB/s per core in cache against the crc32c
+#   package's 22-27 (the same function);
+# - without them awscrt falls back to its SSE4.2 loop, which is 10-20% slower than the crc32c package's in cache
+#   and half its speed on buffers coming from memory (7 against 14.5 GB/s), which is what a save checksums.
+# So awscrt takes the bulk work only on x86-64 CPUs that report both features; everywhere else (and where awscrt
+# cannot be imported) the crc32c package does.  awscrt's extension costs ~50 ms to load, so the choice is made,
+# and awscrt loaded, on the first large buffer only (a process that handles small tensors, as most CLI calls and
+# test clients do, never pays it); `load_bulk_crc` makes it ahead.
 BULK_MIN = 256 * 1024
+BULK_IMPLEMENTATIONS = ("awscrt", "crc32c")
 _bulk: Callable[[bytes | bytearray | memoryview, int], int] | None = None
 _bulk_lock = threading.Lock()
 BULK_IMPLEMENTATION = "crc32c"  # set by load_bulk_crc: "awscrt" when that is what bulk checksums use
 
 
-def load_bulk_crc() -> str:
-    """Load the bulk CRC32C implementation now (it is otherwise loaded on first use); returns its name."""
+def wide_clmul(machine: str, cpuinfo: Iterable[bytes]) -> bool:
+    """Whether a CPU is one where awscrt's CRC32C is the faster: x86-64 (``machine`` as `platform.machine`
+    gives it) whose first ``flags`` line of ``/proc/cpuinfo`` (``cpuinfo``) lists both ``avx512f`` and
+    ``vpclmulqdq`` (the kernel lists ``avx512f`` only when it saves the AVX-512 registers, as awscrt checks)."""
+    if machine.lower() not in ("x86_64", "amd64"):
+        return False
+    for line in cpuinfo:
+        if line.startswith(b"flags"):
+            flags = set(line.partition(b":")[2].split())
+            return b"avx512f" in flags and b"vpclmulqdq" in flags
+    return False
+
+
+def _cpu_prefers_awscrt() -> bool:
+    try:
+        with open("/proc/cpuinfo", "rb") as f:  # Linux; elsewhere no such file: the crc32c package
+            return wide_clmul(platform.machine(), f)
+    except OSError:
+        return False
+
+
+def load_bulk_crc(use: str | None = None) -> str:
+    """Choose and load the bulk CRC32C implementation now (it is otherwise chosen on first use) and return its
+    name: by the CPU (`wide_clmul`) unless ``use`` names one of `BULK_IMPLEMENTATIONS` (benchmarks and tests
+    compare them; "awscrt" where it cannot be imported gives "crc32c").  Both compute the same function."""
     global _bulk, BULK_IMPLEMENTATION
+    if use is not None and use not in BULK_IMPLEMENTATIONS:
+        raise InvalidArgumentError(f"bulk CRC32C implementation {use!r}: expected one of {BULK_IMPLEMENTATIONS}")
     with _bulk_lock:
-        if _bulk is None:
-            try:
-                from awscrt.checksums import crc32c as fast
-            except ImportError:
-                _bulk = _crc32c.crc32c
-            else:
-                _bulk, BULK_IMPLEMENTATION = fast, "awscrt"
+        if _bulk is None or use is not None:
+            want = use if use is not None else ("awscrt" if _cpu_prefers_awscrt() else "crc32c")
+            _bulk, BULK_IMPLEMENTATION = _crc32c.crc32c, "crc32c"
+            if want == "awscrt":
+                try:
+                    from awscrt.checksums import crc32c as fast
+                except ImportError:
+                    pass
+                else:
+                    _bulk, BULK_IMPLEMENTATION = fast, "awscrt"
     return BULK_IMPLEMENTATION
 
 
