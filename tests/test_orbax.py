@@ -173,6 +173,9 @@ def scenario_manager(directory: str, events: dict[str, Any]) -> None:
     mgr = _manager(directory)
     for step in (1, 2):
         _save(mgr, step)
+    # Step 2's write must be over before the hook goes in: on a loaded machine it could still reach mid_data_write
+    # and be held there, while mgr.save(3) waits for it to finish (a 20 s stall, then a second hold: [False, True]).
+    mgr.wait_until_finished()
     tree = _tree(3)
     returned = threading.Event()
     held: list[bool] = []
