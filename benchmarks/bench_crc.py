@@ -34,6 +34,7 @@ import time
 import numpy as np
 
 import shardckpt as sc
+from sections import write_section
 from shardckpt.format import coding
 
 START = "<!-- bench_crc:start -->"
@@ -168,22 +169,10 @@ def main(argv: list[str] | None = None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.output:
-        _write_section(args.output, text)
+        write_section(args.output, text, START, END)
     return 0
 
 
-def _write_section(path: str, text: str) -> None:
-    old = ""
-    if os.path.exists(path):
-        with open(path) as f:
-            old = f.read()
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text + "\n"
-    with open(path, "w") as f:
-        f.write(new)
 
 
 if __name__ == "__main__":

@@ -32,6 +32,8 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 
+from sections import write_section
+
 MiB = 1 << 20
 KiB = 1 << 10
 START = "<!-- bench_format:start -->"
@@ -577,23 +579,6 @@ def render(w: Workload, times: dict, index: list[dict], info: dict[str, str], ar
     return "\n".join(lines) + "\n"
 
 
-def update_markdown(path: str, section: str) -> None:
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    else:
-        text = (
-            "# Benchmarks\n\nMeasured speed of shardckpt against TensorFlow and safetensors. Each benchmark script "
-            "under `benchmarks/` rewrites only its own section, between its start and end markers.\n\n"
-        )
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = head + section.rstrip("\n") + tail
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(text)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -647,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_write:
         print(section)
     else:
-        update_markdown(args.output, section)
+        write_section(args.output, section, START, END)
         print(section)
         log(f"updated {args.output}")
     return 0

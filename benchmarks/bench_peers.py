@@ -79,6 +79,8 @@ from typing import Any
 
 import numpy as np
 
+from sections import write_section
+
 MiB = 1 << 20
 GiB = 1 << 30
 NUM_LARGE = 16
@@ -982,7 +984,7 @@ def orchestrate(args: argparse.Namespace) -> int:
     if args.profile:
         print_profiles(args.profile_dir)
     if args.output and not args.no_write:
-        write_section(args.output, text)
+        write_section(args.output, _block(text, START, END), START, END)
         print(f"\nwrote the section between {START} and {END} of {args.output}")
     return 0
 
@@ -1036,7 +1038,7 @@ def orchestrate_layouts(args: argparse.Namespace) -> int:
     print()
     print(text)
     if args.output and not args.no_write:
-        write_section(args.output, text, LAYOUTS_START, LAYOUTS_END)
+        write_section(args.output, _block(text, LAYOUTS_START, LAYOUTS_END), LAYOUTS_START, LAYOUTS_END)
         print(f"\nwrote the section between {LAYOUTS_START} and {LAYOUTS_END} of {args.output}")
     return 0
 
@@ -1521,23 +1523,10 @@ def print_profiles(profile_dir: str, top: int = 25) -> None:
         st.sort_stats("tottime").print_stats(12)
 
 
-def write_section(path: str, text: str, start: str = START, end: str = END) -> None:
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    if os.path.exists(path):
-        with open(path) as f:
-            current = f.read()
-    else:
-        current = "# Benchmarks\n\n"
-    if start in current and end in current:
-        head, rest = current.split(start, 1)
-        _, tail = rest.split(end, 1)
-        new = head + block.rstrip("\n") + tail
-    else:
-        new = current.rstrip("\n") + "\n\n" + block
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(new)
-    os.replace(tmp, path)
+
+
+def _block(text: str, start: str, end: str) -> str:
+    return f"{start}\n{text.rstrip()}\n{end}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1591,7 +1580,7 @@ def main(argv: list[str] | None = None) -> int:
         text = report(data, perf_dir=args.perf_table, notes=notes)
         print(text)
         if args.output and not args.no_write:
-            write_section(args.output, text)
+            write_section(args.output, _block(text, START, END), START, END)
             print(f"\nwrote the section between {START} and {END} of {args.output}")
         return 0
     if args.one_layouts:

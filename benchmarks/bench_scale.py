@@ -71,6 +71,8 @@ from typing import Any
 
 import numpy as np
 
+from sections import write_section
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 ROWS, COLS = 1, 16  # one client's shard of every tensor: 1 x 16 float32 = 64 bytes
@@ -1027,17 +1029,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     if not args.output:
         sys.stdout.write(text)
         return 0
-    old = ""
-    if os.path.exists(args.output):
-        with open(args.output) as f:
-            old = f.read()
-    if START in old and END in old:
-        head, rest = old.split(START, 1)
-        new = head + text.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        new = old.rstrip("\n") + "\n\n" + text
-    with open(args.output, "w") as f:
-        f.write(new)
+    write_section(args.output, text, START, END)
     return 0
 
 

@@ -8,7 +8,10 @@ import sys
 
 from shardckpt.format import coding
 
-_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks", "bench_crc.py")
+_BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+_PATH = os.path.join(_BENCHMARKS, "bench_crc.py")
+if _BENCHMARKS not in sys.path:
+    sys.path.insert(0, _BENCHMARKS)  # as when the script runs: its own directory first (`sections`)
 _spec = importlib.util.spec_from_file_location("bench_crc", _PATH)
 assert _spec is not None and _spec.loader is not None
 bench = importlib.util.module_from_spec(_spec)
