@@ -579,8 +579,6 @@ def render(w: Workload, times: dict, index: list[dict], info: dict[str, str], ar
     return "\n".join(lines) + "\n"
 
 
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--size-gb", type=float, default=1.0, help="bundle size in GiB (default 1.0)")

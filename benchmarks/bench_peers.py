@@ -1523,8 +1523,6 @@ def print_profiles(profile_dir: str, top: int = 25) -> None:
         st.sort_stats("tottime").print_stats(12)
 
 
-
-
 def _block(text: str, start: str, end: str) -> str:
     return f"{start}\n{text.rstrip()}\n{end}\n"
 
