@@ -175,6 +175,31 @@ def test_a_resharding_restore_catches_a_flip_inside_a_piece(saved, where):
     assert f"at offset {chunk} " in message, message
 
 
+def test_a_data_file_holding_one_piece_keeps_its_chunk_checks(tmp_path):
+    # Each client's data file holds just its 4 MiB piece of one tensor: the piece is the whole file.  Its sidecar
+    # was once refused as malformed, and the partial reads of the file then went unchecked.
+    prefix = str(tmp_path / "one")
+
+    def save(coord):
+        local = MESH22.local_devices(coord.rank, coord.size)
+        sc.sharded_save(MESH22, prefix, ["kernel"], [""],
+                        [sc.DTensor.from_global(KERNEL, sc.Layout(["x", "y"], MESH22), local)], coordinator=coord)
+
+    sc.LocalGroup(4).run(save)
+    p, path = _piece(prefix, "kernel", 0)
+    assert p.entry.offset == 0 and p.entry.size == os.path.getsize(path)
+    table = chunks.load(chunks.sidecar_filename(path), os.path.getsize(path))
+    assert table is not None and table.chunks_of(p.entry.offset, p.entry.size, p.entry.crc32c) is not None
+    _flip(path, (2 << 20) + 99)
+
+    def restore(coord):
+        return sc.sharded_restore(MESH41, prefix, ["kernel"], [sc.Layout(["x", sc.UNSHARDED], MESH41)],
+                                  coordinator=coord)
+
+    with pytest.raises(sc.ChecksumMismatchError, match="chunk checksum"):
+        sc.LocalGroup(4).run(restore)
+
+
 def test_every_way_of_reading_part_of_a_piece_catches_it(saved):
     p, path = _piece(saved, "kernel", 3)  # rows 1024.., columns 1024..
     _flip(path, p.entry.offset + (3 << 20) + 12)  # row 1024 + 768, in the piece's last chunk
@@ -286,6 +311,8 @@ def test_hostile_sidecars_with_a_valid_checksum_are_ignored(saved):
         "tiny chunks": ((chunks.MAGIC, 1, 16, size, 0, 0), [], []),
         "other version": ((chunks.MAGIC, 2, C, size, 1, 4), [(e.offset, e.size, e.crc32c, 0)], good),
         "piece past the end": ((chunks.MAGIC, 1, C, size, 1, 4), [(size - 10, e.size, e.crc32c, 0)], good),
+        "piece size wraps past 2^64": ((chunks.MAGIC, 1, C, size, 1, 4), [(8, (1 << 64) - 4, e.crc32c, 0)], good),
+        "piece larger than the file": ((chunks.MAGIC, 1, C, size, 1, 4), [(0, size + 1, e.crc32c, 0)], good),
         "chunk count disagrees": ((chunks.MAGIC, 1, C, size, 1, 3), [(e.offset, e.size, e.crc32c, 0)], good[:3]),
         "overlapping pieces": ((chunks.MAGIC, 1, C, size, 2, 8),
                                [(e.offset, e.size, e.crc32c, 0), (e.offset + 8, e.size, e.crc32c, 0)], good * 2),

@@ -333,7 +333,7 @@ def _parse(f: storage.RandomAccess, path: str, data_size: int) -> ChunkTable | N
     offsets, sizes = pieces["offset"].astype(np.uint64), pieces["size"].astype(np.uint64)
     if npieces:
         ends = offsets + sizes  # no overflow: each term is below data_size < 2^63 once checked
-        if (np.any(sizes <= chunk_size) or np.any(offsets >= data_size) or np.any(sizes >= data_size)
+        if (np.any(sizes <= chunk_size) or np.any(offsets >= data_size) or np.any(sizes > data_size)
                 or np.any(ends > data_size) or np.any(offsets[1:] < ends[:-1]) or np.any(pieces["zero"])):
             raise ValueError("its pieces overlap, are out of order or lie outside the file")
     if int(np.sum(-(-sizes.astype(np.int64) // chunk_size))) != nchunks:
