@@ -14,9 +14,9 @@ repetition, the order flipping each time:
 - *save*: ``--gib`` GiB of float32 saved 2x2 by 4 in-process clients (`durable=False`, after `os.sync()`);
 - *restore*: the same checkpoint read back whole by 1 client from the page cache, every piece checked by its CRC.
 
-Medians and the median of the same-repetition ratios crc32c / awscrt are printed, with the CPU's flags that decide
-the choice, and with ``--output`` written as the section between ``<!-- bench_crc:start -->`` and
-``<!-- bench_crc:end -->`` of that file (appended at its end the first time).
+Medians and awscrt's speed-up (the median of the same-repetition ratios: rates awscrt / crc32c, times crc32c /
+awscrt) are printed, with the CPU's flags that decide the choice, and with ``--output`` written as the section
+between ``<!-- bench_crc:start -->`` and ``<!-- bench_crc:end -->`` of that file (appended at its end the first time).
 """
 
 from __future__ import annotations
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     def med(k: str, n: str) -> float:
         return statistics.median(rows[k][n])
 
-    def ratio(k: str) -> float:  # crc32c / awscrt: above 1 awscrt is the faster (a rate: inverted for times)
+    def ratio(k: str) -> float:  # awscrt's speed-up, above 1 when it is the faster (rates a / c, times c / a)
         a, c = rows[k]["awscrt"], rows[k]["crc32c"]
         return statistics.median([(x / y) if k in ("hot", "cold") else (y / x) for x, y in zip(a, c)])
 

@@ -36,12 +36,13 @@ def crc32c(data: bytes | bytearray | memoryview, value: int = 0) -> int:
 # CPU.  Which library is faster depends on the CPU, measured on two hosts of this VM (`benchmarks/bench_crc.py`):
 # - with AVX-512 and VPCLMULQDQ, awscrt folds 64 bytes at a time: ~45-53 GB/s per core in cache against the crc32c
 #   package's 22-27 (the same function);
-# - without them awscrt falls back to its SSE4.2 loop, which is 10-20% slower than the crc32c package's in cache
-#   and half its speed on buffers coming from memory (7 against 14.5 GB/s), which is what a save checksums.
-# So awscrt takes the bulk work only on x86-64 CPUs that report both features; everywhere else (and where awscrt
-# cannot be imported) the crc32c package does.  awscrt's extension costs ~50 ms to load, so the choice is made,
-# and awscrt loaded, on the first large buffer only (a process that handles small tensors, as most CLI calls and
-# test clients do, never pays it); `load_bulk_crc` makes it ahead.
+# - without them awscrt falls back to its SSE4.2 loop: 0.87-0.94x the crc32c package's speed in cache, and half
+#   its speed on buffers coming from memory (6.5-6.7 against 14-14.4 GB/s), which is what a save checksums.
+# So awscrt takes the bulk work only on x86-64 Linux CPUs that report both features in /proc/cpuinfo; everywhere
+# else (other CPUs and systems, unmeasured, and where awscrt cannot be imported) the crc32c package does.
+# awscrt's extension costs ~50 ms to load, so the choice is made, and awscrt loaded, on the first large buffer only
+# (a process that handles small tensors, as most CLI calls and test clients do, never pays it); `load_bulk_crc`
+# makes it ahead.
 BULK_MIN = 256 * 1024
 BULK_IMPLEMENTATIONS = ("awscrt", "crc32c")
 _bulk: Callable[[bytes | bytearray | memoryview, int], int] | None = None
@@ -56,8 +57,9 @@ def wide_clmul(machine: str, cpuinfo: Iterable[bytes]) -> bool:
     if machine.lower() not in ("x86_64", "amd64"):
         return False
     for line in cpuinfo:
-        if line.startswith(b"flags"):
-            flags = set(line.partition(b":")[2].split())
+        name, _, value = line.partition(b":")
+        if name.strip() == b"flags":
+            flags = set(value.split())
             return b"avx512f" in flags and b"vpclmulqdq" in flags
     return False
 
