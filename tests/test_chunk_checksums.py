@@ -200,6 +200,27 @@ def test_a_data_file_holding_one_piece_keeps_its_chunk_checks(tmp_path):
         sc.LocalGroup(4).run(restore)
 
 
+@pytest.mark.parametrize("then", ["overwritten", "deleted"])
+def test_a_reader_checks_the_checkpoint_it_opened_after_it_is_replaced_or_deleted(saved, tmp_path, then):
+    # The reader's snapshot holds the data files it opened; their sidecars must be its snapshot's too, not whatever
+    # sits under the name at the first partial read (another checkpoint's, or none after retention deleted it).
+    p, path = _piece(saved, "kernel", 0)
+    os.mkdir(tmp_path / "elsewhere")
+    keep = str(tmp_path / "elsewhere" / "held")
+    os.link(path, keep)  # the same inode as the file the reader holds: a flip through it is a flip under it
+    with BundleReader(saved) as r:
+        if then == "overwritten":
+            _save(saved, kernel=KERNEL + 1, overwrite=True)
+        else:
+            for name in os.listdir(os.path.dirname(saved)):
+                if name != "elsewhere":
+                    os.unlink(os.path.join(os.path.dirname(saved), name))
+        _flip(keep, p.entry.offset + (1 << 20) + 5)  # in the piece's second chunk, rows 256..511
+        with pytest.raises(sc.ChecksumMismatchError, match="chunk checksum"):
+            r.read_bounds("kernel", [(300, 301), (0, 1)])
+        np.testing.assert_array_equal(r.read_bounds("kernel", [(0, 256), (0, 1024)]), KERNEL[:256, :1024])
+
+
 def test_every_way_of_reading_part_of_a_piece_catches_it(saved):
     p, path = _piece(saved, "kernel", 3)  # rows 1024.., columns 1024..
     _flip(path, p.entry.offset + (3 << 20) + 12)  # row 1024 + 768, in the piece's last chunk

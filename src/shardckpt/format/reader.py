@@ -201,16 +201,20 @@ class BundleReader:
 
         A save that replaces this checkpoint removes the old index before it renames any data file,
         so if the index is unchanged after the data files are open, they all belong to it; open
-        descriptors keep their files even after they are replaced.  Past `_SNAPSHOT_MAX_FILES` files
-        are opened on first use instead (file-descriptor limits), without that guarantee.
+        descriptors keep their files even after they are replaced.  The sidecars (chunk checksums) are
+        read now too, for the same reason: one read later, once the checkpoint was replaced or deleted,
+        would find another checkpoint's sidecar or none, and leave partial reads of the bytes this reader
+        still holds unchecked.  Past `_SNAPSHOT_MAX_FILES` files are opened on first use instead
+        (file-descriptor limits), without that guarantee.
         """
         if not 0 < self.header.num_shards <= _SNAPSHOT_MAX_FILES:
             return True
         for shard in range(self.header.num_shards):
             try:
-                self._file(shard)
+                f = self._file(shard)
             except (CheckpointNotFoundError, NotARegularFileError):
-                pass  # reported when a tensor in it is read
+                continue  # reported when a tensor in it is read
+            self._sidecar(shard, f)
         return identity(self.index_path) == ident
 
     # --- index ------------------------------------------------------------------------------------
@@ -1001,6 +1005,7 @@ class BundleReader:
         for f in self._files.values():
             f.close()
         self._files.clear()
+        self._sidecars = None  # a snapshot retried after a change reads them again
 
     def __enter__(self) -> BundleReader:
         return self
