@@ -221,6 +221,45 @@ def test_a_reader_checks_the_checkpoint_it_opened_after_it_is_replaced_or_delete
         np.testing.assert_array_equal(r.read_bounds("kernel", [(0, 256), (0, 1024)]), KERNEL[:256, :1024])
 
 
+def _write_bundle(prefix: str, how: str) -> None:
+    """KERNEL (one 16 MiB piece) written by one of the writers other than `sharded_save`."""
+    if how == "BundleWriter":
+        with sc.BundleWriter(prefix) as w:
+            w.add("kernel", KERNEL)
+    elif how == "convert":
+        from safetensors.numpy import save_file
+
+        save_file({"kernel": KERNEL}, prefix + ".safetensors")
+        done = subprocess.run([sys.executable, "-m", "shardckpt", "convert", "-q", prefix + ".safetensors", prefix],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    else:  # merge_bundles of two inputs: one with a sidecar, one written without (as TensorFlow writes)
+        with sc.BundleWriter(prefix + "-a") as w:
+            w.add("kernel", KERNEL)
+        with sc.BundleWriter(prefix + "-b") as w:
+            w.add("bias", BIAS)
+        os.unlink(chunks.sidecar_filename(data_filename(prefix + "-b", 0, 1)))
+        sc.merge_bundles([prefix + "-a", prefix + "-b"], prefix)
+
+
+@pytest.mark.parametrize("how", ["BundleWriter", "convert", "merge_bundles"])
+def test_every_writer_leaves_partial_reads_checked(tmp_path, how):
+    prefix = str(tmp_path / "ckpt")
+    _write_bundle(prefix, how)
+    names = sorted(n for n in os.listdir(tmp_path) if not n.endswith(".safetensors"))
+    datas = [n for n in names if ".data-" in n and not n.endswith(".crc32c")]
+    assert sorted(names) == sorted(["ckpt.index", *datas, *(n + ".crc32c" for n in datas)])  # no input's left
+    p, path = _piece(prefix, "kernel", 0)
+    assert chunks.load(chunks.sidecar_filename(path), os.path.getsize(path)) is not None
+    with BundleReader(prefix) as r:
+        np.testing.assert_array_equal(r.read_bounds("kernel", [(1000, 1100), (7, 2000)]), KERNEL[1000:1100, 7:2000])
+    _flip(path, p.entry.offset + 1050 * 2048 * 4 + 99 * 4)  # element [1050, 99]
+    with BundleReader(prefix) as r:
+        with pytest.raises(sc.ChecksumMismatchError, match="chunk checksum"):
+            r.read_bounds("kernel", [(1000, 1100), (7, 2000)])
+        np.testing.assert_array_equal(r.read_bounds("kernel", [(0, 100), (0, 2048)]), KERNEL[:100])
+
+
 def test_every_way_of_reading_part_of_a_piece_catches_it(saved):
     p, path = _piece(saved, "kernel", 3)  # rows 1024.., columns 1024..
     _flip(path, p.entry.offset + (3 << 20) + 12)  # row 1024 + 768, in the piece's last chunk

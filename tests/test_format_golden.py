@@ -213,10 +213,13 @@ def test_merge_renumbers_and_concatenates_slices(tmp_path):
     r = BundleReader(tmp_path / "m")
     np.testing.assert_array_equal(r.read("v"), np.repeat([0, 1, 2], 2)[:, None] * np.ones((1, 2)))
     assert r.entry("only2").shard_id == 0  # the first input contributing a file gets shard 0
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
+    assert sorted(p.name for p in tmp_path.iterdir()) == [  # each data file with its sidecar; no input's left
         "m.data-00000-of-00003",
+        "m.data-00000-of-00003.crc32c",
         "m.data-00001-of-00003",
+        "m.data-00001-of-00003.crc32c",
         "m.data-00002-of-00003",
+        "m.data-00002-of-00003.crc32c",
         "m.index",
     ]
 

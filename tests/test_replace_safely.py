@@ -97,7 +97,9 @@ def test_overwrite_on_a_full_disk_keeps_the_old_checkpoint(tmp_path):
         assert isinstance(err.__cause__, OSError) and err.__cause__.errno == errno.ENOSPC
         assert str(prefix) in str(err)
         assert_holds(prefix, OLD)
-        assert files(d) == ["ckpt.data-00000-of-00001", "ckpt.index", "filler"]  # nothing staged is left
+        assert files(d) == [
+            "ckpt.data-00000-of-00001", "ckpt.data-00000-of-00001.crc32c", "ckpt.index", "filler"
+        ]  # nothing staged is left
 
 
 def test_cli_convert_overwrite_on_a_full_disk_keeps_the_old_checkpoint(tmp_path):
@@ -113,7 +115,7 @@ def test_cli_convert_overwrite_on_a_full_disk_keeps_the_old_checkpoint(tmp_path)
         assert str(prefix) in done.stderr and "No space left" in done.stderr
         assert "Traceback" not in done.stderr
         assert_holds(prefix, OLD)
-        assert files(d) == ["ckpt.data-00000-of-00001", "ckpt.index", "filler"]
+        assert files(d) == ["ckpt.data-00000-of-00001", "ckpt.data-00000-of-00001.crc32c", "ckpt.index", "filler"]
 
 
 def test_bundle_writer_stages_under_the_commit_names(tmp_path):
@@ -154,9 +156,9 @@ def test_a_crashed_overwrite_is_finished_or_undone_by_recover(tmp_path, when):
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 17, done.stderr
     actions = recover(str(prefix))
-    assert files(tmp_path) == ["ckpt.data-00000-of-00001", "ckpt.index"]
+    assert files(tmp_path) == ["ckpt.data-00000-of-00001", "ckpt.data-00000-of-00001.crc32c", "ckpt.index"]
     if when == "unlink":
-        assert all(a.startswith("removed ") for a in actions) and len(actions) == 2
+        assert all(a.startswith("removed ") for a in actions) and len(actions) == 3  # index, data file, sidecar
         assert_holds(prefix, OLD)
     else:
         assert len(actions) == 1 and actions[0].startswith("completed the interrupted commit")
@@ -205,7 +207,10 @@ def test_merge_on_a_full_disk_keeps_inputs_and_the_old_destination(tmp_path):
         assert info.value.errno == errno.ENOSPC and str(dest) in str(info.value)
         assert_holds(dest, OLD)
         assert_holds(d / "a", part)
-        assert files(d) == ["a.data-00000-of-00001", "a.index", "filler", "m.data-00000-of-00001", "m.index"]
+        assert files(d) == [
+            "a.data-00000-of-00001", "a.data-00000-of-00001.crc32c", "a.index", "filler", "m.data-00000-of-00001",
+            "m.data-00000-of-00001.crc32c", "m.index"
+        ]
 
 
 def test_merge_still_moves_the_data_and_drops_the_input_indexes(tmp_path):
@@ -215,14 +220,20 @@ def test_merge_still_moves_the_data_and_drops_the_input_indexes(tmp_path):
     assert header.num_shards == 2
     assert_holds(tmp_path / "out" / "m", {"a": np.arange(3.0), "b": np.arange(4.0)})
     assert not (tmp_path / "in").exists()  # inputs moved, their emptied directory removed as TensorFlow does
-    assert files(tmp_path / "out") == ["m.data-00000-of-00002", "m.data-00001-of-00002", "m.index"]
+    assert files(tmp_path / "out") == [
+        "m.data-00000-of-00002", "m.data-00000-of-00002.crc32c", "m.data-00001-of-00002",
+        "m.data-00001-of-00002.crc32c", "m.index"
+    ]
 
 
 def test_merge_into_one_of_its_inputs(tmp_path):
     a, b = _two_inputs(tmp_path)
     merge_bundles([a, b], a)
     assert_holds(a, {"a": np.arange(3.0), "b": np.arange(4.0)})
-    assert files(tmp_path / "in") == ["a.data-00000-of-00002", "a.data-00001-of-00002", "a.index"]
+    assert files(tmp_path / "in") == [
+        "a.data-00000-of-00002", "a.data-00000-of-00002.crc32c", "a.data-00001-of-00002",
+        "a.data-00001-of-00002.crc32c", "a.index"
+    ]
 
 
 # --- 3. diff and convert: complex NaNs by component, names as full byte strings ---------------------------
@@ -421,7 +432,10 @@ def test_merge_across_file_systems_copies_where_it_cannot_link(tmp_path):
     with full_filesystem(tmp_path, 1 << 20) as d:
         merge_bundles([a, b], d / "m")  # os.link gives EXDEV here
         assert_holds(d / "m", {"a": np.arange(3.0), "b": np.arange(4.0)})
-        assert files(d) == ["m.data-00000-of-00002", "m.data-00001-of-00002", "m.index"]
+        assert files(d) == [
+            "m.data-00000-of-00002", "m.data-00000-of-00002.crc32c", "m.data-00001-of-00002",
+            "m.data-00001-of-00002.crc32c", "m.index"
+        ]
     assert not (tmp_path / "in").exists()
 
 

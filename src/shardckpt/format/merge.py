@@ -19,7 +19,10 @@ import stat
 from collections.abc import Sequence
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError, DuplicateTensorError
+from .chunks import SUFFIX as SIDECAR_SUFFIX
+from .chunks import ChunkSums, sidecar_filename
 from .files import (
+    STAGING,
     data_filename,
     index_filename,
     io_error,
@@ -91,15 +94,26 @@ def merge_bundles(
     staged_index = staging_index_filename(dest, token)
     moves = [(old, staging_data_filename(dest, new, count, token), data_filename(dest, new, count))
              for old, new in renames.items()]
+    # Each data file's sidecar (chunk checksums) goes with it: the bytes and their offsets do not change.  An input
+    # without one (TensorFlow's) gets an empty one, so that no older sidecar is left under the new name.
+    sidecars = [(sidecar_filename(old), sidecar_filename(final) + STAGING + token, sidecar_filename(final))
+                for old, _, final in moves]
     doing, path = "stage the data file", dest
     try:
-        for old, staged, _ in moves:
+        for (old, staged, _), (old_side, staged_side, _) in zip(moves, sidecars):
             path = staged
             _link_or_copy(old, staged, durable)
+            path = staged_side
+            if os.path.isfile(old_side):
+                _link_or_copy(old_side, staged_side, durable)
+            else:
+                ChunkSums().save(staged_side, os.path.getsize(staged), durable)
         doing, path = "write the index", staged_index
         write_file_atomically(staged_index, build_index(header, merged), durable=durable)
         doing, path = "publish the index", index_filename(dest)
-        publish(dest, staged_index, [(staged, final) for _, staged, final in moves], durable=durable)
+        order = [pair for (_, staged, final), (_, staged_side, final_side) in zip(moves, sidecars)
+                 for pair in ((staged_side, final_side), (staged, final))]  # a sidecar before its data file
+        publish(dest, staged_index, order, durable=durable)
     except BaseException as exc:
         # Past the commit point (staged index complete, old index gone) the staged files are the checkpoint
         # and are left for `commit.recover`; before it, they are only links or copies, so dropping them
@@ -107,6 +121,8 @@ def merge_bundles(
         if os.path.lexists(index_filename(dest)) or not os.path.lexists(staged_index):
             for _, staged, _ in moves:
                 _unlink_quietly(staged)
+            for _, staged_side, _ in sidecars:
+                _unlink_quietly(staged_side)
             _unlink_quietly(staged_index)
         if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
             raise io_error(exc, dest, path, doing) from exc
@@ -121,6 +137,7 @@ def merge_bundles(
     for old, _, _ in moves:
         if os.path.realpath(old) not in finals:
             _unlink_quietly(old)
+            _unlink_quietly(sidecar_filename(old))
     _remove_other_shard_counts(dest, count, finals)
     if delete_old_dirs:
         for d in {os.path.dirname(p) for p in inputs}:
@@ -172,7 +189,7 @@ def _unlink_quietly(path: str) -> None:
 def _remove_other_shard_counts(dest: str, count: int, keep: set[str]) -> None:
     """Data files of an older checkpoint at ``dest`` with another shard count, now that it is replaced."""
     directory, base = os.path.split(dest)
-    pattern = re.compile(re.escape(base) + r"\.data-\d{5,}-of-(\d{5,})")
+    pattern = re.compile(re.escape(base) + r"\.data-\d{5,}-of-(\d{5,})(?:" + re.escape(SIDECAR_SUFFIX) + ")?")
     try:
         names = os.listdir(directory or ".")
     except OSError:

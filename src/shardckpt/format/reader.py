@@ -141,7 +141,10 @@ class BundleReader:
     copied or zeroed until the caller writes a page.  Writes stay in the process.  The mapping keeps
     the file's blocks allocated while the array lives, even after the file is deleted or replaced,
     and a file truncated in place while mapped would end the process with SIGBUS (shardckpt and
-    TensorFlow never truncate a checkpoint's files; they write new ones and rename).
+    TensorFlow never truncate a checkpoint's files; they write new ones and rename).  A mapped array
+    is checked once, when it is returned: it stays a view of the file, so a later change to the
+    file's bytes (written in place, or a page dropped and read again from a failing disk) shows in
+    it unchecked.  Copy it, or restore into arrays of your own (``into=``), to hold checked bytes.
     """
 
     def __init__(self, prefix: str | os.PathLike[str], *, mmap: bool = False) -> None:

@@ -26,9 +26,11 @@ from ..errors import (
     UnsupportedDTypeError,
 )
 from . import strings
+from .chunks import ChunkCrc, ChunkSums, sidecar_filename
 from .coding import crc32c, crc32c_bulk, mask_crc
 from .dtypes import DataType, datatype_name, from_numpy, to_numpy
 from .files import (
+    STAGING,
     TEMPSTATE,
     data_filename,
     index_filename,
@@ -98,10 +100,11 @@ def prepare(
 class DataFileWriter:
     """Appends tensors to one data file; never seeks, so the bytes land in call order."""
 
-    def __init__(self, path: str, *, shard_id: int = 0, alignment: int = 1) -> None:
+    def __init__(self, path: str, *, shard_id: int = 0, alignment: int = 1, sums: ChunkSums | None = None) -> None:
         self.path = path
         self.shard_id = shard_id
         self.alignment = alignment
+        self.sums = sums  # when given, collects the chunk CRCs of every piece over one chunk (the sidecar)
         self.size = 0
         self._pending = bytearray()
         self._fd: int | None = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
@@ -111,10 +114,11 @@ class DataFileWriter:
         while view:
             view = view[os.write(self._fd, view) :]
 
-    def _append(self, view: memoryview | bytes, crc: int) -> int:
-        """Queue or write ``view`` and return the CRC extended over it."""
+    def _append(self, view: memoryview | bytes, crc: int, acc: ChunkCrc | None = None) -> int:
+        """Queue or write ``view`` and return the CRC extended over it (into ``acc``, chunk by chunk, when given:
+        then the value returned means nothing)."""
         n = len(view)
-        if n < _SMALL_WRITE:  # below coding.BULK_MIN: straight to the small-buffer CRC, no size dispatch
+        if n < _SMALL_WRITE and acc is None:  # below coding.BULK_MIN: the small-buffer CRC, no size dispatch
             crc = crc32c(view, crc)
             self._pending += view
             if len(self._pending) >= _CHUNK:
@@ -124,7 +128,10 @@ class DataFileWriter:
             mv = memoryview(view)
             for start in range(0, n, _CHUNK):
                 chunk = mv[start : start + _CHUNK]
-                crc = crc32c_bulk(chunk, crc)
+                if acc is not None:
+                    acc.update(chunk)
+                else:
+                    crc = crc32c_bulk(chunk, crc)
                 self._write_now(chunk)
         self.size += n
         return crc
@@ -142,15 +149,21 @@ class DataFileWriter:
         if self._fd is None:
             raise CheckpointError(f"{self.path}: data file already closed")
         entry = BundleEntry(dtype=tensor.dtype, shape=tensor.shape, shard_id=self.shard_id, offset=self.size)
-        if isinstance(tensor.data, list):
+        acc = None
+        if isinstance(tensor.data, list):  # strings are always read whole: no chunk CRCs
             pieces, crc = strings.encode(tensor.data)
             for piece in pieces:
                 self._append(piece, 0)
         else:
             flat = tensor.data.reshape(-1).view(np.uint8)
-            crc = self._append(flat.data, 0) if flat.size else 0
+            acc = ChunkCrc(self.sums.chunk_size) if self.sums is not None and self.sums.wants(flat.size) else None
+            crc = self._append(flat.data, 0, acc) if flat.size else 0
+            if acc is not None:
+                crc = acc.finish()
         entry.size = self.size - entry.offset
         entry.crc32c = mask_crc(crc)
+        if acc is not None and self.sums is not None:
+            self.sums.add(entry.offset, entry.size, entry.crc32c, acc.crcs)
         if self.alignment > 1 and self.size % self.alignment:
             pad = self.alignment - self.size % self.alignment
             self._pending += bytes(pad)
@@ -259,8 +272,11 @@ class BundleWriter:
         make_parent_directory(self.prefix)
         self._data_path = data_filename(self.prefix, 0, 1)
         staged = staging_data_filename(self.prefix, 0, 1, self._token)
+        # The sidecar is staged under the commit protocol's name for it, so `commit.recover` treats it as a save's.
+        self._sidecar = sidecar_filename(self._data_path) + STAGING + self._token
+        self._sums = ChunkSums()
         try:
-            self._data = DataFileWriter(staged, alignment=data_alignment)
+            self._data = DataFileWriter(staged, alignment=data_alignment, sums=self._sums)
         except OSError as exc:
             raise io_error(exc, self.prefix, staged, "create the data file") from exc
         self._done = False
@@ -346,15 +362,20 @@ class BundleWriter:
         doing, path = "write the data file", self._data.path
         try:
             self._data.close(durable=self._durable)
+            doing, path = "write the chunk checksums", self._sidecar
+            self._sums.save(self._sidecar, self._data.size, self._durable)  # always: it replaces an older one
             doing, path = "write the index", staged_index
             write_file_atomically(staged_index, build_index(BundleHeader(), self._entries), durable=self._durable)
             doing, path = "publish the index", index_path
-            publish(self.prefix, staged_index, [(self._data.path, self._data_path)], durable=self._durable)
+            # the sidecar before its data file, as a save publishes them
+            publish(self.prefix, staged_index, [(self._sidecar, sidecar_filename(self._data_path)),
+                                                (self._data.path, self._data_path)], durable=self._durable)
         except BaseException as exc:
             # Past the commit point (staged index complete, old index gone) the staged files are the
             # checkpoint: they are left for `commit.recover` to roll forward.
             if os.path.lexists(index_path) or not os.path.lexists(staged_index):
                 self._data.discard()
+                _unlink(self._sidecar)
                 _unlink(staged_index)
             if isinstance(exc, OSError) and not isinstance(exc, CheckpointError):
                 raise io_error(exc, self.prefix, path, doing) from exc
