@@ -145,6 +145,18 @@ def test_convert_both_ways_with_partitioned_bfloat16_and_strings(tmp_path):
     assert "identical: 5 tensors" in same.stdout
 
 
+def test_convert_into_a_directory_that_does_not_exist_yet(tmp_path, capsys):
+    # As a save does: the prefix's directory is made (the lease that guards the prefix lives in it).
+    st = str(tmp_path / "a.safetensors")
+    save_file({"w": np.arange(4, dtype=np.float32)}, st)
+    prefix = str(tmp_path / "new" / "deeper" / "ckpt")
+    assert _main(capsys, "convert", st, prefix, "-q")[0] == 0
+    np.testing.assert_array_equal(sc.load_checkpoint(prefix).get_tensor("w"), np.arange(4, dtype=np.float32))
+    (tmp_path / "file").write_text("x")
+    rc, _, err = _main(capsys, "convert", st, str(tmp_path / "file" / "ckpt"))
+    assert rc == 1 and str(tmp_path / "file" / "ckpt") in err  # a parent that is a file: a clear error, no trace
+
+
 def test_convert_refuses_bad_directions_existing_outputs_and_missing_inputs(tmp_path, capsys):
     st = str(tmp_path / "a.safetensors")
     save_file({"w": np.ones((2, 2), np.float32), "c": np.zeros(2, np.complex64)}, st)

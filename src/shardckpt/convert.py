@@ -40,7 +40,7 @@ from .errors import (
     UnsupportedDTypeError,
 )
 from .format.dtypes import DataType, to_numpy
-from .format.files import index_filename, io_error
+from .format.files import index_filename, io_error, make_parent_directory
 from .format.slices import encode_slice_key
 from .format.writer import BundleWriter
 from .lease import PrefixLease
@@ -472,7 +472,9 @@ def safetensors_to_checkpoint(
         if not infos:
             raise InvalidArgumentError(f"{source.path}: no tensor to convert")
         total = sum(i.nbytes for i in infos)
-        # One writer per prefix: a save (or another convert) to the same prefix raises PrefixBusyError.
+        # One writer per prefix: a save (or another convert) to the same prefix raises PrefixBusyError.  The lease
+        # lives in the prefix's directory, so that is made first (as a save makes it).
+        make_parent_directory(out)
         with PrefixLease.acquire(out, what="shardckpt convert"):
             _check_destination(out, os.path.exists(index_filename(out)), overwrite)
             with BundleWriter(out) as writer:
