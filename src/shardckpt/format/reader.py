@@ -204,11 +204,13 @@ class BundleReader:
 
         A save that replaces this checkpoint removes the old index before it renames any data file,
         so if the index is unchanged after the data files are open, they all belong to it; open
-        descriptors keep their files even after they are replaced.  The sidecars (chunk checksums) are
-        read now too, for the same reason: one read later, once the checkpoint was replaced or deleted,
-        would find another checkpoint's sidecar or none, and leave partial reads of the bytes this reader
-        still holds unchecked.  Past `_SNAPSHOT_MAX_FILES` files are opened on first use instead
-        (file-descriptor limits), without that guarantee.
+        descriptors keep their files even after they are replaced.  The sidecars (chunk checksums) of
+        local files are read now too, for the same reason: one read later, once the checkpoint was
+        replaced or deleted, would find another checkpoint's sidecar or none, and leave partial reads of
+        the bytes this reader still holds unchecked.  (An object store's are read on first use: its
+        objects are not held the way a descriptor holds a file, and a restore that touches one object
+        should not GET every sidecar.)  Past `_SNAPSHOT_MAX_FILES` files are opened on first use
+        instead (file-descriptor limits), without that guarantee.
         """
         if not 0 < self.header.num_shards <= _SNAPSHOT_MAX_FILES:
             return True
@@ -217,7 +219,8 @@ class BundleReader:
                 f = self._file(shard)
             except (CheckpointNotFoundError, NotARegularFileError):
                 continue  # reported when a tensor in it is read
-            self._sidecar(shard, f)
+            if isinstance(f, LocalFile):
+                self._sidecar(shard, f)
         return identity(self.index_path) == ident
 
     # --- index ------------------------------------------------------------------------------------
