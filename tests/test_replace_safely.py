@@ -488,3 +488,29 @@ def test_clean_on_a_full_disk_never_takes_over_a_live_lease(tmp_path):
             assert cleaned.returncode == 1 and "a live save" in cleaned.stderr, (cleaned.stdout, cleaned.stderr)
             assert staged.read_bytes() == b"x" * 4096
         assert_holds(prefix, OLD)
+
+
+@pytest.mark.parametrize("how", ["BundleWriter", "merge_bundles", "sharded_save"])
+def test_a_directory_at_the_sidecar_name_does_not_lose_the_checkpoint(tmp_path, how, caplog):
+    # Past the commit point (the old index gone) a sidecar that cannot take its name must not fail the publish:
+    # it is dropped with a warning, and the new checkpoint is complete (only its partial reads go unchecked).
+    prefix = tmp_path / "ckpt"
+    write(prefix, OLD)
+    side = tmp_path / "ckpt.data-00000-of-00001.crc32c"
+    side.unlink()
+    side.mkdir()
+    (side / "x").write_text("a non-empty directory")
+    new = {"w": np.arange(600_000, dtype=np.float32), "step": np.array(8, np.int64)}  # 2.4 MB: chunk CRCs wanted
+    if how == "BundleWriter":
+        write(prefix, new)
+    elif how == "merge_bundles":
+        write(tmp_path / "part", new)
+        sc.merge_bundles([tmp_path / "part"], prefix)
+    else:
+        mesh = sc.create_mesh([("x", 1)], local_device_ids=[0])
+        sc.sharded_save(mesh, str(prefix), list(new), [""] * 2, list(new.values()), overwrite=True)
+    assert_holds(prefix, new)
+    assert "could not publish the chunk checksums" in caplog.text
+    assert recover(str(prefix)) == []
+    assert_holds(prefix, new)
+    assert not [n for n in files(tmp_path) if "staging" in n]

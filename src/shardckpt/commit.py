@@ -50,7 +50,15 @@ from .errors import (
 )
 from .format.chunks import SUFFIX as SIDECAR_SUFFIX
 from .format.chunks import sidecar_filename
-from .format.files import STAGING, TEMPSTATE, data_filename, fsync_directory, index_filename, staging_data_filename
+from .format.files import (
+    STAGING,
+    TEMPSTATE,
+    data_filename,
+    fsync_directory,
+    index_filename,
+    publish_sidecar,
+    staging_data_filename,
+)
 from .format.merge import combine_entry
 from .format.protos import BundleEntry, BundleHeader, decode_entry, decode_header, unpack_raw_entries
 from .format.table import Table
@@ -184,10 +192,7 @@ def _publish(prefix: str, token: str, size: int, staged_index: str, durable: boo
                     pass
                 # The sidecar before its data file: a roll-forward after a crash between the two still
                 # finds the data file staged, so renames the sidecar too.
-                try:
-                    os.replace(sidecar_path(staged), sidecar_filename(final))
-                except FileNotFoundError:
-                    pass
+                publish_sidecar(sidecar_path(staged), sidecar_filename(final))
                 os.replace(staged, final)
             if r == 0:
                 hook("between_renames")

@@ -8,10 +8,13 @@ and the error that reports a refused file operation.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
 
 from ..errors import CheckpointIOError
+
+log = logging.getLogger("shardckpt.files")
 
 STAGING = ".staging-"
 TEMPSTATE = ".tempstate"
@@ -38,12 +41,31 @@ def staging_index_filename(prefix: str, token: str) -> str:
     return index_filename(prefix) + STAGING + token
 
 
-def publish(prefix: str, staged_index: str, renames: list[tuple[str, str]], *, durable: bool) -> None:
+def publish_sidecar(staged: str, final: str) -> None:
+    """Rename a staged chunk-checksum sidecar to its final name, best effort: past the commit point a sidecar that
+    cannot take its name (a directory is there, say) must not fail the publish, which would leave the checkpoint
+    without an index.  It is then dropped, and partial reads of its data file go unchecked, as without one."""
+    try:
+        os.replace(staged, final)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("%s: could not publish the chunk checksums (%s); partial reads of its data file are unchecked",
+                    final, exc)
+        try:
+            os.unlink(staged)
+        except OSError:
+            pass
+
+
+def publish(prefix: str, staged_index: str, renames: list[tuple[str, str]], *, durable: bool,
+            sidecars: list[tuple[str, str]] | None = None) -> None:
     """Make a staged bundle the checkpoint at ``prefix``, in the commit protocol's order.
 
     The staged data files and ``staged_index`` must be complete (and fsynced when ``durable``).  An older
     ``P.index`` is removed only after their names are durable, then the data files are renamed (``renames``
-    of ``(staged, final)``), the index last: ``P.index`` present always means a complete bundle.
+    of ``(staged, final)``), the index last: ``P.index`` present always means a complete bundle.  The staged
+    ``sidecars`` of ``(staged, final)`` go first, each before the data files, best effort (`publish_sidecar`).
     """
     index = index_filename(prefix)
     directory = os.path.dirname(prefix)
@@ -51,6 +73,8 @@ def publish(prefix: str, staged_index: str, renames: list[tuple[str, str]], *, d
         if durable:
             fsync_directory(directory)  # no crash may leave the old index gone and the staged names not yet there
         os.unlink(index)
+    for staged, final in sidecars or ():
+        publish_sidecar(staged, final)
     for staged, final in renames:
         os.replace(staged, final)
     os.replace(staged_index, index)

@@ -104,16 +104,15 @@ def merge_bundles(
             path = staged
             _link_or_copy(old, staged, durable)
             path = staged_side
-            if os.path.isfile(old_side):
-                _link_or_copy(old_side, staged_side, durable)
+            if os.path.isfile(old_side):  # by its real path: a symlinked sidecar is linked as the file it names
+                _link_or_copy(os.path.realpath(old_side), staged_side, durable)
             else:
                 ChunkSums().save(staged_side, os.path.getsize(staged), durable)
         doing, path = "write the index", staged_index
         write_file_atomically(staged_index, build_index(header, merged), durable=durable)
         doing, path = "publish the index", index_filename(dest)
-        order = [pair for (_, staged, final), (_, staged_side, final_side) in zip(moves, sidecars)
-                 for pair in ((staged_side, final_side), (staged, final))]  # a sidecar before its data file
-        publish(dest, staged_index, order, durable=durable)
+        publish(dest, staged_index, [(staged, final) for _, staged, final in moves], durable=durable,
+                sidecars=[(staged_side, final_side) for _, staged_side, final_side in sidecars])
     except BaseException as exc:
         # Past the commit point (staged index complete, old index gone) the staged files are the checkpoint
         # and are left for `commit.recover`; before it, they are only links or copies, so dropping them

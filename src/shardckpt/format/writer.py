@@ -367,9 +367,8 @@ class BundleWriter:
             doing, path = "write the index", staged_index
             write_file_atomically(staged_index, build_index(BundleHeader(), self._entries), durable=self._durable)
             doing, path = "publish the index", index_path
-            # the sidecar before its data file, as a save publishes them
-            publish(self.prefix, staged_index, [(self._sidecar, sidecar_filename(self._data_path)),
-                                                (self._data.path, self._data_path)], durable=self._durable)
+            publish(self.prefix, staged_index, [(self._data.path, self._data_path)], durable=self._durable,
+                    sidecars=[(self._sidecar, sidecar_filename(self._data_path))])
         except BaseException as exc:
             # Past the commit point (staged index complete, old index gone) the staged files are the
             # checkpoint: they are left for `commit.recover` to roll forward.
