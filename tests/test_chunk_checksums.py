@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import shardckpt as sc
-from shardckpt import commit
+from shardckpt import commit, storage
 from shardckpt.format import BundleReader, chunks
 from shardckpt.format import reader as reader_module
 from shardckpt.format.coding import crc32c, mask_crc
@@ -538,3 +538,24 @@ def test_a_whole_piece_read_in_checked_pieces_catches_a_flip_at_every_seam(saved
     np.testing.assert_array_equal(got.view(np.uint8).reshape(-1), want)  # the flip is where the test put it
     with pytest.raises(sc.ChecksumMismatchError, match="tensor kernel"):
         _restore_whole(saved)
+
+
+def test_a_junk_sidecar_is_refused_after_its_header(saved, monkeypatch):
+    # Every reader reads the sidecars when it opens a checkpoint: a junk file at a sidecar's name (here as large as
+    # the sidecar of the data file may be) must cost a 40-byte read, not a read of the whole file.
+    p, path = _piece(saved, "kernel", 0)
+    side = chunks.sidecar_filename(path)
+    with open(side, "wb") as f:
+        f.write(b"junk" * (chunks._largest(os.path.getsize(path)) // 4))
+    sizes = []
+    real = storage.LocalFile.read_into
+
+    def counting(self, views, offset):
+        if self.path == side:
+            sizes.append(sum(len(v) for v in views))
+        return real(self, views, offset)
+
+    monkeypatch.setattr(storage.LocalFile, "read_into", counting)
+    with BundleReader(saved) as r:
+        np.testing.assert_array_equal(r.read_bounds("kernel", [(0, 10), (0, 1024)]), KERNEL[:10, :1024])
+    assert sizes == [40], sizes
