@@ -311,17 +311,21 @@ def _parse(f: storage.RandomAccess, path: str, data_size: int) -> ChunkTable | N
         raise ValueError(f"{f.size} bytes cannot be a sidecar of a {data_size}-byte file")
     # The header first: a file that is not a sidecar of this data file (junk, a huge file) is refused after reading
     # 40 bytes, not after reading up to 0.8% of the data file's size, as every reader opening the checkpoint would.
-    head = bytearray(_HEADER.size)
+    # (On an object store, where each read is a GET and sidecars are read on first use, it stays one read.)
+    local = isinstance(f, storage.LocalFile)
+    head = bytearray(_HEADER.size if local else f.size)
     f.read_into([memoryview(head)], 0)
     magic, version, chunk_size, size, npieces, nchunks = _HEADER.unpack_from(head)
     if magic != MAGIC or version != VERSION:
         raise ValueError(f"not a version {VERSION} sidecar")
     if f.size != _HEADER.size + npieces * _PIECE.itemsize + 4 * nchunks + _TRAILER.size:
         raise ValueError(f"{f.size} bytes do not hold the {npieces} pieces and {nchunks} chunks its header counts")
-    data = bytearray(f.size)  # bounded by the data file's size (checked above)
-    f.read_into([memoryview(data)], 0)
-    if data[: _HEADER.size] != head:
-        raise ValueError("it changed while it was read")
+    data = head
+    if local:
+        data = bytearray(f.size)  # bounded by the data file's size (checked above)
+        f.read_into([memoryview(data)], 0)
+        if data[: _HEADER.size] != head:
+            raise ValueError("it changed while it was read")
     if size != data_size:
         log.info("%s: ignoring the chunk checksums of a %d-byte file: the data file has %d", path, size, data_size)
         return None
